@@ -1,0 +1,208 @@
+"""The node agent: wires a source, the tracker, the reconciler and a dataplane.
+
+`ipvsproxy run` is this plus flag parsing. The agent owns the threads (source
+watch, runner, HTTP servers) and the signals: SIGTERM stops it and leaves the
+kernel as it is (a restarting pod must not drop traffic); SIGHUP forces a full
+resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from .config import AgentConfig
+from .dataplane.base import Dataplane
+from .model import ServiceRef, VSKey
+from .objects import Service
+from .observe import records
+from .observe.health import Health, healthz_route, serve
+from .observe.metrics import Metrics, TrafficCollector
+from .reconcile import Reconciler, Runner, SyncReport
+from .schedulers import Registry, default_registry
+from .sources.files import FileWatcher, ManifestReader
+from .tracker import Tracker
+from .translate import Config
+
+log = logging.getLogger(__name__)
+
+EventPoster = Callable[[Service, str, str], None]
+
+
+class Agent:
+    """One node's proxy. Build, then `once()` or `run()`."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        dataplane: Dataplane,
+        *,
+        dry_run: bool = False,
+        registry: Registry | None = None,
+        events: EventPoster | None = None,
+        stats_dataplane: Callable[[], Dataplane] | None = None,
+        record_state: bool = True,
+    ) -> None:
+        self.cfg, self.dp = cfg, dataplane
+        self.registry = registry or default_registry()
+        self.events = events
+        self.metrics = Metrics()
+        self.health = Health(max_age=2 * cfg.sync_period + max(30.0, cfg.min_sync_period))
+        self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem)
+        self.reconciler = Reconciler(
+            self.tracker, dataplane,
+            Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses),
+            self.registry, excluded=cfg.excluded, grace=cfg.drain_grace_period,
+            on_problem=self._service_problem, dry_run=dry_run,
+        )
+        self.runner = Runner(
+            self.reconciler, min_period=cfg.min_sync_period, sync_period=cfg.sync_period,
+            on_report=self._on_report, ready=self.tracker.ready,
+        )
+        self.record_state = record_state and not dry_run
+        self._record_dirty = False
+        self._record_written = 0.0
+        self._servers: list[Any] = []
+        self._stop_source: Callable[[], None] | None = None
+        self.stats_dataplane = stats_dataplane
+        self.source_kinds = ("Service", "EndpointSlice", "Node")
+
+    # ---- problem reporting -------------------------------------------------
+    def _object_problem(self, kind: str, namespace: str, name: str, message: str) -> None:
+        pass  # logged by the tracker; Events for objects come through the kube source
+
+    def _service_problem(self, svc: Service, reason: str, message: str) -> None:
+        self.metrics.invalid_scheduler.inc()
+        if self.events is not None:
+            try:
+                self.events(svc, reason, message)
+            except Exception as exc:  # Events are best effort
+                log.warning("could not post %s Event on Service %s: %s", reason, svc.id, exc)
+
+    def _on_report(self, report: SyncReport | None, error: BaseException | None) -> None:
+        self.metrics.record(report, error)
+        if report is None:
+            self.health.failure(str(error))
+            return
+        self.health.success()
+        desired = self.reconciler.index.state
+        self.metrics.virtual_servers.set(len(desired.services))
+        self.metrics.real_servers.set(sum(len(vs.reals) for vs in desired.services.values()))
+        self.metrics.draining.set(self.reconciler.draining)
+        if report.ops:
+            self._record_dirty = True
+        self._write_record()
+
+    def _write_record(self, force: bool = False) -> None:
+        """Record Service names for `list`, at most every 5 s (it is O(cluster))."""
+        if not self.record_state or not (self._record_dirty or force):
+            return
+        if not force and time.monotonic() - self._record_written < 5:
+            return
+        try:
+            records.write(self.cfg.state_dir, records.from_desired(self.reconciler.index.state,
+                                                                   self.cfg.node_name))
+            self._record_dirty = False
+            self._record_written = time.monotonic()
+        except OSError as exc:
+            log.warning("cannot record state in %s: %s", self.cfg.state_dir, exc)
+            self.record_state = False
+
+    def name_of(self, key: VSKey) -> ServiceRef | None:
+        vs = self.reconciler.index.state.services.get(key)
+        return vs.service if vs else None
+
+    # ---- sources -------------------------------------------------------------
+    def load_files(self) -> list[str]:
+        """Read --from-file manifests once (for --once, diff)."""
+        return ManifestReader(self.cfg.from_files).load(self.tracker)
+
+    def start_source(self) -> None:
+        if self.cfg.from_files:
+            watcher = FileWatcher(list(self.cfg.from_files), self.tracker)
+            watcher.start()
+            self._stop_source = watcher.stop
+        else:
+            from .sources.kube import KubeSource
+
+            source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+            self.events = self.events or source.post_event
+            source.start()
+            self._stop_source = source.stop
+            self.source_kinds = source.kinds
+
+    # ---- running ---------------------------------------------------------------
+    def once(self) -> SyncReport:
+        """One full sync from manifests (or an API listing); raises on failure."""
+        if self.cfg.from_files:
+            self.load_files()
+        else:
+            from .sources.kube import KubeSource
+
+            source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+            self.events = self.events or source.post_event
+            source.list_all()
+        if not self.reconciler.dry_run:
+            self.dp.setup()
+        report = self.reconciler.sync(full=True)
+        self._on_report(report, None)
+        self._write_record(force=True)
+        return report
+
+    def serve_http(self) -> None:
+        cfg = self.cfg
+        if cfg.healthz_bind_address:
+            self._servers.append(serve(cfg.healthz_bind_address, {"/healthz": healthz_route(self.health),
+                                                                  "/livez": healthz_route(self.health)}))
+        if cfg.metrics_bind_address:
+            if self.stats_dataplane is not None:
+                stats_dp = self.stats_dataplane()
+                self.metrics.registry.register(TrafficCollector(stats_dp.observe, self.name_of))
+            self._servers.append(serve(cfg.metrics_bind_address, {
+                "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.text()),
+                "/healthz": healthz_route(self.health),
+            }))
+
+    def run(self, install_signals: bool = True) -> None:
+        """Run until SIGTERM/SIGINT (or stop()); kernel state is left in place."""
+        self.dp.setup()
+        if install_signals:
+            signal.signal(signal.SIGTERM, self._signal_stop)
+            signal.signal(signal.SIGINT, self._signal_stop)
+            signal.signal(signal.SIGHUP, self._signal_resync)
+        self.serve_http()
+        self.start_source()
+        self.runner.ready = lambda: self.tracker.ready(self.source_kinds)
+        thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(0.5)
+        finally:
+            self.shutdown()
+
+    def _signal_stop(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping; kernel state left in place", signum)
+        self.runner.stop()
+
+    def _signal_resync(self, signum: int, frame: FrameType | None) -> None:
+        log.info("SIGHUP: full resync")
+        self.runner.request_full()
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def shutdown(self) -> None:
+        if self._stop_source:
+            self._stop_source()
+        for s in self._servers:
+            s.shutdown()
+            s.server_close()
+        self._servers.clear()
+        self._write_record(force=True)
+        self.dp.close()

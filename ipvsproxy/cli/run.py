@@ -1,0 +1,52 @@
+"""`ipvsproxy run`: the node agent (or one sync with --once, a plan with --dry-run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..agent import Agent
+from .common import make_config, open_dataplane, open_for_plan, summarize
+from .options import Duration, opt, source_options, translate_options
+
+
+@click.command()
+@source_options
+@translate_options
+@opt("sync-period", default="30s", type=Duration(), help="Full resync that repairs drift, this often.")
+@opt("min-sync-period", default="1s", type=Duration(),
+     help="At most one sync per interval; bursts of events coalesce.")
+@opt("once", is_flag=True, help="One full sync, then exit (non-zero if it failed).")
+@opt("dry-run", is_flag=True, help="Compute and print the operations; change nothing.")
+@opt("healthz-bind-address", default="127.0.0.1:10256", help="host:port for /healthz ('' = off).")
+@opt("metrics-bind-address", default="127.0.0.1:10249", help="host:port for /metrics ('' = off).")
+@opt("tcp-timeout", default="0s", type=Duration(), help="IPVS TCP idle timeout (0 = leave the kernel's).")
+@opt("tcpfin-timeout", default="0s", type=Duration(), help="IPVS TCP FIN_WAIT timeout (0 = leave).")
+@opt("udp-timeout", default="0s", type=Duration(), help="IPVS UDP timeout (0 = leave the kernel's).")
+@opt("strict-arp", is_flag=True, help="Set arp_ignore=1 and arp_announce=2 (needed by MetalLB L2).")
+@opt("load-modules/--no-load-modules", "load_modules", default=True,
+     help="Load ip_vs, ip_vs_<scheduler> and dummy when missing.")
+@opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True,
+     help="Where to program (memory: a simulation, for demos and tests).")
+def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
+    """Run the node agent: follow Services and program IPVS."""
+    cfg = make_config(**flags)
+    if dry_run:
+        dp = open_for_plan(dataplane, cfg)
+        agent = Agent(cfg, dp, dry_run=True)
+        report = agent.once()
+        for op in report.ops:
+            click.echo(str(op))
+        click.echo(f"# dry run: {summarize(report.ops)}; nothing changed", err=True)
+        return
+    dp = open_dataplane(dataplane, cfg)
+    agent = Agent(cfg, dp, stats_dataplane=lambda: open_dataplane(dataplane, cfg, for_reading=True))
+    if once:
+        try:
+            report = agent.once()
+        finally:
+            dp.close()
+        click.echo(f"synced: {summarize(report.ops)} in {report.duration:.3f}s", err=True)
+        return
+    agent.run()

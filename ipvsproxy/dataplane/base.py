@@ -1,0 +1,62 @@
+"""The interface every dataplane implements (netlink for the kernel, memory for tests).
+
+The reconciler and the CLI speak only to this; swapping the kernel for the
+in-memory model is what makes the core testable on a machine without IPVS.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..model import ObservedState, ObservedVS, VSKey
+from ..plan import Op
+
+
+class DataplaneError(RuntimeError):
+    """The dataplane cannot work at all (message is the one line to show)."""
+
+
+@dataclass(slots=True)
+class Failure:
+    """An operation the dataplane refused, and why (names the object)."""
+
+    op: Op
+    message: str
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the dataplane did: operations by kind and netlink traffic."""
+
+    ops: Counter[str] = field(default_factory=Counter)
+    messages: int = 0  # netlink messages sent
+    round_trips: int = 0  # sendmsg calls (each followed by reading replies)
+    dumps: int = 0
+
+
+class Dataplane(Protocol):
+    counters: Counters
+
+    def setup(self) -> None:
+        """Make the dataplane usable: modules, sysctls, interface, timeouts."""
+
+    def observe(self) -> ObservedState:
+        """A full dump: every virtual server (ours and foreign) and our addresses."""
+
+    def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
+        """Fresh data for some virtual servers only (None: not in the kernel)."""
+
+    def apply(self, ops: Sequence[Op]) -> list[Failure]:
+        """Carry out operations in order; failures are returned, never raised."""
+
+    def scheduler_usable(self, name: str) -> bool:
+        """Whether the scheduler's kernel module is present (loading it if needed)."""
+
+    def remove_interface(self) -> bool:
+        """Delete our dummy interface (cleanup); True when it existed."""
+
+    def close(self) -> None:
+        """Release sockets."""

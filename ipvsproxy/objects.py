@@ -1,0 +1,337 @@
+"""Compact records of the Kubernetes objects translation needs, parsed from dicts.
+
+Sources hand us JSON-like dicts (from the API server or YAML files). Holding
+those, or the client's model objects, costs hundreds of MiB at 10,000
+Services; these records keep only the fields translation reads, in tuples and
+slotted classes. Parsing is also where bad input is caught: a field that is
+wrong is dropped with a problem message, an object that is unusable raises
+:class:`InvalidObject`. Nothing here ever raises anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .model import Protocol, canonical_ip, family_of
+from .schedulers import ANNOTATION, FLAGS_ANNOTATION
+
+DEFAULT_AFFINITY_TIMEOUT = 10800
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+class InvalidObject(ValueError):
+    """The object cannot be used at all; the message names it and says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    protocol: int
+    port: int
+    node_port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    type: str = "ClusterIP"
+    cluster_ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    lb_ips: tuple[str, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    affinity_timeout: int = 0  # 0 = no session affinity
+    internal_local: bool = False
+    external_local: bool = False
+    headless: bool = False
+    scheduler: str | None = None
+    scheduler_flags: str | None = None
+    source_ranges: tuple[str, ...] = ()
+    uid: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node: str = ""
+    zones: tuple[str, ...] | None = None  # topology hints; None = no hints
+    target: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    name: str
+    protocol: int
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service: str  # owning Service name (label kubernetes.io/service-name)
+    family: int
+    ports: tuple[SlicePort, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    legacy: bool = False  # mirrored from a v1 Endpoints object
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def service_id(self) -> str:
+        return f"{self.namespace}/{self.service}"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    addresses: tuple[str, ...] = ()  # InternalIP and ExternalIP, canonical
+    zone: str = ""
+
+
+def describe(obj: Any) -> str:
+    """'Service default/web' for messages, whatever shape obj has."""
+    if not isinstance(obj, Mapping):
+        return f"non-object {type(obj).__name__}"
+    kind = obj.get("kind") or "object"
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return f"{kind} (no metadata)"
+    ns, name = meta.get("namespace"), meta.get("name")
+    return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _meta(obj: Any, namespaced: bool = True) -> tuple[str, str, Mapping[str, Any]]:
+    if not isinstance(obj, Mapping):
+        raise InvalidObject(f"{describe(obj)}: not a mapping")
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise InvalidObject(f"{describe(obj)}: metadata.name missing")
+    ns = meta.get("namespace") or ("default" if namespaced else "")
+    if not isinstance(ns, str):
+        raise InvalidObject(f"{describe(obj)}: metadata.namespace is not a string")
+    return ns, meta["name"], meta
+
+
+def _ips(values: Any, what: str, problems: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in _list(values):
+        try:
+            ip = canonical_ip(str(v)) if isinstance(v, str) else None
+        except ValueError:
+            ip = None
+        if ip is None:
+            problems.append(f"{what}: invalid IP {v!r} ignored")
+        elif ip not in out:
+            out.append(ip)
+    return tuple(out)
+
+
+def _port(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 1 <= value <= 65535 else None
+
+
+def parse_service(obj: Any) -> tuple[Service, list[str]]:
+    """A Service record and the problems found (fields dropped or defaulted)."""
+    ns, name, meta = _meta(obj)
+    where = f"Service {ns}/{name}"
+    spec = _mapping(obj.get("spec"))
+    problems: list[str] = []
+    stype = spec.get("type") or "ClusterIP"
+    if stype not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise InvalidObject(f"{where}: unknown type {stype!r}")
+    raw_ips = _list(spec.get("clusterIPs")) or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    headless = any(str(ip) == "None" for ip in raw_ips)
+    cluster_ips = () if headless else _ips(raw_ips, f"{where} clusterIPs", problems)
+    ports: list[ServicePort] = []
+    seen: set[tuple[str, int]] = set()
+    for i, p in enumerate(_list(spec.get("ports"))):
+        p = _mapping(p)
+        pname = p.get("name") or ""
+        try:
+            proto = Protocol.parse(str(p.get("protocol") or "TCP"))
+        except ValueError as exc:
+            problems.append(f"{where} port {pname or i}: {exc}; port ignored")
+            continue
+        port = _port(p.get("port"))
+        if port is None or not isinstance(pname, str):
+            problems.append(f"{where} port {pname or i}: invalid port {p.get('port')!r}; ignored")
+            continue
+        node_port = p.get("nodePort") or 0
+        if node_port and _port(node_port) is None:
+            problems.append(f"{where} port {pname or i}: invalid nodePort {node_port!r}; ignored")
+            node_port = 0
+        if (pname, proto) in seen:
+            problems.append(f"{where}: duplicate port name {pname!r}; second one ignored")
+            continue
+        seen.add((pname, proto))
+        ports.append(ServicePort(pname, int(proto), port, int(node_port)))
+    timeout = 0
+    if spec.get("sessionAffinity") == "ClientIP":
+        cfg = _mapping(_mapping(spec.get("sessionAffinityConfig")).get("clientIP"))
+        raw = cfg.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+        if isinstance(raw, int) and not isinstance(raw, bool) and 0 < raw <= 86400:
+            timeout = raw
+        else:
+            problems.append(f"{where}: invalid sessionAffinity timeout {raw!r}; using 10800")
+            timeout = DEFAULT_AFFINITY_TIMEOUT
+    lb = _mapping(_mapping(obj.get("status")).get("loadBalancer"))
+    lb_raw = [
+        i.get("ip") for i in map(_mapping, _list(lb.get("ingress")))
+        if i.get("ip") and i.get("ipMode") != "Proxy"
+    ]
+    ann = _mapping(meta.get("annotations"))
+    sched, flags = ann.get(ANNOTATION), ann.get(FLAGS_ANNOTATION)
+    svc = Service(
+        namespace=ns,
+        name=name,
+        type=stype,
+        cluster_ips=cluster_ips,
+        external_ips=_ips(spec.get("externalIPs"), f"{where} externalIPs", problems),
+        lb_ips=_ips(lb_raw, f"{where} loadBalancer ingress", problems),
+        ports=tuple(ports),
+        affinity_timeout=timeout,
+        internal_local=spec.get("internalTrafficPolicy") == "Local",
+        external_local=spec.get("externalTrafficPolicy") == "Local",
+        headless=headless,
+        scheduler=sched if isinstance(sched, str) else None,
+        scheduler_flags=flags if isinstance(flags, str) else None,
+        source_ranges=tuple(str(r) for r in _list(spec.get("loadBalancerSourceRanges"))),
+        uid=str(meta.get("uid") or ""),
+    )
+    return svc, problems
+
+
+def _condition(conds: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = conds.get(key)
+    return default if v is None else bool(v)
+
+
+def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
+    """An EndpointSlice record and the problems found."""
+    ns, name, meta = _meta(obj)
+    where = f"EndpointSlice {ns}/{name}"
+    service = _mapping(meta.get("labels")).get(SERVICE_NAME_LABEL)
+    if not isinstance(service, str) or not service:
+        raise InvalidObject(f"{where}: no {SERVICE_NAME_LABEL} label")
+    atype = obj.get("addressType")
+    if atype not in ("IPv4", "IPv6"):
+        raise InvalidObject(f"{where}: addressType {atype!r} not supported (IPv4 or IPv6)")
+    family = family_of("::" if atype == "IPv6" else "0.0.0.0")
+    problems: list[str] = []
+    ports = []
+    for p in map(_mapping, _list(obj.get("ports"))):
+        pname = p.get("name") or ""
+        port = _port(p.get("port"))
+        try:
+            proto = Protocol.parse(str(p.get("protocol") or "TCP"))
+        except ValueError as exc:
+            problems.append(f"{where} port {pname!r}: {exc}; ignored")
+            continue
+        if port is None or not isinstance(pname, str):
+            problems.append(f"{where} port {pname!r}: invalid port {p.get('port')!r}; ignored")
+            continue
+        ports.append(SlicePort(pname, int(proto), port))
+    endpoints = []
+    for e in map(_mapping, _list(obj.get("endpoints"))):
+        addrs = _ips(e.get("addresses"), where, problems)
+        addrs = tuple(a for a in addrs if family_of(a) == family)
+        if not addrs:
+            continue
+        conds = _mapping(e.get("conditions"))
+        ready = _condition(conds, "ready", True)
+        hints = e.get("hints")
+        zones = None
+        if isinstance(hints, Mapping):
+            zones = tuple(str(_mapping(z).get("name")) for z in _list(hints.get("forZones")))
+        ref = _mapping(e.get("targetRef"))
+        target = f"{ref.get('kind', '')}/{ref['name']}" if ref.get("name") else ""
+        endpoints.append(
+            Endpoint(
+                address=addrs[0],
+                ready=ready,
+                serving=_condition(conds, "serving", ready),
+                terminating=_condition(conds, "terminating", False),
+                node=str(e.get("nodeName") or ""),
+                zones=zones,
+                target=target,
+            )
+        )
+    return EndpointSlice(ns, name, service, family, tuple(ports), tuple(endpoints)), problems
+
+
+def parse_endpoints(obj: Any) -> tuple[list[EndpointSlice], list[str]]:
+    """Legacy v1 Endpoints read as EndpointSlice mirroring reads them.
+
+    One slice per subset and address family; notReadyAddresses become endpoints
+    that are not ready. The Service name is the Endpoints object's name.
+    """
+    ns, name, _ = _meta(obj)
+    where = f"Endpoints {ns}/{name}"
+    problems: list[str] = []
+    slices = []
+    for i, subset in enumerate(map(_mapping, _list(obj.get("subsets")))):
+        ports = []
+        for p in map(_mapping, _list(subset.get("ports"))):
+            port = _port(p.get("port"))
+            try:
+                proto = Protocol.parse(str(p.get("protocol") or "TCP"))
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}; port ignored")
+                continue
+            if port is None:
+                problems.append(f"{where}: invalid port {p.get('port')!r}; ignored")
+                continue
+            ports.append(SlicePort(str(p.get("name") or ""), int(proto), port))
+        by_family: dict[int, list[Endpoint]] = {}
+        for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for a in map(_mapping, _list(subset.get(key))):
+                ips = _ips([a.get("ip")], where, problems)
+                if not ips:
+                    continue
+                ref = _mapping(a.get("targetRef"))
+                target = f"{ref.get('kind', '')}/{ref['name']}" if ref.get("name") else ""
+                ep = Endpoint(ips[0], ready, ready, False, str(a.get("nodeName") or ""), None, target)
+                by_family.setdefault(family_of(ips[0]), []).append(ep)
+        for fam, eps in sorted(by_family.items()):
+            slices.append(
+                EndpointSlice(ns, f"{name}-legacy-{i}-{fam}", name, fam, tuple(ports), tuple(eps),
+                              legacy=True)
+            )
+    return slices, problems
+
+
+def parse_node(obj: Any) -> tuple[Node, list[str]]:
+    """A Node record: its name, InternalIP/ExternalIP addresses and zone."""
+    _, name, meta = _meta(obj, namespaced=False)
+    problems: list[str] = []
+    raw = [
+        a.get("address")
+        for a in map(_mapping, _list(_mapping(obj.get("status")).get("addresses")))
+        if a.get("type") in ("InternalIP", "ExternalIP")
+    ]
+    addrs = _ips(raw, f"Node {name} addresses", problems)
+    zone = _mapping(meta.get("labels")).get(ZONE_LABEL) or ""
+    return Node(name, addrs, str(zone)), problems

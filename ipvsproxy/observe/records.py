@@ -1,0 +1,80 @@
+"""What the agent records so `ipvsproxy list` can name Services offline.
+
+The kernel knows addresses, not Services. After each sync that changed
+something, the agent writes a small JSON file mapping every virtual server it
+owns to its Service port and every real server to its endpoint (pod, node).
+This file is only for display: ownership itself lives in the kernel (the
+F_OWNED flag), so losing this file never makes the agent touch foreign state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..model import DesiredState, ServiceRef, VSKey
+
+FILE = "services.json"
+
+
+def key_text(key: VSKey) -> str:
+    return f"{key.protocol}/{key.address}/{key.port}"
+
+
+@dataclass(slots=True)
+class Record:
+    """Per virtual server: Service, and per real-server address: endpoint info."""
+
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    written: float = 0.0
+    node: str = ""
+
+    def service_of(self, key: VSKey) -> ServiceRef | None:
+        entry = self.services.get(key_text(key))
+        if not entry:
+            return None
+        return ServiceRef(entry["namespace"], entry["name"], entry.get("port", ""), entry.get("kind", ""))
+
+    def endpoint_of(self, key: VSKey, address: str) -> dict[str, str]:
+        entry = self.services.get(key_text(key)) or {}
+        return dict(entry.get("endpoints", {}).get(address, {}))
+
+
+def from_desired(desired: DesiredState, node: str = "") -> Record:
+    rec = Record(node=node)
+    for key, vs in desired.services.items():
+        if vs.service is None:
+            continue
+        rec.services[key_text(key)] = {
+            "namespace": vs.service.namespace,
+            "name": vs.service.name,
+            "port": vs.service.port_name,
+            "kind": vs.service.kind,
+            "endpoints": {a: {"target": e.target, "node": e.node} for a, e in vs.endpoints.items()},
+        }
+    return rec
+
+
+def write(state_dir: str, rec: Record) -> None:
+    """Atomic write (rename), so readers never see half a file."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    rec.written = time.time()
+    payload = {"node": rec.node, "written": rec.written, "services": rec.services}
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".services.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, separators=(",", ":"))
+    os.replace(tmp, os.path.join(state_dir, FILE))
+
+
+def read(state_dir: str) -> Record | None:
+    try:
+        with open(os.path.join(state_dir, FILE)) as f:
+            data = json.load(f)
+        return Record(dict(data.get("services", {})), float(data.get("written", 0)), str(data.get("node", "")))
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -1,0 +1,203 @@
+"""The planner: (desired, observed) -> the minimal ordered list of operations.
+
+Pure. It never proposes a change to something ipvsproxy does not own (a
+virtual server without the ownership mark, or inside --exclude-cidrs), except
+taking over a foreign virtual server that sits on an address a Service now
+claims, which it marks with a note so the caller logs it.
+
+TCP real servers that are no longer wanted are drained (weight 0) and removed
+once they have no active connections or their grace period has run out; UDP and
+SCTP real servers go at once. `scope` limits the work to the virtual servers
+that changed, so a one-endpoint change costs one comparison, not a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .model import (
+    DesiredState,
+    ObservedReal,
+    ObservedState,
+    ObservedVS,
+    Protocol,
+    Real,
+    ServiceRef,
+    VirtualServer,
+    VSKey,
+    join_host_port,
+)
+
+DrainKey = tuple[VSKey, str, int]
+
+
+class OpKind(StrEnum):
+    BIND = "bind"
+    ADD_VS = "add-vs"
+    EDIT_VS = "edit-vs"
+    ADD_RS = "add-rs"
+    EDIT_RS = "edit-rs"
+    DEL_RS = "del-rs"
+    DEL_VS = "del-vs"
+    UNBIND = "unbind"
+
+
+_ORDER = {k: i for i, k in enumerate(OpKind)}
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One change to the dataplane."""
+
+    kind: OpKind
+    key: VSKey | None = None
+    vs: VirtualServer | None = None  # settings for add-vs / edit-vs
+    real: Real | None = None
+    address: str | None = None
+    service: ServiceRef | None = None
+    note: str = ""
+
+    def __str__(self) -> str:
+        if self.kind in (OpKind.BIND, OpKind.UNBIND):
+            return f"{self.kind} {self.address}"
+        text = f"{self.kind} {self.key}"
+        if self.vs is not None:
+            text += f" {self.vs.scheduler}"
+            if self.vs.flags:
+                text += f" flags={self.vs.flags:#x}"
+            if self.vs.timeout:
+                text += f" persistent={self.vs.timeout}s"
+        if self.real is not None:
+            text += f" -> {join_host_port(self.real.address, self.real.port)} w={self.real.weight}"
+        if self.service is not None:
+            text += f" ({self.service})"
+        if self.note:
+            text += f" [{self.note}]"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class DrainPolicy:
+    """When a draining TCP real server may finally go."""
+
+    grace: float = 30.0
+    now: float = 0.0
+    started: Mapping[DrainKey, float] | None = None  # drain start per real (monotonic)
+
+    def expired(self, key: DrainKey) -> bool:
+        start = (self.started or {}).get(key)
+        return start is not None and self.now - start >= self.grace
+
+
+def _plan_reals(vs: VirtualServer, obs: ObservedVS | None, drain: DrainPolicy) -> list[Op]:
+    ops: list[Op] = []
+    have: Mapping[tuple[str, int], ObservedReal] = obs.reals if obs else {}
+    want = {(r.address, r.port): r for r in vs.reals}
+    for addr_port, r in want.items():
+        o = have.get(addr_port)
+        if o is None:
+            ops.append(Op(OpKind.ADD_RS, vs.key, real=r, service=vs.service))
+        elif o.weight != r.weight:
+            note = "restore" if o.weight == 0 else ""
+            ops.append(Op(OpKind.EDIT_RS, vs.key, real=r, service=vs.service, note=note))
+    tcp = vs.key.protocol == Protocol.TCP
+    for addr_port, o in have.items():
+        if addr_port in want:
+            continue
+        real = Real(o.address, o.port, 0)
+        if not tcp:
+            ops.append(Op(OpKind.DEL_RS, vs.key, real=real, service=vs.service, note="flush"))
+        elif o.active == 0 or drain.expired((vs.key, o.address, o.port)):
+            note = "drained" if o.weight == 0 else ""
+            ops.append(Op(OpKind.DEL_RS, vs.key, real=real, service=vs.service, note=note))
+        elif o.weight != 0:
+            ops.append(Op(OpKind.EDIT_RS, vs.key, real=real, service=vs.service, note="drain"))
+    return ops
+
+
+def plan(
+    desired: DesiredState,
+    observed: ObservedState,
+    *,
+    scope: Iterable[VSKey] | None = None,
+    excluded: Callable[[str], bool] = lambda address: False,
+    drain: DrainPolicy | None = None,
+) -> list[Op]:
+    """Operations that turn `observed` into `desired`, in a safe order.
+
+    Order: bind addresses, add/edit virtual servers, add/edit real servers,
+    delete real servers, delete virtual servers, unbind addresses, so that a
+    virtual server never exists without its address and an address is never
+    taken away from a live virtual server.
+    """
+    drain = drain or DrainPolicy()
+    keys = set(desired.services) | set(observed.services) if scope is None else set(scope)
+    ops: list[Op] = []
+    for key in keys:
+        if excluded(key.address):
+            continue
+        vs, obs = desired.services.get(key), observed.services.get(key)
+        if vs is None:
+            if obs is not None and obs.owned:
+                ops.append(Op(OpKind.DEL_VS, key))
+            continue
+        if obs is None:
+            ops.append(Op(OpKind.ADD_VS, key, vs=vs, service=vs.service))
+        elif not obs.owned:
+            ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service, note="adopt foreign"))
+        elif obs.settings() != vs.settings():
+            ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service))
+        ops += _plan_reals(vs, obs, drain)
+    for address in desired.addresses - observed.addresses:
+        ops.append(Op(OpKind.BIND, address=address))
+    for address in observed.addresses - desired.addresses:
+        if not excluded(address):
+            ops.append(Op(OpKind.UNBIND, address=address))
+    ops.sort(key=lambda op: (_ORDER[op.kind], op.key or (), op.address or "", op.real or ()))
+    return ops
+
+
+def pending_drains(desired: DesiredState, observed: ObservedState) -> list[DrainKey]:
+    """TCP real servers still draining (weight 0, unwanted, connections left)."""
+    out = []
+    for key, obs in observed.services.items():
+        vs = desired.services.get(key)
+        if vs is None or not obs.owned:
+            continue
+        want = {(r.address, r.port) for r in vs.reals}
+        out += [(key, a, p) for (a, p), o in obs.reals.items() if (a, p) not in want and o.weight == 0]
+    return out
+
+
+def apply_op(state: ObservedState, op: Op) -> None:
+    """Mirror one successful operation into an observed state (in place).
+
+    The in-memory dataplane is this function; the reconciler uses it to keep
+    its cached view of the kernel current between full dumps.
+    """
+    key = op.key
+    if op.kind is OpKind.BIND and op.address:
+        state.addresses.add(op.address)
+    elif op.kind is OpKind.UNBIND and op.address:
+        state.addresses.discard(op.address)
+    elif key is None:
+        return
+    elif op.kind in (OpKind.ADD_VS, OpKind.EDIT_VS) and op.vs is not None:
+        old = state.services.get(key)
+        state.services[key] = ObservedVS(
+            key, op.vs.scheduler, op.vs.kernel_flags, op.vs.timeout,
+            old.reals if old else {}, old.stats if old else {},
+        )
+    elif op.kind is OpKind.DEL_VS:
+        state.services.pop(key, None)
+    elif op.real is not None and key in state.services:
+        reals = state.services[key].reals
+        rk = (op.real.address, op.real.port)
+        if op.kind is OpKind.DEL_RS:
+            reals.pop(rk, None)
+        elif rk in reals:
+            reals[rk].weight = op.real.weight
+        else:
+            reals[rk] = ObservedReal(op.real.address, op.real.port, op.real.weight)

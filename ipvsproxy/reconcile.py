@@ -1,0 +1,362 @@
+"""The reconciler: joins sources, translation, planner and dataplane.
+
+A sync re-translates only the Services the tracker marked dirty, keeps the
+desired state as an index (which Service holds which virtual server), and
+plans only the virtual servers that changed against fresh kernel data for
+just those. A full sync (start-up, every --sync-period, SIGHUP, after any
+failure) dumps the whole kernel table and repairs drift. The :class:`Runner`
+adds timing: bursts coalesce to at most one sync per --min-sync-period,
+failures retry with backoff, draining real servers are re-checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .dataplane.base import Dataplane, Failure
+from .model import DesiredState, ObservedState, VirtualServer, VSKey
+from .objects import Service
+from .plan import DrainKey, DrainPolicy, Op, OpKind, apply_op, pending_drains, plan
+from .schedulers import Registry
+from .tracker import Tracker
+from .translate import Config, Translation, translate_service
+
+log = logging.getLogger(__name__)
+
+ProblemSink = Callable[[Service, str, str], None]  # (service, reason, message)
+
+
+class SyncError(RuntimeError):
+    """A sync could not apply everything; the next one will retry."""
+
+
+@dataclass(slots=True)
+class SyncReport:
+    """What one sync did, for logs, metrics and benchmarks."""
+
+    full: bool
+    services_translated: int = 0
+    ops: list[Op] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    duration: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # event seen -> kernel updated
+
+
+class DesiredIndex:
+    """The desired state kept per Service, so one Service can change alone.
+
+    Two Services claiming one address:port: the first holds it; the other
+    waits and is re-translated when the holder lets go.
+    """
+
+    def __init__(self) -> None:
+        self.state = DesiredState()
+        self.keys_of: dict[str, set[VSKey]] = {}
+        self.owner: dict[VSKey, str] = {}
+        self.waiting: dict[VSKey, set[str]] = {}
+        self.bind_refs: dict[str, int] = {}
+
+    def _bindable(self, vs: VirtualServer) -> bool:
+        return vs.service is not None and vs.service.kind != "NodePort"
+
+    def _ref(self, vs: VirtualServer, delta: int) -> None:
+        if not self._bindable(vs):
+            return
+        n = self.bind_refs.get(vs.key.address, 0) + delta
+        if n > 0:
+            self.bind_refs[vs.key.address] = n
+            self.state.addresses.add(vs.key.address)
+        else:
+            self.bind_refs.pop(vs.key.address, None)
+            self.state.addresses.discard(vs.key.address)
+
+    def update(self, sid: str, servers: Iterable[VirtualServer]) -> tuple[set[VSKey], set[str], list[str]]:
+        """Set one Service's virtual servers. Returns (keys touched, Services to
+        re-translate because a key they wanted is free now, conflict messages)."""
+        touched: set[VSKey] = set()
+        freed_for: set[str] = set()
+        problems: list[str] = []
+        for key in self.keys_of.pop(sid, set()):
+            old = self.state.services.pop(key)
+            self._ref(old, -1)
+            del self.owner[key]
+            touched.add(key)
+            freed_for |= self.waiting.pop(key, set())
+        for w in self.waiting.values():
+            w.discard(sid)
+        mine: set[VSKey] = set()
+        for vs in servers:
+            holder = self.owner.get(vs.key)
+            if holder is not None and holder != sid:
+                self.waiting.setdefault(vs.key, set()).add(sid)
+                problems.append(f"Service {sid}: {vs.key} already belongs to Service {holder}; ignored")
+                continue
+            self.state.services[vs.key] = vs
+            self.owner[vs.key] = sid
+            self._ref(vs, +1)
+            mine.add(vs.key)
+            touched.add(vs.key)
+        if mine:
+            self.keys_of[sid] = mine
+        freed_for.discard(sid)
+        return touched, freed_for, problems
+
+
+class Reconciler:
+    """One sync at a time: translate what changed, plan, apply, remember."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        dataplane: Dataplane,
+        cfg: Config,
+        registry: Registry,
+        *,
+        excluded: Callable[[str], bool] = lambda a: False,
+        grace: float = 30.0,
+        on_problem: ProblemSink | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
+        self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
+        self.index = DesiredIndex()
+        self.cache = ObservedState()
+        self.need_full = True
+        self.retry_keys: set[VSKey] = set()
+        self.drain_started: dict[DrainKey, float] = {}
+        self.sched_problems: dict[str, str] = {}
+        self.pending_seen: dict[str, float] = {}
+        self.invalid_schedulers = 0
+        self.syncs = 0
+
+    # ---- translation ------------------------------------------------------
+    def _translate(self, sid: str) -> tuple[set[VSKey], set[str]]:
+        svc = self.tracker.services.get(sid)
+        t = Translation()
+        if svc is not None:
+            t = translate_service(
+                svc, self.tracker.slices_for(sid), self.tracker.node, self.cfg, self.registry,
+                self.dp.scheduler_usable,
+            )
+            self._report_scheduler(svc, t.scheduler_problem)
+        else:
+            self.sched_problems.pop(sid, None)
+        touched, freed_for, problems = self.index.update(sid, t.servers)
+        for p in t.problems + problems:
+            log.warning("%s", p)
+        return touched, freed_for
+
+    def _report_scheduler(self, svc: Service, problem: str | None) -> None:
+        """Warn once per change of the problem, not once per sync."""
+        if problem is None:
+            self.sched_problems.pop(svc.id, None)
+            return
+        if self.sched_problems.get(svc.id) == problem:
+            return
+        self.sched_problems[svc.id] = problem
+        self.invalid_schedulers += 1
+        log.warning("%s", problem)
+        if self.on_problem:
+            self.on_problem(svc, "InvalidScheduler", problem)
+
+    def retranslate(self, sids: Iterable[str]) -> set[VSKey]:
+        """Re-translate Services (and any that were waiting on a freed key)."""
+        scope: set[VSKey] = set()
+        todo = list(sids)
+        done: set[str] = set()
+        while todo:
+            sid = todo.pop()
+            if sid in done:
+                continue
+            done.add(sid)
+            touched, freed_for = self._translate(sid)
+            scope |= touched
+            todo += freed_for - done
+        return scope
+
+    # ---- syncing ----------------------------------------------------------
+    def compute(self, full: bool = False) -> tuple[list[Op], bool, dict[str, float], int]:
+        """Translate pending changes and plan; nothing is applied."""
+        dirty, _ = self.tracker.take_dirty()
+        for sid, t in dirty.items():
+            self.pending_seen.setdefault(sid, t)
+        scope = self.retranslate(dirty) | self.retry_keys
+        full = full or self.need_full
+        now = time.monotonic()
+        if full:
+            self.cache = self.dp.observe()
+            for dk in pending_drains(self.index.state, self.cache):
+                self.drain_started.setdefault(dk, now)
+        else:
+            scope |= {k for k, _, _ in self.drain_started}
+            for key, obs in self.dp.observe_keys(scope).items():
+                if obs is None:
+                    self.cache.services.pop(key, None)
+                else:
+                    self.cache.services[key] = obs
+        drain = DrainPolicy(self.grace, now, self.drain_started)
+        ops = plan(self.index.state, self.cache, scope=None if full else scope,
+                   excluded=self.excluded, drain=drain)
+        return ops, full, dict(self.pending_seen), len(dirty)
+
+    def sync(self, full: bool = False) -> SyncReport:
+        """One sync; raises SyncError (after applying what it could) on failures."""
+        start = time.monotonic()
+        self.syncs += 1
+        try:
+            ops, full, seen, translated = self.compute(full)
+        except Exception:
+            self.need_full = True
+            raise
+        report = SyncReport(full, translated, ops)
+        if self.dry_run:
+            report.duration = time.monotonic() - start
+            return report
+        try:
+            report.failures = self.dp.apply(ops)
+        except Exception:
+            self.need_full = True
+            raise
+        failed = {id(f.op) for f in report.failures}
+        now = time.monotonic()
+        for op in ops:
+            if id(op) in failed:
+                continue
+            apply_op(self.cache, op)
+            self._track_drain(op, now)
+        for f in report.failures:
+            log.error("%s", f.message)
+        report.duration = time.monotonic() - start
+        if report.failures:
+            self.need_full = True
+            self.retry_keys = {f.op.key for f in report.failures if f.op.key is not None}
+            raise SyncError(f"{len(report.failures)} of {len(ops)} operations failed; will retry")
+        self.need_full = False
+        self.retry_keys = set()
+        done = time.monotonic()
+        report.latencies = [done - t for t in seen.values()]
+        self.pending_seen.clear()
+        for op in ops:
+            if op.note == "adopt foreign":
+                log.warning("took over foreign virtual server %s: Service %s claims it",
+                            op.key, op.service)
+        return report
+
+    def _track_drain(self, op: Op, now: float) -> None:
+        if op.key is None or op.real is None:
+            return
+        dk = (op.key, op.real.address, op.real.port)
+        if op.kind is OpKind.EDIT_RS and op.note == "drain":
+            self.drain_started.setdefault(dk, now)
+        elif op.kind in (OpKind.DEL_RS, OpKind.EDIT_RS, OpKind.ADD_RS):
+            self.drain_started.pop(dk, None)
+        if op.kind is OpKind.DEL_VS:
+            for k in [k for k in self.drain_started if k[0] == op.key]:
+                del self.drain_started[k]
+
+    @property
+    def draining(self) -> int:
+        return len(self.drain_started)
+
+
+class Runner:
+    """Drives the reconciler: bounded frequency, periodic full resync, retries.
+
+    Like kube-proxy's BoundedFrequencyRunner: a change wakes it, but syncs are
+    at least `min_period` apart, so a burst of events becomes one sync.
+    """
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        *,
+        min_period: float = 1.0,
+        sync_period: float = 30.0,
+        drain_check: float = 5.0,
+        on_report: Callable[[SyncReport | None, BaseException | None], None] | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        self.rec = reconciler
+        self.min_period, self.sync_period, self.drain_check = min_period, sync_period, drain_check
+        self.on_report = on_report
+        self.ready = ready or (lambda: True)
+        self.stop_event = threading.Event()
+        self.force_full = threading.Event()
+        self.failures = 0
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+
+    def request_full(self) -> None:
+        self.force_full.set()
+        self.rec.tracker.changed.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.rec.tracker.changed.set()
+
+    def _backoff(self) -> float:
+        return min(self.min_period * 2 ** min(self.failures, 6), 60.0) * (0.5 + random.random())
+
+    def run(self) -> None:
+        """Loop until stop(): wait for a change or a timer, then sync."""
+        changed = self.rec.tracker.changed
+        last_sync = last_full = -1e9
+        backoff = 0.0
+        while not self.stop_event.is_set():
+            if not self.ready():  # the first sync waits for every kind to be listed
+                changed.wait(0.5)
+                changed.clear()
+                continue
+            now = time.monotonic()
+            due = [last_full + self.sync_period]
+            if self.rec.draining:
+                due.append(last_sync + self.drain_check)
+            if self.failures:
+                due.append(last_sync + backoff)
+            if self.rec.syncs == 0:
+                due.append(now)
+            wait_for = min(due) - now
+            if wait_for > 0 and not changed.is_set() and not self.force_full.is_set():
+                changed.wait(wait_for)
+            gap = last_sync + self.min_period - time.monotonic()
+            if gap > 0:
+                self.stop_event.wait(gap)  # coalesce a burst into one sync
+            if self.stop_event.is_set():
+                break
+            now = time.monotonic()
+            full = self.force_full.is_set() or now - last_full >= self.sync_period
+            self.force_full.clear()
+            last_sync = now
+            if full:
+                last_full = now
+            self._one(full)
+            backoff = self._backoff()
+
+    @property
+    def syncs_done(self) -> int:
+        return self.rec.syncs
+
+    def _one(self, full: bool) -> None:
+        try:
+            report = self.rec.sync(full)
+        except Exception as exc:  # any failure: keep serving the last good state, retry
+            self.failures += 1
+            self.last_error = str(exc)
+            log.error("sync failed (attempt %d): %s", self.failures, exc)
+            if self.on_report:
+                self.on_report(None, exc)
+            return
+        self.failures = 0
+        self.last_error = None
+        self.last_success = time.time()
+        if report.ops:
+            log.info("sync: %d services translated, %d operations in %.3fs%s",
+                     report.services_translated, len(report.ops), report.duration,
+                     " (full)" if report.full else "")
+        if self.on_report:
+            self.on_report(report, None)

@@ -1,0 +1,166 @@
+"""The manifest source: Services, EndpointSlices, Endpoints and Nodes from YAML.
+
+Accepts what `kubectl get svc,endpointslices,nodes -A -o yaml` prints: files
+or directories of them, multi-document, `kind: List` wrappers. One bad file or
+document is skipped with a warning naming it; the rest is used. The agent
+polls the files' modification times and re-reads them when they change.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..objects import describe
+from ..tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+KIND_OF = {
+    ("v1", "Service"): "Service",
+    ("discovery.k8s.io/v1", "EndpointSlice"): "EndpointSlice",
+    ("v1", "Endpoints"): "Endpoints",
+    ("v1", "Node"): "Node",
+}
+IGNORED_KINDS = {"Event", "Pod", "Namespace", "ConfigMap", "Deployment", "ReplicaSet", "DaemonSet"}
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Every object read, by kind, plus the warnings met."""
+
+    objects: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in set(KIND_OF.values())})
+    problems: list[str] = field(default_factory=list)
+
+
+def expand(paths: Iterable[str]) -> list[Path]:
+    """Files named, plus the manifest files inside directories named (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def _items(doc: Any) -> Iterator[Any]:
+    if isinstance(doc, dict) and doc.get("kind") == "List" or (
+        isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") and "items" in doc
+    ):
+        for item in doc.get("items") or []:
+            yield from _items(item)
+    elif doc is not None:
+        yield doc
+
+
+def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
+    """Objects in one file by kind (None when the file as a whole is unusable)."""
+    problems: list[str] = []
+    try:
+        docs = list(yaml.safe_load_all(path.read_text()))
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [f"{path}: cannot read: {exc}; file skipped"]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return None, [f"{path}{line}: invalid YAML ({reason}); file skipped"]
+    found: dict[str, list[Any]] = {}
+    for i, doc in enumerate(docs):
+        for obj in _items(doc):
+            if not isinstance(obj, dict):
+                problems.append(f"{path} document {i + 1}: not an object; skipped")
+                continue
+            kind = KIND_OF.get((str(obj.get("apiVersion")), str(obj.get("kind"))))
+            if kind is None:
+                if obj.get("kind") not in IGNORED_KINDS:
+                    problems.append(
+                        f"{path} document {i + 1}: {describe(obj)} apiVersion "
+                        f"{obj.get('apiVersion')!r} not handled; skipped"
+                    )
+                continue
+            found.setdefault(kind, []).append(obj)
+    return found, problems
+
+
+class ManifestReader:
+    """Reads manifests, remembering each file's last good content.
+
+    A file that turns unreadable or invalid keeps contributing what it held
+    last time it was good, so a bad edit never withdraws programmed Services.
+    """
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.paths = list(paths)
+        self.last_good: dict[Path, dict[str, list[Any]]] = {}
+
+    def read(self) -> Snapshot:
+        snap = Snapshot()
+        for path in expand(self.paths):
+            found, problems = read_file(path)
+            snap.problems += problems
+            if found is None:
+                found = self.last_good.get(path, {})
+            else:
+                self.last_good[path] = found
+            for kind, objs in found.items():
+                snap.objects[kind] += objs
+        return snap
+
+    def load(self, tracker: Tracker) -> list[str]:
+        """Read into the tracker as complete listings; returns the warnings."""
+        snap = self.read()
+        for p in snap.problems:
+            log.warning("%s", p)
+        for kind, objs in snap.objects.items():
+            tracker.replace(kind, objs)
+        return snap.problems
+
+
+def _fingerprint(paths: Iterable[str]) -> tuple[tuple[str, float, int], ...]:
+    out = []
+    for f in expand(paths):
+        try:
+            st = f.stat()
+            out.append((str(f), st.st_mtime, st.st_size))
+        except OSError:
+            out.append((str(f), -1.0, -1))
+    return tuple(out)
+
+
+class FileWatcher:
+    """Re-reads the manifests whenever a file's mtime, size or the file set changes."""
+
+    def __init__(self, paths: list[str], tracker: Tracker, interval: float = 1.0,
+                 on_reload: Callable[[], None] | None = None) -> None:
+        self.paths, self.tracker, self.interval, self.on_reload = paths, tracker, interval, on_reload
+        self.reader = ManifestReader(paths)
+        self._stop = threading.Event()
+        self._seen = _fingerprint(paths)
+        self.thread = threading.Thread(target=self._loop, name="file-watch", daemon=True)
+
+    def start(self) -> None:
+        self.reader.load(self.tracker)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            fp = _fingerprint(self.paths)
+            if fp != self._seen:
+                self._seen = fp
+                log.info("manifests changed; re-reading %s", ", ".join(self.paths))
+                self.reader.load(self.tracker)
+                if self.on_reload:
+                    self.on_reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+

@@ -1,0 +1,204 @@
+"""Change tracking: the compact object store sources write into.
+
+Sources (API watch, manifest files) push raw objects here; the tracker parses
+them into compact records, remembers which Services changed since the last
+sync (and when the change was first seen, for the network-programming latency
+metric), and wakes the reconciler. Like kube-proxy's service/endpoints change
+trackers, it lets a sync touch only what changed.
+
+Bad input never gets further than this: an object that fails to parse is
+reported once and skipped; an update that fails to parse keeps the last good
+version, so nothing already programmed is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .objects import (
+    EndpointSlice,
+    InvalidObject,
+    Node,
+    Service,
+    describe,
+    parse_endpoints,
+    parse_endpointslice,
+    parse_node,
+    parse_service,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("Service", "EndpointSlice", "Endpoints", "Node")
+ProblemHook = Callable[[str, str, str, str], None]  # (kind, namespace, name, message)
+
+
+def _key(obj: Any) -> tuple[str, str]:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+
+
+class Tracker:
+    """Thread-safe store of records plus the set of Services that changed."""
+
+    def __init__(self, node_name: str, on_problem: ProblemHook | None = None) -> None:
+        self.node_name = node_name
+        self.on_problem = on_problem
+        self.services: dict[str, Service] = {}
+        # slices by the object they come from: "EndpointSlice ns/name" or "Endpoints ns/name"
+        self.groups: dict[str, list[EndpointSlice]] = {}
+        self.slices_of: dict[str, set[str]] = {}  # service id -> group ids
+        self.node: Node | None = None
+        self.listed: set[str] = set()
+        self._dirty: dict[str, float] = {}  # service id -> first seen (monotonic)
+        self._all_dirty: float | None = None
+        self._lock = threading.RLock()
+        self.changed = threading.Event()
+
+    # ---- writes (from sources) -------------------------------------------
+    def _problem(self, kind: str, obj: Any, message: str) -> None:
+        ns, name = _key(obj)
+        log.warning("%s", message)
+        if self.on_problem:
+            self.on_problem(kind, ns, name, message)
+
+    def _mark(self, service_id: str) -> None:
+        self._dirty.setdefault(service_id, time.monotonic())
+        self.changed.set()
+
+    def upsert(self, kind: str, obj: Any) -> None:
+        """An object was added or changed."""
+        with self._lock:
+            try:
+                if kind == "Service":
+                    svc, problems = parse_service(obj)
+                    if self.services.get(svc.id) != svc:
+                        self.services[svc.id] = svc
+                        self._mark(svc.id)
+                elif kind == "EndpointSlice":
+                    sl, problems = parse_endpointslice(obj)
+                    self._set_slices(f"EndpointSlice {sl.id}", [sl])
+                elif kind == "Endpoints":
+                    slices, problems = parse_endpoints(obj)
+                    ns, name = _key(obj)
+                    self._set_slices(f"Endpoints {ns}/{name}", slices, f"{ns}/{name}")
+                elif kind == "Node":
+                    node, problems = parse_node(obj)
+                    if node.name != self.node_name:
+                        return
+                    if node != self.node:
+                        self.node = node
+                        self._all_dirty = self._all_dirty or time.monotonic()
+                        self.changed.set()
+                else:
+                    raise InvalidObject(f"{describe(obj)}: kind {kind!r} not handled")
+            except InvalidObject as exc:
+                self._problem(kind, obj, f"skipped: {exc}")
+                return
+            for p in problems:
+                self._problem(kind, obj, p)
+
+    def _set_slices(self, group: str, slices: list[EndpointSlice], service_id: str = "") -> None:
+        """Replace the slices one object contributes (one EndpointSlice, or an
+        Endpoints object's mirrored slices) and mark the Services affected."""
+        old = self.groups.get(group, [])
+        if old == slices:
+            return
+        for s in old:
+            self.slices_of.get(s.service_id, set()).discard(group)
+            self._mark(s.service_id)
+        if slices:
+            self.groups[group] = slices
+        else:
+            self.groups.pop(group, None)
+        for s in slices:
+            self.slices_of.setdefault(s.service_id, set()).add(group)
+            self._mark(s.service_id)
+        if service_id:
+            self._mark(service_id)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """An object is gone."""
+        with self._lock:
+            sid = f"{namespace}/{name}"
+            if kind == "Service":
+                if self.services.pop(sid, None) is not None:
+                    self._mark(sid)
+            elif kind in ("EndpointSlice", "Endpoints"):
+                self._set_slices(f"{kind} {sid}", [])
+            elif kind == "Node" and name == self.node_name and self.node is not None:
+                self.node = None
+                self._all_dirty = self._all_dirty or time.monotonic()
+                self.changed.set()
+
+    def replace(self, kind: str, objects: Iterable[Any]) -> None:
+        """A full listing of one kind: upsert all, delete what is not listed."""
+        with self._lock:
+            seen: set[tuple[str, str]] = set()
+            for obj in objects:
+                seen.add(_key(obj))
+                self.upsert(kind, obj)
+            for ns, name in self._names(kind) - seen:
+                self.delete(kind, ns, name)
+            self.listed.add(kind)
+            self.changed.set()
+
+    def _names(self, kind: str) -> set[tuple[str, str]]:
+        if kind == "Service":
+            return {(s.namespace, s.name) for s in self.services.values()}
+        if kind in ("EndpointSlice", "Endpoints"):
+            prefix = kind + " "
+            return {
+                (ns, name)
+                for g in self.groups if g.startswith(prefix)
+                for ns, name in [g[len(prefix):].split("/", 1)]
+            }
+        if kind == "Node" and self.node is not None:
+            return {("default", self.node.name)}
+        return set()
+
+    def mark_listed(self, kind: str) -> None:
+        with self._lock:
+            self.listed.add(kind)
+            self.changed.set()
+
+    def mark_all(self) -> None:
+        """Everything needs re-translation (e.g. config change, forced resync)."""
+        with self._lock:
+            self._all_dirty = self._all_dirty or time.monotonic()
+            self.changed.set()
+
+    # ---- reads (from the reconciler) --------------------------------------
+    def ready(self, kinds: Iterable[str] = ("Service", "EndpointSlice", "Node")) -> bool:
+        """The first sync waits until every kind has been listed once."""
+        with self._lock:
+            return all(k in self.listed for k in kinds)
+
+    def take_dirty(self) -> tuple[dict[str, float], bool]:
+        """Services changed since last call (id -> first seen), and 'everything' flag."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, {}
+            everything = self._all_dirty is not None
+            if everything:
+                first = self._all_dirty or time.monotonic()
+                for sid in self.services:
+                    dirty.setdefault(sid, first)
+            self._all_dirty = None
+            self.changed.clear()
+            return dirty, everything
+
+    def restore_dirty(self, dirty: Mapping[str, float]) -> None:
+        """Put back changes a failed sync could not apply, keeping first-seen times."""
+        with self._lock:
+            for sid, t in dirty.items():
+                self._dirty[sid] = min(t, self._dirty.get(sid, t))
+            self.changed.set()
+
+    def slices_for(self, service_id: str) -> list[EndpointSlice]:
+        with self._lock:
+            return [s for g in self.slices_of.get(service_id, ()) for s in self.groups.get(g, ())]
