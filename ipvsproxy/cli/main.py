@@ -49,8 +49,10 @@ def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
 
 
 def main() -> None:
+    from .cleanup import cleanup
+    from .inspect import diff, list_cmd, schedulers
     from .run import run
 
-    for command in (run,):
+    for command in (run, list_cmd, diff, schedulers, cleanup):
         cli.add_command(command)
     cli(prog_name="ipvsproxy")

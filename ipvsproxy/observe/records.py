@@ -75,6 +75,7 @@ def read(state_dir: str) -> Record | None:
     try:
         with open(os.path.join(state_dir, FILE)) as f:
             data = json.load(f)
-        return Record(dict(data.get("services", {})), float(data.get("written", 0)), str(data.get("node", "")))
+        services = dict(data.get("services", {}))
+        return Record(services, float(data.get("written", 0)), str(data.get("node", "")))
     except (OSError, ValueError, AttributeError):
         return None

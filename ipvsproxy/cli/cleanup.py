@@ -1,0 +1,41 @@
+"""`ipvsproxy cleanup`: remove everything ipvsproxy owns, and nothing else."""
+
+from __future__ import annotations
+
+import click
+
+from ..model import ObservedState
+from ..plan import Op, OpKind
+from .common import make_config, open_dataplane
+from .options import CIDRs, opt
+
+
+def cleanup_ops(observed: ObservedState, excluded: object = None) -> list[Op]:
+    """Delete every owned virtual server and unbind every address on our interface."""
+    ops = [Op(OpKind.DEL_VS, key) for key, vs in sorted(observed.services.items()) if vs.owned]
+    return ops + [Op(OpKind.UNBIND, address=a) for a in sorted(observed.addresses)]
+
+
+@click.command()
+@opt("interface", default="ipvsproxy0", help="The agent's dummy interface (deleted at the end).")
+@opt("exclude-cidrs", default="", type=CIDRs(), help="Virtual servers in these ranges are left alone.")
+@opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True)
+def cleanup(interface: str, exclude_cidrs: tuple[object, ...], dataplane: str) -> None:
+    """Remove ipvsproxy's virtual servers, addresses and dummy interface."""
+    cfg = make_config(interface=interface, exclude_cidrs=exclude_cidrs, load_modules=False)
+    dp = open_dataplane(dataplane, cfg)
+    try:
+        observed = dp.observe()
+        ops = [op for op in cleanup_ops(observed) if op.key is None or not cfg.excluded(op.key.address)]
+        failures = dp.apply(ops)
+        removed = dp.remove_interface()
+    finally:
+        dp.close()
+    for f in failures:
+        click.echo(f"ipvsproxy: error: {f.message}", err=True)
+    foreign = sum(1 for vs in observed.services.values() if not vs.owned)
+    n_vs = sum(1 for op in ops if op.kind is OpKind.DEL_VS)
+    click.echo(f"removed {n_vs} virtual servers, {len(ops) - n_vs} addresses"
+               f"{', interface ' + interface if removed else ''}; left {foreign} foreign virtual servers")
+    if failures:
+        raise SystemExit(1)

@@ -1,0 +1,345 @@
+"""The kernel dataplane: IPVS over generic netlink, addresses over rtnetlink.
+
+IPVS messages go through our own batched codec (ipvs_wire), because a plain
+pyroute2 loop spends ~25 ms of Python per object; links, addresses and
+conntrack use pyroute2. Kernel errors come back as Failures whose message
+names the Service and the object, never as exceptions.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Iterable, Sequence
+
+from ..config import AgentConfig
+from ..model import (
+    AF_INET6,
+    F_PERSISTENT,
+    ObservedReal,
+    ObservedState,
+    ObservedVS,
+    Protocol,
+    VirtualServer,
+    VSKey,
+    family_of,
+    join_host_port,
+)
+from ..plan import Op, OpKind
+from ..schedulers import default_registry
+from .base import Counters, DataplaneError, Failure
+from .ipvs_wire import (
+    Cmd,
+    Dest,
+    DestEntry,
+    IPVSError,
+    IPVSUnavailable,
+    IPVSWire,
+    Request,
+    Stats,
+    Svc,
+    SvcEntry,
+)
+
+log = logging.getLogger(__name__)
+
+NO_IPVS = (
+    "IPVS is not available: the kernel has no ip_vs module (CONFIG_IP_VS); ipvsproxy needs a kernel with IPVS"
+)
+SYSCTLS = {
+    "net/ipv4/vs/conntrack": "1",
+    "net/ipv4/vs/expire_nodest_conn": "1",
+    "net/ipv4/vs/expire_quiescent_template": "1",
+    "net/ipv4/ip_forward": "1",
+}
+STRICT_ARP = {"net/ipv4/conf/all/arp_ignore": "1", "net/ipv4/conf/all/arp_announce": "2"}
+_DEST_CMD = {OpKind.ADD_RS: Cmd.NEW_DEST, OpKind.EDIT_RS: Cmd.SET_DEST, OpKind.DEL_RS: Cmd.DEL_DEST}
+_MODULE = re.compile(r"^[a-z0-9_]+$")
+
+
+def module_loaded(name: str) -> bool:
+    return os.path.isdir(f"/sys/module/{name}")
+
+
+def module_available(name: str) -> bool:
+    """Loaded, built in, or present as a module file for the running kernel."""
+    if module_loaded(name):
+        return True
+    release = os.uname().release
+    for index in ("modules.builtin", "modules.dep"):
+        try:
+            with open(f"/lib/modules/{release}/{index}") as f:
+                if any(line.split(":")[0].rsplit("/", 1)[-1].split(".ko")[0] == name for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def load_module(name: str) -> bool:
+    """modprobe a module when it is not loaded yet; True when it is there after."""
+    if module_loaded(name):
+        return True
+    if not _MODULE.match(name):
+        return False
+    try:
+        subprocess.run(["modprobe", "-q", name], check=False, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("modprobe %s: %s", name, exc)
+    return module_loaded(name)
+
+
+def write_sysctl(path: str, value: str) -> None:
+    full = f"/proc/sys/{path}"
+    try:
+        with open(full) as f:
+            if f.read().strip() == value:
+                return
+        with open(full, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        log.warning("cannot set %s=%s: %s", path.replace("/", "."), value, exc)
+
+
+def _stats(s: Stats) -> dict[str, int]:
+    return {
+        "conns": s.conns, "inpkts": s.inpkts, "outpkts": s.outpkts, "inbytes": s.inbytes,
+        "outbytes": s.outbytes, "cps": s.cps, "inpps": s.inpps, "outpps": s.outpps,
+        "inbps": s.inbps, "outbps": s.outbps,
+    }
+
+
+def svc_of(key: VSKey, vs: VirtualServer | None = None) -> Svc:
+    """The wire form of a virtual server (settings from vs when given)."""
+    netmask = 128 if key.family == AF_INET6 else 0xFFFFFFFF
+    if vs is None:
+        return Svc(key.family, key.protocol, key.address, key.port, netmask=netmask)
+    return Svc(key.family, key.protocol, key.address, key.port, vs.scheduler, vs.kernel_flags,
+               vs.timeout, netmask)
+
+
+def observed_vs(entry: SvcEntry, dests: Iterable[DestEntry]) -> ObservedVS:
+    s = entry.svc
+    key = VSKey(s.family, s.protocol, s.address, s.port)
+    obs = ObservedVS(key, s.scheduler, s.flags, s.timeout if s.flags & F_PERSISTENT else 0,
+                     stats=_stats(entry.stats))
+    for d in dests:
+        obs.reals[(d.dest.address, d.dest.port)] = ObservedReal(
+            d.dest.address, d.dest.port, d.dest.weight, d.active_conns, d.inact_conns, _stats(d.stats))
+    return obs
+
+
+def describe_failure(op: Op, err: BaseException) -> str:
+    """'Service demo/web:http: add real server 10.0.0.5:8080 to TCP 10.96.0.10:80: File exists'."""
+    what = {
+        OpKind.ADD_VS: "add virtual server", OpKind.EDIT_VS: "edit virtual server",
+        OpKind.DEL_VS: "delete virtual server", OpKind.ADD_RS: "add real server",
+        OpKind.EDIT_RS: "set weight of real server", OpKind.DEL_RS: "delete real server",
+        OpKind.BIND: "bind address", OpKind.UNBIND: "unbind address",
+    }[op.kind]
+    if op.real is not None:
+        what += f" {join_host_port(op.real.address, op.real.port)} of"
+    target = str(op.key) if op.key is not None else str(op.address)
+    reason = os.strerror(err.errno) if isinstance(err, OSError | IPVSError) and err.errno else str(err)
+    if op.kind in (OpKind.ADD_VS, OpKind.EDIT_VS) and getattr(err, "errno", 0) == errno.ENOENT:
+        reason += f" (is the scheduler module ip_vs_{op.vs.scheduler if op.vs else '?'} loadable?)"
+    who = f"Service {op.service}: " if op.service else ""
+    return f"{who}{what} {target}: {reason}"
+
+
+class NetlinkDataplane:
+    """Programs the running kernel. Needs root with CAP_NET_ADMIN."""
+
+    def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256) -> None:
+        self.cfg = cfg
+        self.read_only = read_only
+        self.counters = Counters()
+        self._usable: dict[str, bool] = {}
+        self.registry = default_registry()
+        if cfg.load_modules and not read_only:
+            load_module("ip_vs")
+        try:
+            self.wire = IPVSWire(batch_size=batch_size)
+        except IPVSUnavailable:
+            raise DataplaneError(NO_IPVS) from None
+        except PermissionError:
+            raise DataplaneError("cannot open netlink for IPVS: permission denied (run as root with "
+                                 "CAP_NET_ADMIN)") from None
+        from pyroute2 import IPRoute
+
+        self.ipr = IPRoute()
+        self._ifindex: int | None = None
+
+    # ---- setup --------------------------------------------------------------
+    def setup(self) -> None:
+        """Modules, sysctls, the dummy interface and IPVS timeouts."""
+        cfg = self.cfg
+        if cfg.load_modules:
+            for mod in ("ip_vs", f"ip_vs_{cfg.scheduler}", "dummy", "nf_conntrack"):
+                if not load_module(mod):
+                    log.warning("kernel module %s is not loaded and could not be loaded", mod)
+        for path, value in SYSCTLS.items():
+            write_sysctl(path, value)
+        if cfg.strict_arp:
+            for path, value in STRICT_ARP.items():
+                write_sysctl(path, value)
+        self.ensure_interface()
+        timeouts = [int(cfg.tcp_timeout), int(cfg.tcpfin_timeout), int(cfg.udp_timeout)]
+        if any(timeouts):
+            self.wire.set_config(*timeouts)
+
+    def ensure_interface(self) -> int:
+        idx = self.ifindex()
+        if idx is None:
+            try:
+                self.ipr.link("add", ifname=self.cfg.interface, kind="dummy")
+            except Exception as exc:
+                raise DataplaneError(
+                    f"cannot create dummy interface {self.cfg.interface}: {exc} "
+                    "(is the 'dummy' kernel module available?)") from None
+            idx = self.ifindex()
+            assert idx is not None
+        self.ipr.link("set", index=idx, state="up")
+        return idx
+
+    def ifindex(self) -> int | None:
+        if self._ifindex is None:
+            found = self.ipr.link_lookup(ifname=self.cfg.interface)
+            self._ifindex = found[0] if found else None
+        return self._ifindex
+
+    def bound_addresses(self) -> set[str]:
+        idx = self.ifindex()
+        if idx is None:
+            return set()
+        out = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_addr(family=family, index=idx):
+                addr = msg.get_attr("IFA_ADDRESS")
+                if addr and not (family == AF_INET6 and addr.startswith("fe80:")):
+                    out.add(addr)
+        return out
+
+    # ---- reading --------------------------------------------------------------
+    def observe(self) -> ObservedState:
+        self.counters.dumps += 1
+        state = ObservedState(addresses=self.bound_addresses())
+        for entry, dests in self.wire.table():
+            obs = observed_vs(entry, dests)
+            state.services[obs.key] = obs
+        return state
+
+    def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
+        out: dict[VSKey, ObservedVS | None] = {}
+        for key in keys:
+            entry = self.wire.service(svc_of(key))
+            out[key] = None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
+        return out
+
+    def scheduler_usable(self, name: str) -> bool:
+        if name not in self._usable:
+            sched = self.registry.get(name)
+            module = sched.module if sched else f"ip_vs_{name}"
+            ok = load_module(module) if self.cfg.load_modules and not self.read_only else \
+                module_available(module)
+            self._usable[name] = ok
+        return self._usable[name]
+
+    # ---- writing ----------------------------------------------------------------
+    def _requests(self, op: Op) -> Request | None:
+        key = op.key
+        if key is None:
+            return None
+        if op.kind is OpKind.ADD_VS:
+            return Request(Cmd.NEW_SERVICE, svc_of(key, op.vs))
+        if op.kind is OpKind.EDIT_VS:
+            return Request(Cmd.SET_SERVICE, svc_of(key, op.vs))
+        if op.kind is OpKind.DEL_VS:
+            return Request(Cmd.DEL_SERVICE, svc_of(key))
+        assert op.real is not None
+        dest = Dest(op.real.address, op.real.port, op.real.weight, 0, family_of(op.real.address))
+        return Request(_DEST_CMD[op.kind], svc_of(key), dest)
+
+    def apply(self, ops: Sequence[Op]) -> list[Failure]:
+        if self.read_only:
+            raise DataplaneError("dataplane opened read-only")
+        failures: list[Failure] = []
+        binds = [op for op in ops if op.kind is OpKind.BIND]
+        unbinds = [op for op in ops if op.kind is OpKind.UNBIND]
+        ipvs = [op for op in ops if op.kind not in (OpKind.BIND, OpKind.UNBIND)]
+        for op in binds:
+            self._address(op, "add", failures)
+        reqs = [(op, self._requests(op)) for op in ipvs]
+        sent = self.wire.counters.messages_sent, self.wire.counters.sendmsg_calls
+        results = self.wire.execute([r for _, r in reqs if r is not None])
+        self.counters.messages += self.wire.counters.messages_sent - sent[0]
+        self.counters.round_trips += self.wire.counters.sendmsg_calls - sent[1]
+        for (op, _), err in zip(reqs, results, strict=True):
+            if err is not None and not self._harmless(op, err):
+                failures.append(Failure(op, describe_failure(op, err)))
+                continue
+            self.counters.ops[op.kind.value] += 1
+            if op.kind is OpKind.DEL_RS and op.key is not None and op.key.protocol != Protocol.TCP:
+                self.flush_conntrack(op)
+        for op in unbinds:
+            self._address(op, "del", failures)
+        return failures
+
+    @staticmethod
+    def _harmless(op: Op, err: IPVSError) -> bool:
+        """Deleting what is already gone is success (someone else removed it)."""
+        return op.kind in (OpKind.DEL_VS, OpKind.DEL_RS) and err.errno in (errno.ESRCH, errno.ENOENT)
+
+    def _address(self, op: Op, cmd: str, failures: list[Failure]) -> None:
+        assert op.address is not None
+        family = family_of(op.address)
+        try:
+            idx = self.ensure_interface() if cmd == "add" else self.ifindex()
+            if idx is None:
+                return
+            self.ipr.addr(cmd, index=idx, address=op.address, prefixlen=128 if family == AF_INET6 else 32,
+                          family=family, **({"flags": 0x02} if family == AF_INET6 else {}))  # IFA_F_NODAD
+            self.counters.ops[op.kind.value] += 1
+        except Exception as exc:
+            code = getattr(exc, "code", 0)
+            if (cmd == "add" and code == errno.EEXIST) or (cmd == "del" and code == errno.EADDRNOTAVAIL):
+                return
+            failures.append(Failure(op, describe_failure(op, OSError(code or 0, str(exc)))))
+
+    def flush_conntrack(self, op: Op) -> None:
+        """Forget NAT'd UDP/SCTP flows to a removed real server, so no datagram
+        follows a stale conntrack entry to a dead pod."""
+        if op.key is None or op.real is None:
+            return
+        try:
+            from pyroute2 import Conntrack
+            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+            ct = Conntrack()
+            try:
+                reply = NFCTAttrTuple(family=op.key.family, saddr=op.real.address, sport=op.real.port,
+                                      proto=op.key.protocol)
+                orig = NFCTAttrTuple(family=op.key.family, daddr=op.key.address, dport=op.key.port,
+                                     proto=op.key.protocol)
+                for entry in list(ct.dump_entries(tuple_orig=orig, tuple_reply=reply)):
+                    ct.entry("del", tuple_orig=entry.tuple_orig)
+            finally:
+                ct.close()
+        except Exception as exc:  # best effort: IPVS expires these anyway (expire_nodest_conn)
+            log.warning("conntrack flush for %s -> %s: %s", op.key, op.real.address, exc)
+
+    def remove_interface(self) -> bool:
+        idx = self.ifindex()
+        if idx is None:
+            return False
+        self.ipr.link("del", index=idx)
+        self._ifindex = None
+        return True
+
+    def close(self) -> None:
+        self.wire.close()
+        self.ipr.close()
