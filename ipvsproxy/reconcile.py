@@ -92,10 +92,15 @@ class DesiredIndex:
         mine: set[VSKey] = set()
         for vs in servers:
             holder = self.owner.get(vs.key)
-            if holder is not None and holder != sid:
+            if holder is not None and holder < sid:
                 self.waiting.setdefault(vs.key, set()).add(sid)
                 problems.append(f"Service {sid}: {vs.key} already belongs to Service {holder}; ignored")
                 continue
+            if holder is not None and holder != sid:  # the first by namespace/name wins, as in translate()
+                self._ref(self.state.services[vs.key], -1)
+                self.keys_of[holder].discard(vs.key)
+                self.waiting.setdefault(vs.key, set()).add(holder)
+                problems.append(f"Service {holder}: {vs.key} now belongs to Service {sid}; ignored")
             self.state.services[vs.key] = vs
             self.owner[vs.key] = sid
             self._ref(vs, +1)
@@ -167,7 +172,7 @@ class Reconciler:
     def retranslate(self, sids: Iterable[str]) -> set[VSKey]:
         """Re-translate Services (and any that were waiting on a freed key)."""
         scope: set[VSKey] = set()
-        todo = list(sids)
+        todo = sorted(sids, reverse=True)
         done: set[str] = set()
         while todo:
             sid = todo.pop()

@@ -1,0 +1,313 @@
+"""The reconciler and runner on the in-memory dataplane: incremental work,
+coalescing, retries, drift repair, drains, and Events once per change."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from ipvsproxy.dataplane.memory import MemoryDataplane
+from ipvsproxy.model import F_OWNED, AF_INET, ObservedReal, ObservedVS, VSKey
+from ipvsproxy.plan import Op, OpKind
+from ipvsproxy.reconcile import Reconciler, Runner, SyncError
+from ipvsproxy.schedulers import Registry
+from ipvsproxy.tracker import Tracker
+from ipvsproxy.translate import Config
+
+NODE = "n1"
+
+
+def svc(name: str, ip: str, port: int = 80, proto: str = "TCP", **ann: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "ns", "annotations": ann},
+        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": port, "protocol": proto}]},
+    }
+
+
+def eps(name: str, ips: list[str], port: int = 8080, proto: str = "TCP") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name + "-s", "namespace": "ns", "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": port, "protocol": proto}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
+    }
+
+
+def setup(n: int = 3, **kw: Any) -> tuple[Tracker, MemoryDataplane, Reconciler]:
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane()
+    rec = Reconciler(tracker, dp, Config(NODE), Registry(), **kw)
+    tracker.replace("Service", [svc(f"s{i}", f"198.19.0.{i + 1}") for i in range(n)])
+    tracker.replace("EndpointSlice", [eps(f"s{i}", [f"198.18.1.{i + 1}", f"198.18.2.{i + 1}"]) for i in range(n)])
+    tracker.replace("Node", [])
+    return tracker, dp, rec
+
+
+def key(i: int, port: int = 80, proto: int = 6) -> VSKey:
+    return VSKey(AF_INET, proto, f"198.19.0.{i + 1}", port)
+
+
+def test_first_sync_programs_everything_then_nothing() -> None:
+    tracker, dp, rec = setup(5)
+    r = rec.sync()
+    assert r.full
+    assert sum(1 for op in r.ops if op.kind is OpKind.ADD_VS) == 5
+    assert sum(1 for op in r.ops if op.kind is OpKind.ADD_RS) == 10
+    assert set(dp.state.addresses) == {f"198.19.0.{i}" for i in range(1, 6)}
+    assert all(vs.owned for vs in dp.state.services.values())
+    assert rec.sync().ops == []
+    assert rec.sync(full=True).ops == []
+
+
+def test_one_endpoint_change_is_one_op_and_touches_one_service() -> None:
+    tracker, dp, rec = setup(200)
+    rec.sync()
+    dumps = dp.counters.dumps
+    tracker.upsert("EndpointSlice", eps("s7", ["198.18.1.8", "198.18.2.8", "198.18.3.8"]))
+    r = rec.sync()
+    assert not r.full and r.services_translated == 1
+    assert [(op.kind, op.real.address if op.real else None) for op in r.ops] == [(OpKind.ADD_RS, "198.18.3.8")]
+    assert dp.counters.dumps == dumps  # no full dump for an incremental sync
+    assert ("198.18.3.8", 8080) in dp.state.services[key(7)].reals
+
+
+def test_removed_tcp_endpoint_drains_while_connections_remain() -> None:
+    tracker, dp, rec = setup(1, grace=60)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 3  # live connections
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    r = rec.sync()
+    assert [(op.kind, op.note) for op in r.ops] == [(OpKind.EDIT_RS, "drain")]
+    assert dp.state.services[key(0)].reals[("198.18.2.1", 8080)].weight == 0
+    assert rec.draining == 1
+    assert rec.sync().ops == []  # still connections: keep draining
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 0
+    r = rec.sync()
+    assert [(op.kind, op.note) for op in r.ops] == [(OpKind.DEL_RS, "drained")]
+    assert rec.draining == 0
+
+
+def test_drain_grace_period_expires() -> None:
+    tracker, dp, rec = setup(1, grace=0.05)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 3
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    rec.sync()
+    time.sleep(0.06)
+    assert [op.kind for op in rec.sync().ops] == [OpKind.DEL_RS]
+
+
+def test_endpoint_coming_back_is_restored() -> None:
+    tracker, dp, rec = setup(1)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 1
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    rec.sync()
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1"]))
+    r = rec.sync()
+    assert [(op.kind, op.note, op.real.weight if op.real else None) for op in r.ops] == [
+        (OpKind.EDIT_RS, "restore", 1)]
+    assert rec.draining == 0
+
+
+def test_restart_adopts_without_flush_and_keeps_drains() -> None:
+    tracker, dp, rec = setup(3)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 2
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    rec.sync()
+    # a new agent process: same kernel, fresh memory
+    tracker2 = Tracker(NODE)
+    rec2 = Reconciler(tracker2, dp, Config(NODE), Registry())
+    tracker2.replace("Service", [svc(f"s{i}", f"198.19.0.{i + 1}") for i in range(3)])
+    tracker2.replace("EndpointSlice", [eps("s0", ["198.18.1.1"])] +
+                     [eps(f"s{i}", [f"198.18.1.{i + 1}", f"198.18.2.{i + 1}"]) for i in range(1, 3)])
+    r = rec2.sync()
+    assert r.ops == []  # no flush, drained weight stays 0
+    assert dp.state.services[key(0)].reals[("198.18.2.1", 8080)].weight == 0
+    assert rec2.draining == 1
+
+
+def test_udp_endpoint_removed_at_once() -> None:
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane()
+    rec = Reconciler(tracker, dp, Config(NODE), Registry())
+    tracker.replace("Service", [svc("dns", "198.19.0.53", 53, "UDP")])
+    tracker.replace("EndpointSlice", [eps("dns", ["198.18.1.1", "198.18.1.2"], 5353, "UDP")])
+    rec.sync()
+    dp.state.services[VSKey(AF_INET, 17, "198.19.0.53", 53)].reals[("198.18.1.2", 5353)].active = 5
+    tracker.upsert("EndpointSlice", eps("dns", ["198.18.1.1"], 5353, "UDP"))
+    assert [(op.kind, op.note) for op in rec.sync().ops] == [(OpKind.DEL_RS, "flush")]
+
+
+def test_full_resync_repairs_drift_and_spares_foreign() -> None:
+    tracker, dp, rec = setup(3)
+    rec.sync()
+    foreign = VSKey(AF_INET, 6, "198.18.99.1", 80)
+    dp.state.services[foreign] = ObservedVS(foreign, "wlc", 0, 0, {("198.18.99.2", 80): ObservedReal(
+        "198.18.99.2", 80, 1)})
+    del dp.state.services[key(1)]  # someone deleted ours by hand
+    dp.state.addresses.discard("198.19.0.3")
+    dp.state.services[key(2)].reals[("198.18.1.3", 8080)].weight = 7
+    assert rec.sync().ops == []  # incremental sync: nothing changed in the cluster
+    r = rec.sync(full=True)
+    kinds = sorted(op.kind.value for op in r.ops)
+    assert kinds == ["add-rs", "add-rs", "add-vs", "bind", "edit-rs"]
+    assert foreign in dp.state.services and dp.state.services[foreign].scheduler == "wlc"
+    assert rec.sync(full=True).ops == []
+
+
+def test_foreign_on_claimed_address_is_adopted() -> None:
+    tracker, dp, rec = setup(1)
+    dp.state.services[key(0)] = ObservedVS(key(0), "wlc", 0, 0, {})
+    r = rec.sync()
+    assert any(op.kind is OpKind.EDIT_VS and op.note == "adopt foreign" for op in r.ops)
+    assert dp.state.services[key(0)].flags & F_OWNED
+
+
+def test_service_deleted_removes_vs_and_address() -> None:
+    tracker, dp, rec = setup(2)
+    rec.sync()
+    tracker.delete("Service", "ns", "s1")
+    r = rec.sync()
+    assert sorted(op.kind.value for op in r.ops) == ["del-vs", "unbind"]
+    assert key(1) not in dp.state.services and "198.19.0.2" not in dp.state.addresses
+
+
+def test_failed_ops_are_retried_and_nothing_is_lost() -> None:
+    tracker, dp, rec = setup(2)
+    rec.sync()
+    broken = {"on": True}
+    dp.fail = lambda op: "No such file or directory" if broken["on"] and op.kind is OpKind.ADD_RS else None
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1", "198.18.3.1"]))
+    with pytest.raises(SyncError):
+        rec.sync()
+    assert ("198.18.3.1", 8080) not in dp.state.services[key(0)].reals
+    broken["on"] = False
+    r = rec.sync()
+    assert [op.kind for op in r.ops] == [OpKind.ADD_RS]
+    assert ("198.18.3.1", 8080) in dp.state.services[key(0)].reals
+
+
+def test_invalid_scheduler_reported_once_per_change() -> None:
+    seen: list[tuple[str, str]] = []
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane()
+    rec = Reconciler(tracker, dp, Config(NODE), Registry(), on_problem=lambda s, r, m: seen.append((s.id, r)))
+    tracker.replace("Service", [svc("a", "198.19.0.1", **{"ipvsproxy.io/scheduler": "bogus"})])
+    tracker.replace("EndpointSlice", [])
+    rec.sync()
+    tracker.upsert("EndpointSlice", eps("a", ["198.18.1.1"]))  # Service re-translated, same problem
+    rec.sync()
+    rec.sync(full=True)
+    assert seen == [("ns/a", "InvalidScheduler")]
+    assert dp.state.services[key(0)].scheduler == "rr"  # served with the default
+    tracker.upsert("Service", svc("a", "198.19.0.1", **{"ipvsproxy.io/scheduler": "sh",
+                                                         "ipvsproxy.io/scheduler-flags": "mh-port"}))
+    rec.sync()
+    assert len(seen) == 2
+
+
+def test_unloadable_scheduler_falls_back() -> None:
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane(schedulers={"rr", "lc"})
+    rec = Reconciler(tracker, dp, Config(NODE), Registry())
+    tracker.replace("Service", [svc("a", "198.19.0.1", **{"ipvsproxy.io/scheduler": "mh"}),
+                                svc("b", "198.19.0.2", **{"ipvsproxy.io/scheduler": "lc"})])
+    rec.sync()
+    assert dp.state.services[key(0)].scheduler == "rr"
+    assert dp.state.services[key(1)].scheduler == "lc"
+
+
+def test_conflicting_services_handover() -> None:
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane()
+    rec = Reconciler(tracker, dp, Config(NODE), Registry())
+    tracker.replace("Service", [svc("a", "198.19.0.1"), svc("b", "198.19.0.1", **{"ipvsproxy.io/scheduler": "lc"})])
+    rec.sync()
+    assert dp.state.services[key(0)].scheduler == "rr"
+    tracker.delete("Service", "ns", "a")
+    rec.sync()
+    assert dp.state.services[key(0)].scheduler == "lc"  # b takes over once a lets go
+    assert "198.19.0.1" in dp.state.addresses
+
+
+def test_excluded_cidrs_are_never_touched() -> None:
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane()
+    rec = Reconciler(tracker, dp, Config(NODE), Registry(), excluded=lambda a: a.startswith("198.19.0.2"))
+    tracker.replace("Service", [svc("a", "198.19.0.1"), svc("b", "198.19.0.2")])
+    rec.sync()
+    assert key(0) in dp.state.services and key(1) not in dp.state.services
+
+
+def test_runner_coalesces_a_burst() -> None:
+    tracker, dp, rec = setup(20)
+    reports: list[Any] = []
+    runner = Runner(rec, min_period=0.3, sync_period=60, on_report=lambda r, e: reports.append(r))
+    t = threading.Thread(target=runner.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(1000):
+        ips = [f"198.18.{1 + j}.{1 + i % 20}" for j in range(1 + i % 5)]
+        tracker.upsert("EndpointSlice", eps(f"s{i % 20}", ips))
+    final = {f"s{i}": [f"198.18.{1 + j}.{1 + i}" for j in range(1 + (980 + i) % 5)] for i in range(20)}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        got = {f"s{i}": sorted(a for a, _ in dp.state.services[key(i)].reals) for i in range(20)}
+        if got == {k: sorted(v) for k, v in final.items()} and not tracker.changed.is_set():
+            break
+    runner.stop()
+    t.join(5)
+    syncs = len([r for r in reports if r is not None])
+    assert got == {k: sorted(v) for k, v in final.items()}
+    assert syncs <= 6, f"{syncs} syncs for a burst of 1,000 updates"
+
+
+def test_runner_retries_with_backoff_after_failure() -> None:
+    tracker, dp, rec = setup(2)
+    calls = {"n": 0}
+
+    def fail(op: Op) -> str | None:
+        calls["n"] += 1
+        return "Cannot allocate memory" if calls["n"] <= 3 else None
+
+    dp.fail = fail
+    outcomes: list[bool] = []
+    runner = Runner(rec, min_period=0.02, sync_period=60, on_report=lambda r, e: outcomes.append(r is not None))
+    t = threading.Thread(target=runner.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while True not in outcomes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runner.stop()
+    t.join(5)
+    assert outcomes[0] is False and True in outcomes
+    assert len(dp.state.services) == 2
+
+
+def test_runner_waits_for_all_kinds_listed() -> None:
+    tracker = Tracker(NODE)
+    dp = MemoryDataplane()
+    rec = Reconciler(tracker, dp, Config(NODE), Registry())
+    runner = Runner(rec, min_period=0.01, sync_period=60, ready=tracker.ready)
+    t = threading.Thread(target=runner.run, daemon=True)
+    t.start()
+    tracker.replace("Service", [svc("a", "198.19.0.1")])
+    time.sleep(0.3)
+    assert rec.syncs == 0  # EndpointSlices and Node not listed yet: no premature deletes
+    tracker.replace("EndpointSlice", [eps("a", ["198.18.1.1"])])
+    tracker.replace("Node", [])
+    deadline = time.monotonic() + 5
+    while not dp.state.services and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runner.stop()
+    t.join(5)
+    assert key(0) in dp.state.services
