@@ -6,7 +6,8 @@ import click
 
 from ..model import ObservedState
 from ..plan import Op, OpKind
-from .common import make_config, open_dataplane
+from . import common
+from .common import make_config
 from .options import CIDRs, opt
 
 
@@ -23,7 +24,7 @@ def cleanup_ops(observed: ObservedState, excluded: object = None) -> list[Op]:
 def cleanup(interface: str, exclude_cidrs: tuple[object, ...], dataplane: str) -> None:
     """Remove ipvsproxy's virtual servers, addresses and dummy interface."""
     cfg = make_config(interface=interface, exclude_cidrs=exclude_cidrs, load_modules=False)
-    dp = open_dataplane(dataplane, cfg)
+    dp = common.open_dataplane(dataplane, cfg)
     try:
         observed = dp.observe()
         ops = [op for op in cleanup_ops(observed) if op.key is None or not cfg.excluded(op.key.address)]

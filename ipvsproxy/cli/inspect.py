@@ -13,7 +13,8 @@ from ..agent import Agent
 from ..observe import records
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
-from .common import make_config, open_dataplane, open_for_plan, summarize
+from . import common
+from .common import make_config, summarize
 from .options import opt, source_options, translate_options
 
 FORMATS = click.Choice(["table", "wide", "json", "yaml"])
@@ -33,7 +34,7 @@ def list_cmd(service: str | None, namespace: str | None, fmt: str, stats: bool, 
              no_foreign: bool, state_dir: str, interface: str, dataplane: str) -> None:
     """Virtual servers on this node, with the Service and pods behind each."""
     cfg = make_config(state_dir=state_dir, interface=interface)
-    dp = open_dataplane(dataplane, cfg, for_reading=True)
+    dp = common.open_dataplane(dataplane, cfg, for_reading=True)
     try:
         observed = dp.observe()
     finally:
@@ -81,7 +82,7 @@ def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
     """What a sync would change now. Exit 0: in sync; 1: differences; 2: trouble."""
     try:
         cfg = make_config(**flags)
-        dp = open_for_plan(dataplane, cfg)
+        dp = common.open_for_plan(dataplane, cfg)
         report = Agent(cfg, dp, dry_run=True, record_state=False).once()
         dp.close()
     except Exception as exc:

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from ..agent import Agent
-from .common import make_config, open_dataplane, open_for_plan, summarize
+from . import common
+from .common import make_config, summarize
 from .options import Duration, opt, source_options, translate_options
 
 
@@ -33,15 +34,15 @@ def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
     """Run the node agent: follow Services and program IPVS."""
     cfg = make_config(**flags)
     if dry_run:
-        dp = open_for_plan(dataplane, cfg)
+        dp = common.open_for_plan(dataplane, cfg)
         agent = Agent(cfg, dp, dry_run=True)
         report = agent.once()
         for op in report.ops:
             click.echo(str(op))
         click.echo(f"# dry run: {summarize(report.ops)}; nothing changed", err=True)
         return
-    dp = open_dataplane(dataplane, cfg)
-    agent = Agent(cfg, dp, stats_dataplane=lambda: open_dataplane(dataplane, cfg, for_reading=True))
+    dp = common.open_dataplane(dataplane, cfg)
+    agent = Agent(cfg, dp, stats_dataplane=lambda: common.open_dataplane(dataplane, cfg, for_reading=True))
     if once:
         try:
             report = agent.once()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import F_OWNED, AF_INET, ObservedReal, ObservedVS, VSKey
+from ipvsproxy.model import AF_INET, F_OWNED, ObservedReal, ObservedVS, VSKey
 from ipvsproxy.plan import Op, OpKind
 from ipvsproxy.reconcile import Reconciler, Runner, SyncError
 from ipvsproxy.schedulers import Registry
