@@ -117,7 +117,11 @@ class VirtualServer:
     timeout: int = 0  # persistence timeout in seconds; 0 = not persistent
     reals: tuple[Real, ...] = ()
     service: ServiceRef | None = None
-    # Drain semantics: TCP real servers are drained, UDP/SCTP deleted at once.
+    # For the packet filter (dataplane/nft.py), not for IPVS: traffic policy
+    # Local means "keep the client's address" (no masquerade); source ranges
+    # are the Service's loadBalancerSourceRanges (LoadBalancer addresses only).
+    local: bool = False
+    source_ranges: tuple[str, ...] = ()
     endpoints: Mapping[str, EndpointRef] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -158,6 +158,8 @@ def translate_service(
                         timeout=svc.affinity_timeout,
                         reals=rs,
                         service=ServiceRef(svc.namespace, svc.name, sp.name, kind),
+                        local=local,
+                        source_ranges=svc.source_ranges if kind == "LoadBalancer" else (),
                         endpoints=eps,
                     )
                 )
