@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .dataplane.base import Dataplane, Failure
 from .model import DesiredState, ObservedState, VirtualServer, VSKey
@@ -29,6 +30,13 @@ from .translate import Config, Translation, translate_service
 log = logging.getLogger(__name__)
 
 ProblemSink = Callable[[Service, str, str], None]  # (service, reason, message)
+
+
+class Firewall(Protocol):
+    """Packet-filter companion to IPVS (dataplane/nft.py): kept in step with
+    the desired state after every sync; returns the number of changes."""
+
+    def sync(self, desired: DesiredState) -> int: ...
 
 
 class SyncError(RuntimeError):
@@ -45,6 +53,7 @@ class SyncReport:
     failures: list[Failure] = field(default_factory=list)
     duration: float = 0.0
     latencies: list[float] = field(default_factory=list)  # event seen -> kernel updated
+    firewall_changes: int = 0
 
 
 class DesiredIndex:
@@ -126,7 +135,9 @@ class Reconciler:
         grace: float = 30.0,
         on_problem: ProblemSink | None = None,
         dry_run: bool = False,
+        firewall: Firewall | None = None,
     ) -> None:
+        self.firewall = firewall
         self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
         self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
         self.index = DesiredIndex()
@@ -236,6 +247,12 @@ class Reconciler:
             self._track_drain(op, now)
         for f in report.failures:
             log.error("%s", f.message)
+        if self.firewall is not None and (ops or full or report.services_translated):
+            try:
+                report.firewall_changes = self.firewall.sync(self.index.state)
+            except Exception as exc:
+                self.need_full = True
+                raise SyncError(f"nftables: {exc}") from exc
         report.duration = time.monotonic() - start
         if report.failures:
             self.need_full = True
