@@ -75,7 +75,8 @@ def _describe(op: Op) -> str:
 @click.command()
 @source_options
 @translate_options
-@click.option("-o", "--output", "fmt", default="text", type=click.Choice(["text", "json"]), show_default=True)
+@click.option("-o", "--output", "fmt", default="text", type=click.Choice(["text", "json"]), show_default=True,
+              help="text: grouped by Service; json: the operations as a document.")
 @opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True)
 @click.pass_context
 def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
@@ -109,7 +110,8 @@ def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
 
 
 @click.command()
-@click.option("-o", "--output", "fmt", default="table", type=click.Choice(["table", "json"]), show_default=True)
+@click.option("-o", "--output", "fmt", default="table", type=click.Choice(["table", "json"]), show_default=True,
+              help="Output format.")
 def schedulers(fmt: str) -> None:
     """The scheduler registry and whether this kernel has each module."""
     from ..dataplane.netlink import module_available, module_loaded

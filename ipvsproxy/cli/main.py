@@ -48,11 +48,16 @@ def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
     )
 
 
-def main() -> None:
+def register() -> None:
+    """Attach the subcommands (kept out of import time so `cli` stays light)."""
     from .cleanup import cleanup
     from .inspect import diff, list_cmd, schedulers
     from .run import run
 
     for command in (run, list_cmd, diff, schedulers, cleanup):
         cli.add_command(command)
+
+
+def main() -> None:
+    register()
     cli(prog_name="ipvsproxy")

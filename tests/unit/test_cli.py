@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from ipvsproxy import view
 from ipvsproxy.cli import common
-from ipvsproxy.cli.main import cli, main  # noqa: F401
+from ipvsproxy.cli.main import cli, register
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import AF_INET, ObservedReal, ObservedVS, VSKey
 from ipvsproxy.observe import records
@@ -26,16 +26,7 @@ EXAMPLES = str(Path(__file__).resolve().parents[2] / "examples")
 FOREIGN = VSKey(AF_INET, 6, "198.18.99.1", 80)
 
 
-def _register() -> None:
-    from ipvsproxy.cli.cleanup import cleanup
-    from ipvsproxy.cli.inspect import diff, list_cmd, schedulers
-    from ipvsproxy.cli.run import run
-
-    for c in (run, list_cmd, diff, schedulers, cleanup):
-        cli.add_command(c)
-
-
-_register()
+register()
 
 
 @pytest.fixture()
@@ -188,3 +179,10 @@ def test_flags_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert code == 0 and "add-vs TCP 198.19.0.10:80 lc" in out
     cfg = seen["cfg"]
     assert cfg.sync_period == 60 and len(cfg.exclude_cidrs) == 2 and cfg.excluded("10.1.2.3")
+
+
+def test_configuration_reference_is_generated_and_current() -> None:
+    from ipvsproxy.cli.reference import render
+
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert committed == render(), "run: python -m ipvsproxy.cli.reference > docs/configuration.md"
