@@ -78,8 +78,10 @@ class Metrics:
             self.sync_errors.inc()
             return
         self.sync_duration.labels("full" if report.full else "partial").observe(report.duration)
+        failed = {id(f.op) for f in report.failures}
         for op in report.ops:
-            self.operations.labels(op.kind.value).inc()
+            if id(op) not in failed:
+                self.operations.labels(op.kind.value).inc()
         for f in report.failures:
             self.op_errors.labels(f.op.kind.value).inc()
         for lat in report.latencies:
