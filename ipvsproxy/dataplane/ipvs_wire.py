@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import operator
 import os
 import socket
 import struct
@@ -382,20 +383,91 @@ def decode_service(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | Non
     return SvcEntry(svc, _stats(buf, a, SVC_STATS64, SVC_STATS))
 
 
+class _DestShape:
+    """A struct layout learnt from one kernel dest message, reused for the next ones.
+
+    The kernel emits every dest reply with the same attributes in the same
+    order, so one ``unpack_from`` plus a check of all attribute headers
+    replaces a Python loop over ~35 attributes.  Any mismatch falls back to
+    the generic parser.
+    """
+
+    def __init__(self, buf: bytes | bytearray, off: int, end: int) -> None:
+        fmt: list[str] = ["="]
+        hdrs: list[tuple[int, int]] = []
+        where: dict[tuple[int, ...], int] = {}
+        pos = 0
+
+        def walk(o: int, e: int, path: tuple[int, ...]) -> None:
+            nonlocal pos
+            while o + 4 <= e:
+                ln, ty = _NLA.unpack_from(buf, o)
+                key = (*path, ty & 0x3FFF)
+                fmt.append("HH")
+                hdrs.extend(((pos, ln), (pos + 1, ty)))
+                pos += 2
+                if key in _DEST_NESTS:
+                    walk(o + 4, o + ln, key)
+                else:
+                    num = {1: "B", 2: "H", 4: "I", 8: "Q"}.get(ln - 4, f"{ln - 4}s")
+                    fmt.append(f"{ln - 4}s" if key == (ATTR_DEST, DEST_ADDR) else num)
+                    where[key] = pos
+                    pos += 1
+                fmt.append(f"{-ln % 4}x" if ln % 4 else "")
+                o += (ln + 3) & ~3
+
+        walk(off, end, ())
+        self.st = struct.Struct("".join(fmt))
+        self.hdr_get = operator.itemgetter(*(i for i, _ in hdrs))
+        self.hdr_want = tuple(v for _, v in hdrs)
+        d, s64 = (ATTR_DEST,), (ATTR_DEST, DEST_STATS64)
+        keys: list[tuple[int, ...]] = [
+            (*d, k) for k in (DEST_ADDR, DEST_PORT, *_DEST_U32S, DEST_ADDR_FAMILY)]
+        keys += [(*s64, k) for k in range(1, 11)]
+        if not all(k in where for k in keys) or self.st.size != end - off:
+            raise ValueError("unexpected dest layout")
+        self.get = operator.itemgetter(*(where[k] for k in keys))
+
+
+_DEST_NESTS = {(ATTR_DEST,), (ATTR_DEST, DEST_STATS), (ATTR_DEST, DEST_STATS64)}
+_dest_shapes: dict[int, _DestShape | None] = {}
+
+
 def _dest_decoder(svc_family: int) -> Callable[[bytes | bytearray, int, int], DestEntry | None]:
     def decode(buf: bytes | bytearray, off: int, end: int) -> DestEntry | None:
-        top = _attrs(buf, off, end).get(ATTR_DEST)
-        if top is None:
-            return None
-        a = _attrs(buf, top[0], top[0] + top[1])
-        u32 = _U32.unpack_from
-        fam_at = a.get(DEST_ADDR_FAMILY)
-        af = _U16.unpack_from(buf, fam_at[0])[0] if fam_at else svc_family
-        vals = [u32(buf, a[k][0])[0] if k in a else 0 for k in _DEST_U32S]
-        dest = Dest(_addr(buf, af, a[DEST_ADDR]), _port(buf, a, DEST_PORT), vals[1],
-                    vals[0] & FWD_MASK, 0 if af == svc_family else af, vals[2], vals[3])
-        return DestEntry(dest, vals[4], vals[5], vals[6], _stats(buf, a, DEST_STATS64, DEST_STATS))
+        size = end - off
+        if size not in _dest_shapes:
+            try:
+                _dest_shapes[size] = _DestShape(buf, off, end)
+            except (ValueError, struct.error, KeyError):
+                _dest_shapes[size] = None
+        shape = _dest_shapes[size]
+        if shape is not None:
+            v = shape.st.unpack_from(buf, off)
+            if shape.hdr_get(v) == shape.hdr_want:
+                (addr, port, fwd, weight, u_th, l_th, act, inact, pers, af, *st) = shape.get(v)
+                n = 16 if af == socket.AF_INET6 else 4
+                dest = Dest(socket.inet_ntop(af, addr[:n]), socket.ntohs(port), weight,
+                            fwd & FWD_MASK, 0 if af == svc_family else af, u_th, l_th)
+                stats = _ZERO_STATS if not any(st) else Stats(*st)
+                return DestEntry(dest, act, inact, pers, stats)
+        return _decode_dest_slow(buf, off, end, svc_family)
     return decode
+
+
+def _decode_dest_slow(buf: bytes | bytearray, off: int, end: int,
+                      svc_family: int) -> DestEntry | None:
+    top = _attrs(buf, off, end).get(ATTR_DEST)
+    if top is None:
+        return None
+    a = _attrs(buf, top[0], top[0] + top[1])
+    u32 = _U32.unpack_from
+    fam_at = a.get(DEST_ADDR_FAMILY)
+    af = _U16.unpack_from(buf, fam_at[0])[0] if fam_at else svc_family
+    vals = [u32(buf, a[k][0])[0] if k in a else 0 for k in _DEST_U32S]
+    dest = Dest(_addr(buf, af, a[DEST_ADDR]), _port(buf, a, DEST_PORT), vals[1],
+                vals[0] & FWD_MASK, 0 if af == svc_family else af, vals[2], vals[3])
+    return DestEntry(dest, vals[4], vals[5], vals[6], _stats(buf, a, DEST_STATS64, DEST_STATS))
 
 
 _DEST_U32S = (DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH, DEST_ACTIVE_CONNS,

@@ -413,3 +413,18 @@ def test_encoding_speed_host() -> None:
         print(f"host: encode only {(time.perf_counter() - t0) / len(reqs) * 1e6:.2f} us/msg")
     finally:
         kernel.close()
+
+
+def test_dest_fast_path_matches_generic_parser() -> None:
+    for fam, addr in ((V4, "10.0.0.1"), (V6, "fd00::1")):
+        for with64 in (True, False):
+            data = dest_reply(1, Dest(addr, 8080, 3, 2), fam, with64)
+            fast = w._dest_decoder(V4)(data, 20, len(data))
+            assert fast == w._decode_dest_slow(data, 20, len(data), V4)
+            assert fast is not None and fast.dest.family == (0 if fam == V4 else V6)
+    # a layout the shape does not match (no stats at all) still decodes
+    data = pyroute2_msg(5, [["IPVS_CMD_ATTR_DEST", {"attrs": [
+        ["IPVS_DEST_ATTR_ADDR_FAMILY", V4], ["IPVS_DEST_ATTR_ADDR", "10.0.0.2"],
+        ["IPVS_DEST_ATTR_PORT", 81]]}]], 1)
+    entry = w._dest_decoder(V4)(data, 20, len(data))
+    assert entry is not None and entry.dest == Dest("10.0.0.2", 81, 0)
