@@ -736,6 +736,31 @@ class IPVSWire:
         out = self._dump(CMD_GET_SERVICE, b"", decode_service, "dump IPVS services")
         return [e for e in out if e is not None]
 
+    def service(self, svc: Svc) -> SvcEntry | None:
+        """One service as the kernel has it (None when it does not exist)."""
+        seq = self._next_seq()
+        payload = _svc_id(svc)
+        self._send(_HDR.pack(20 + len(payload), self._family, NLM_F_REQUEST, seq, 0, CMD_GET_SERVICE,
+                             IPVS_GENL_VERSION, 0) + payload, 1)
+        buf = self._buf
+        while True:
+            n = self._recv()
+            off = 0
+            while off + 16 <= n:
+                ln, ty, fl, mseq, _ = _NLMSG.unpack_from(buf, off)
+                if ln < 16:
+                    break
+                if mseq == seq:
+                    if ty == NLMSG_ERROR:
+                        err = -_I32.unpack_from(buf, off + 16)[0]
+                        if err in (0, _errno.ESRCH, _errno.ENOENT):
+                            return None
+                        raise self._plain_error(f"get service {_svc_str(svc)}", err,
+                                                _error_text(buf, off, ln, fl))
+                    if ty == self._family:
+                        return decode_service(buf, off + 20, off + ln)
+                off += (ln + 3) & ~3
+
     def dests(self, svc: Svc) -> list[DestEntry]:
         """Destinations of one service, newest first ([] if the service does not exist)."""
         out = self._dump(CMD_GET_DEST, _svc_id(svc), _dest_decoder(svc.family),
