@@ -7,6 +7,7 @@ renderer formats that same document, so every output format agrees.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +46,7 @@ def build(
 ) -> dict[str, Any]:
     """The list document: one item per virtual server, real servers inside."""
     items = []
-    for key in sorted(observed.services, key=lambda k: (k.family, k.address, k.protocol, k.port)):
+    for key in sorted(observed.services, key=lambda k: (k.family, ipaddress.ip_address(k.address), k.protocol, k.port)):
         vs = observed.services[key]
         ref = record.service_of(key) if (record and vs.owned) else None
         if not vs.owned and not foreign:
