@@ -1,0 +1,582 @@
+"""The packet-filter companion to IPVS: one nftables table, ``inet ipvsproxy``.
+
+IPVS alone does not make Services work. kube-proxy's IPVS mode adds iptables
+and ipset rules for masquerading, hairpin and filtering; this module does the
+same job with nftables (docs/nftables.md prints the rule set):
+
+* masquerade: new connections to a Service address from outside the cluster
+  CIDRs (--cluster-cidr), or from anywhere with --masquerade-all, get mark bit
+  :data:`MASQ_MARK` before IPVS sees them; IPVS NAT keeps the mark and the
+  ``postrouting`` nat chain masquerades marked packets, so replies from
+  endpoints on other nodes come back through this node. Traffic policy Local
+  keeps the client's address (never marked);
+* hairpin: a packet IPVS sends from an endpoint to that same endpoint
+  (saddr . proto . dport . daddr in ``hairpin4/6``) is masqueraded;
+* filtering: a new connection to an address on the dummy interface on a port
+  that is no Service port is refused (TCP reset / ICMP port unreachable)
+  before IPVS (and the node's own sockets) see it: a filter chain at priority
+  0 runs before IPVS's LOCAL_IN hook (priority 98);
+* loadBalancerSourceRanges: packets to a LoadBalancer address:port from a
+  source outside its ranges are dropped.
+
+The rules never change at run time; only set elements do. Every sync sends
+the difference between the desired elements and the known kernel contents as
+one ``nft -j -f -`` JSON transaction (one netlink batch: all or nothing).
+Nothing outside the table is ever touched; cleanup deletes the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import AgentConfig
+from ..model import DesiredState, VirtualServer
+
+log = logging.getLogger(__name__)
+
+FAMILY = "inet"
+TABLE = "ipvsproxy"
+MASQ_MARK = 0x4000  # kube-proxy's KUBE-MARK-MASQ bit: "masquerade me"
+RULE_TAG = "ipvsproxy:"
+
+NftRunner = Callable[[dict[str, Any]], dict[str, Any]]
+Elem = tuple[Any, ...]
+
+_PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
+_PROTO_NUMBERS = {v: k for k, v in _PROTO_NAMES.items()}
+
+
+class NftError(RuntimeError):
+    """nft refused a command document (the message is nft's own)."""
+
+
+def run_nft_cli(doc: dict[str, Any], *, binary: str = "nft", timeout: float = 60.0) -> dict[str, Any]:
+    """Run one JSON command document through ``nft -j -f -`` (no shell).
+
+    The document goes in on stdin, so no value ever reaches a command line;
+    all commands of a document are one netlink batch (one transaction).
+    Returns the parsed output ({} when nft printed nothing).
+    """
+    path = shutil.which(binary) or binary
+    try:
+        proc = subprocess.run([path, "-j", "-f", "-"], input=json.dumps(doc), capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise NftError(f"the nft command ({binary}) is not installed; install the nftables package") from None
+    except subprocess.TimeoutExpired:
+        raise NftError(f"nft did not answer within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        msg = " ".join(line.replace("internal:0:0-0: ", "") for line in proc.stderr.splitlines()
+                       if line.strip())
+        raise NftError(msg or f"nft exited with status {proc.returncode}")
+    out = proc.stdout.strip()
+    return json.loads(out) if out else {}
+
+
+# ---- the rule set ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetSpec:
+    name: str
+    type: tuple[str, ...]
+    interval: bool = False
+    comment: str = ""
+    cidr: int | None = None  # which field holds a CIDR (interval sets)
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": self.name,
+                               "type": self.type[0] if len(self.type) == 1 else list(self.type)}
+        if self.interval:
+            out["flags"] = ["interval"]
+        return out
+
+    def matches(self, listed: dict[str, Any]) -> bool:
+        typ = listed.get("type")
+        typ = tuple(typ) if isinstance(typ, list) else (typ,)
+        flags = listed.get("flags", [])
+        flags = {flags} if isinstance(flags, str) else set(flags)
+        return typ == self.type and ("interval" in flags) == self.interval
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSpec:
+    name: str
+    type: str
+    hook: str
+    prio: int
+
+    def json(self) -> dict[str, Any]:
+        return {"family": FAMILY, "table": TABLE, "name": self.name, "type": self.type,
+                "hook": self.hook, "prio": self.prio, "policy": "accept"}
+
+    def matches(self, listed: dict[str, Any]) -> bool:
+        return (listed.get("type"), listed.get("hook"), listed.get("prio"), listed.get("policy", "accept")) == (
+            self.type, self.hook, self.prio, "accept")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    chain: str
+    name: str
+    expr: tuple[dict[str, Any], ...]
+
+    @property
+    def comment(self) -> str:
+        """Names the rule and fingerprints its expression: a restart compares
+        comments to know whether the kernel's rules are this version's."""
+        digest = hashlib.sha256(json.dumps(self.expr, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{RULE_TAG}{self.name}:{digest}"
+
+    def json(self) -> dict[str, Any]:
+        return {"family": FAMILY, "table": TABLE, "chain": self.chain, "comment": self.comment,
+                "expr": list(self.expr)}
+
+
+def _ip(v: int) -> str:
+    return "ip" if v == 4 else "ip6"
+
+
+def _payload(proto: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": proto, "field": field}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _dst_key(v: int) -> dict[str, Any]:
+    """daddr . l4proto . dport: the key of a virtual server."""
+    return {"concat": [_payload(_ip(v), "daddr"), _meta("l4proto"), _payload("th", "dport")]}
+
+
+_CT_NEW = _match({"ct": {"key": "state"}}, "new", "in")
+_SET_MARK = {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), MASQ_MARK]}}}
+
+
+def _set_specs() -> list[SetSpec]:
+    out = []
+    for v in (4, 6):
+        addr = "ipv4_addr" if v == 4 else "ipv6_addr"
+        key = (addr, "inet_proto", "inet_service")
+        out += [
+            SetSpec(f"vips{v}", (addr,), comment="addresses on the dummy interface"),
+            SetSpec(f"services{v}", key, comment="every virtual server: allowed ports"),
+            SetSpec(f"masq{v}", key, comment="masquerade when the source is outside the cluster CIDRs"),
+            SetSpec(f"masq_any{v}", key, comment="masquerade from any source"),
+            SetSpec(f"cluster{v}", (addr,), interval=True, comment="--cluster-cidr", cidr=0),
+            SetSpec(f"hairpin{v}", (addr, "inet_proto", "inet_service", addr),
+                    comment="endpoint . proto . port . endpoint"),
+            SetSpec(f"fw{v}", key, comment="LoadBalancer addresses with source ranges"),
+            SetSpec(f"fw_allow{v}", (*key, addr), interval=True, comment="allowed LB sources", cidr=3),
+        ]
+    return out
+
+
+CHAINS = (
+    ChainSpec("prerouting", "filter", "prerouting", -150),  # mangle: mark before IPVS
+    ChainSpec("output", "filter", "output", -150),  # before IPVS's LOCAL_OUT hook (-99)
+    ChainSpec("input", "filter", "input", 0),  # before IPVS's LOCAL_IN hook (98)
+    ChainSpec("postrouting", "nat", "postrouting", 100),  # srcnat
+)
+
+
+def _rule_specs() -> list[RuleSpec]:
+    rules: list[RuleSpec] = []
+    for v in (4, 6):
+        ip, icmp = _ip(v), ("icmp" if v == 4 else "ipv6-icmp")
+        rules += [
+            RuleSpec("prerouting", f"masq-any-v{v}", (_CT_NEW, _match(_dst_key(v), f"@masq_any{v}"), _SET_MARK)),
+            RuleSpec("prerouting", f"masq-outside-v{v}", (
+                _CT_NEW, _match(_dst_key(v), f"@masq{v}"),
+                _match(_payload(ip, "saddr"), f"@cluster{v}", "!="), _SET_MARK)),
+            # The node's own connections to Services: never a pod's address.
+            RuleSpec("output", f"masq-node-v{v}", (_CT_NEW, _match(_dst_key(v), f"@services{v}"), _SET_MARK)),
+            RuleSpec("input", f"source-ranges-v{v}", (
+                _match(_dst_key(v), f"@fw{v}"),
+                _match({"concat": [*_dst_key(v)["concat"], _payload(ip, "saddr")]}, f"@fw_allow{v}", "!="),
+                {"drop": None})),
+            RuleSpec("input", f"vip-tcp-v{v}", (
+                _CT_NEW, _match(_payload(ip, "daddr"), f"@vips{v}"), _match(_meta("l4proto"), "tcp"),
+                _match(_dst_key(v), f"@services{v}", "!="), {"reject": {"type": "tcp reset"}})),
+            RuleSpec("input", f"vip-other-v{v}", (
+                _CT_NEW, _match(_payload(ip, "daddr"), f"@vips{v}"), _match(_meta("l4proto"), icmp, "!="),
+                _match(_dst_key(v), f"@services{v}", "!="),
+                {"reject": {"type": "icmpx", "expr": "port-unreachable"}})),
+        ]
+    rules.append(RuleSpec("postrouting", "masq-marked", (
+        _match({"&": [_meta("mark"), MASQ_MARK]}, MASQ_MARK),
+        {"mangle": {"key": _meta("mark"), "value": {"&": [_meta("mark"), 0xFFFFFFFF ^ MASQ_MARK]}}},
+        {"masquerade": None})))
+    for v in (4, 6):
+        ip = _ip(v)
+        rules.append(RuleSpec("postrouting", f"hairpin-v{v}", (
+            _match({"concat": [_payload(ip, "saddr"), _meta("l4proto"), _payload("th", "dport"),
+                               _payload(ip, "daddr")]}, f"@hairpin{v}"),
+            {"masquerade": None})))
+    return rules
+
+
+SETS = tuple(_set_specs())
+RULES = tuple(_rule_specs())
+SET_NAMES = tuple(s.name for s in SETS)
+
+
+# ---- elements: desired and listed ----------------------------------------------
+
+
+def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def _collapse(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list[str]:
+    """Non-overlapping networks (an interval set refuses overlapping elements)."""
+    nets = list(nets)
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return [str(n) for n in [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]]
+
+
+def _empty() -> dict[str, set[Elem]]:
+    return {name: set() for name in SET_NAMES}
+
+
+def _elem_json(value: Any) -> Any:
+    """One tuple element -> JSON: CIDRs as prefixes, protocols by name."""
+    if isinstance(value, str) and "/" in value:
+        net = _net(value)
+        return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+    return value
+
+
+def _to_json(elem: Elem) -> Any:
+    parts = [_PROTO_NAMES.get(x, x) if i == 1 and isinstance(x, int) else x for i, x in enumerate(elem)]
+    if len(parts) == 1:
+        return _elem_json(parts[0])
+    return {"concat": [_elem_json(p) for p in parts]}
+
+
+def _value_from_json(value: Any, cidr: bool) -> Any:
+    """A listed value -> our tuple form: canonical address, CIDR ("a/n") where
+    the field is a CIDR, protocol and port as numbers."""
+    if isinstance(value, dict) and "prefix" in value:
+        p = value["prefix"]
+        net = _net(f"{p['addr']}/{p['len']}")
+        return str(net) if cidr or net.num_addresses != 1 else str(net.network_address)
+    if isinstance(value, dict) and "range" in value:
+        lo, hi = (ipaddress.ip_address(x) for x in value["range"])
+        nets = list(ipaddress.summarize_address_range(lo, hi))
+        return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"
+    if isinstance(value, str):
+        if value in _PROTO_NUMBERS:
+            return _PROTO_NUMBERS[value]
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            return value
+        return str(ipaddress.ip_network(ip)) if cidr else str(ip)
+    return value
+
+
+def _elem_from_json(value: Any, spec: SetSpec) -> Elem:
+    if isinstance(value, dict) and "elem" in value:  # {"elem": {"val": ..., "comment": ...}}
+        value = value["elem"].get("val")
+    parts = value["concat"] if isinstance(value, dict) and "concat" in value else [value]
+    return tuple(_value_from_json(part, i == spec.cidr) for i, part in enumerate(parts))
+
+
+@dataclass(slots=True)
+class Listing:
+    """Our table as `nft -j list table inet ipvsproxy` shows it."""
+
+    sets: dict[str, dict[str, Any]]
+    chains: dict[str, dict[str, Any]]
+    rules: dict[str, list[str]]  # chain -> rule comments in order
+
+
+def parse_listing(doc: dict[str, Any]) -> Listing:
+    listing = Listing({}, {}, {})
+    for item in doc.get("nftables", []):
+        if "set" in item and item["set"].get("table") == TABLE:
+            listing.sets[item["set"]["name"]] = item["set"]
+        elif "chain" in item and item["chain"].get("table") == TABLE:
+            listing.chains[item["chain"]["name"]] = item["chain"]
+        elif "rule" in item and item["rule"].get("table") == TABLE:
+            r = item["rule"]
+            listing.rules.setdefault(r["chain"], []).append(r.get("comment", ""))
+    return listing
+
+
+# ---- the firewall ----------------------------------------------------------------
+
+
+class NftFirewall:
+    """Keeps table ``inet ipvsproxy`` in step with the desired state.
+
+    ``nft`` runs one JSON command document and returns the parsed output; the
+    default pipes it to ``nft -j -f -``. The first sync adopts what the kernel
+    has (a restart changes only the difference). Each virtual server's
+    elements are reference-counted, so a sync costs work for the virtual
+    servers that changed, not for the cluster; after a successful transaction
+    the kernel holds exactly the counted elements. The kernel is re-read
+    (and the whole table diffed) every ``reread_after`` seconds and after any
+    failure, so drift made behind our back is repaired.
+    """
+
+    def __init__(self, cfg: AgentConfig, *, nft: NftRunner | None = None) -> None:
+        self.cfg = cfg
+        self.nft: NftRunner = nft or run_nft_cli
+        self.reread_after = 30.0
+        self.transactions = 0
+        self._warned: set[str] = set()
+        self._has_cluster = {4: False, 6: False}
+        self._static: list[tuple[str, Elem]] = []
+        if not cfg.masquerade_all:
+            for net in _collapse(cfg.cluster_cidrs):
+                v = 6 if ":" in net else 4
+                self._static.append((f"cluster{v}", (net,)))
+                self._has_cluster[v] = True
+        # What the desired state asks for: element -> how many contributions.
+        self._counts: dict[str, dict[Elem, int]] = {name: {} for name in SET_NAMES}
+        for name, elem in self._static:
+            self._counts[name][elem] = 1
+        self._vs: dict[Any, VirtualServer] = {}  # VSKey -> the VirtualServer counted
+        self._addrs: set[str] = set()
+        self._known: dict[str, set[Elem]] | None = None  # the kernel, right after a read
+        self._in_step = False  # the kernel holds exactly self._counts
+        self._read_at = 0.0
+
+    # ---- desired ------------------------------------------------------------
+    def desired_elements(self, desired: DesiredState) -> dict[str, set[Elem]]:
+        """Every set's elements for a desired state (computed from scratch)."""
+        want = _empty()
+        for name, elem in self._static:
+            want[name].add(elem)
+        for addr in desired.addresses:
+            if not self.cfg.excluded(addr):
+                want[f"vips{6 if ':' in addr else 4}"].add((addr,))
+        for vs in desired.services.values():
+            for name, elem in self._contribution(vs):
+                want[name].add(elem)
+        return want
+
+    def _contribution(self, vs: VirtualServer) -> list[tuple[str, Elem]]:
+        """The (set, element) pairs one virtual server needs."""
+        addr, proto, port = vs.key.address, vs.key.protocol, vs.key.port
+        if proto not in _PROTO_NAMES or self.cfg.excluded(addr):
+            return []
+        v = 6 if ":" in addr else 4
+        key = (addr, proto, port)
+        kind = vs.service.kind if vs.service is not None else "ClusterIP"
+        out: list[tuple[str, Elem]] = [(f"services{v}", key)]
+        if kind != "NodePort":
+            out.append((f"vips{v}", (addr,)))
+        if not vs.local:
+            if self.cfg.masquerade_all:
+                out.append((f"masq_any{v}", key))
+            elif self._has_cluster[v]:
+                out.append((f"masq{v}", key))
+            elif kind != "ClusterIP":
+                # No cluster CIDR known for this family: as kube-proxy does,
+                # external kinds are masqueraded from anywhere, ClusterIPs not.
+                out.append((f"masq_any{v}", key))
+        out += [(f"hairpin{v}", (r.address, proto, r.port, r.address))
+                for r in vs.reals if (":" in r.address) == (v == 6)]
+        if kind == "LoadBalancer" and vs.source_ranges:
+            nets = []
+            for text in vs.source_ranges:
+                try:
+                    net = _net(text)
+                except ValueError:
+                    if text not in self._warned:
+                        self._warned.add(text)
+                        svc = f"Service {vs.service.service_id}: " if vs.service else ""
+                        log.warning("%sinvalid loadBalancerSourceRanges entry %r skipped", svc, text)
+                    continue
+                if net.version == v:
+                    nets.append(net)
+            if nets:  # none of this family left: the address is not restricted (as kube-proxy)
+                out.append((f"fw{v}", key))
+                out += [(f"fw_allow{v}", (*key, n)) for n in _collapse(nets)]
+        return out
+
+    def _count(self, desired: DesiredState) -> dict[str, dict[Elem, bool]]:
+        """Bring the counts to `desired`, looking only at virtual servers that
+        changed; returns the touched elements with whether each was wanted before."""
+        touched: dict[str, dict[Elem, bool]] = {}
+
+        def bump(pairs: Iterable[tuple[str, Elem]], delta: int) -> None:
+            for name, elem in pairs:
+                counts = self._counts[name]
+                n = counts.get(elem, 0)
+                touched.setdefault(name, {}).setdefault(elem, n > 0)
+                if n + delta > 0:
+                    counts[elem] = n + delta
+                else:
+                    counts.pop(elem, None)
+
+        services = desired.services
+        for key in self._vs.keys() - services.keys():
+            bump(self._contribution(self._vs.pop(key)), -1)
+        for key, vs in services.items():
+            old = self._vs.get(key)
+            if old is vs:
+                continue
+            if old is not None and old == vs:
+                self._vs[key] = vs
+                continue
+            if old is not None:
+                bump(self._contribution(old), -1)
+            bump(self._contribution(vs), +1)
+            self._vs[key] = vs
+        addrs = {a for a in desired.addresses if not self.cfg.excluded(a)} if desired.addresses != self._addrs \
+            else self._addrs
+        if addrs is not self._addrs:
+            bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in self._addrs - addrs), -1)
+            bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in addrs - self._addrs), +1)
+            self._addrs = addrs
+        return touched
+
+    # ---- kernel ---------------------------------------------------------------
+    def _table_exists(self) -> bool:
+        out = self.nft({"nftables": [{"list": {"tables": None}}]})
+        return any(item.get("table", {}).get("family") == FAMILY and item["table"].get("name") == TABLE
+                   for item in out.get("nftables", []))
+
+    def _list(self) -> dict[str, Any] | None:
+        if not self._table_exists():
+            return None
+        return self.nft({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+
+    def elements(self) -> dict[str, set[tuple[Any, ...]]]:
+        """Current set contents as read from the kernel ({} without the table)."""
+        doc = self._list()
+        if doc is None:
+            return {}
+        listing = parse_listing(doc)
+        specs = {s.name: s for s in SETS}
+        return {name: {_elem_from_json(e, specs.get(name) or SetSpec(name, ())) for e in s.get("elem", [])}
+                for name, s in listing.sets.items()}
+
+    def _structure(self, listing: Listing | None) -> tuple[list[dict[str, Any]], int, set[str]]:
+        """Commands that make the table, sets, chains and rules what this
+        version wants; the number of rules added; the sets (re)created empty."""
+        tbl = {"family": FAMILY, "name": TABLE}
+        cmds: list[dict[str, Any]] = [{"add": {"table": tbl}}]
+        if listing is None:
+            cmds += [{"add": {"set": s.json()}} for s in SETS]
+            cmds += [{"add": {"chain": c.json()}} for c in CHAINS]
+            cmds += [{"add": {"rule": r.json()}} for r in RULES]
+            return cmds, len(RULES), set(SET_NAMES)
+        bad_sets = {s.name for s in SETS if s.name in listing.sets and not s.matches(listing.sets[s.name])}
+        extra_sets = set(listing.sets) - set(SET_NAMES)
+        chain_names = {c.name for c in CHAINS}
+        bad_chains = {c.name for c in CHAINS if c.name in listing.chains and not c.matches(listing.chains[c.name])}
+        extra_chains = set(listing.chains) - chain_names
+        want_rules = {c.name: [r.comment for r in RULES if r.chain == c.name] for c in CHAINS}
+        redo = {c for c in chain_names if listing.rules.get(c, []) != want_rules[c]} | bad_chains
+        if bad_sets or extra_sets:
+            redo = set(chain_names)  # rules reference the sets: take them all out first
+        for name in sorted((redo | extra_chains) & set(listing.chains)):
+            cmds.append({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+        for name in sorted(bad_chains | extra_chains):
+            cmds.append({"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+        for name in sorted(bad_sets | extra_sets):
+            cmds.append({"delete": {"set": {"family": FAMILY, "table": TABLE, "name": name}}})
+        fresh = {s.name for s in SETS if s.name not in listing.sets} | bad_sets
+        cmds += [{"add": {"set": s.json()}} for s in SETS if s.name in fresh]
+        cmds += [{"add": {"chain": c.json()}} for c in CHAINS if c.name not in listing.chains or c.name in bad_chains]
+        rules = [r for r in RULES if r.chain in redo or r.chain not in listing.chains]
+        cmds += [{"add": {"rule": r.json()}} for r in rules]
+        if len(cmds) > 1:
+            log.info("nftables: adopting table %s %s: repairing %d chain(s) and %d set(s)", FAMILY, TABLE,
+                     len(redo | bad_chains | extra_chains), len(bad_sets | extra_sets | fresh))
+        return cmds, len(rules), fresh
+
+    def _read(self) -> tuple[list[dict[str, Any]], int]:
+        """Adopt the kernel's table: remember its elements; return the
+        structure commands still needed (none when it is this version's) and
+        how many rules they add."""
+        doc = self._list()
+        listing = parse_listing(doc) if doc is not None else None
+        cmds, nrules, fresh = self._structure(listing)
+        known = _empty()
+        if listing is not None:
+            specs = {s.name: s for s in SETS}
+            for name, s in listing.sets.items():
+                if name in specs and name not in fresh:
+                    known[name] = {_elem_from_json(e, specs[name]) for e in s.get("elem", [])}
+        self._known = known
+        self._read_at = time.monotonic()
+        if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
+            return [], 0
+        return cmds, nrules
+
+    def sync(self, desired: DesiredState) -> int:
+        """Bring the table in step with `desired` in one transaction; returns
+        the number of element and rule changes (0: nothing was sent)."""
+        touched = self._count(desired)
+        try:
+            return self._sync(touched)
+        except NftError as exc:
+            log.warning("nftables: transaction failed (%s); re-reading the table and retrying", exc)
+            return self._sync(touched)
+
+    def _sync(self, touched: dict[str, dict[Elem, bool]]) -> int:
+        cmds: list[dict[str, Any]] = []
+        changes = 0
+        if not self._in_step or time.monotonic() - self._read_at > self.reread_after:
+            cmds, changes = self._read()
+        diff: list[tuple[str, set[Elem], set[Elem]]] = []  # (set, gone, new)
+        if self._known is not None:  # just read: the whole table against the counts
+            for name in SET_NAMES:
+                want, have = self._counts[name].keys(), self._known[name]
+                diff.append((name, have - want, want - have))
+        else:  # the kernel holds the counts as they were: only touched elements can differ
+            for name, before in touched.items():
+                counts = self._counts[name]
+                gone = {e for e, was in before.items() if was and e not in counts}
+                new = {e for e, was in before.items() if not was and e in counts}
+                diff.append((name, gone, new))
+        dels = [self._elements_cmd("delete", name, gone) for name, gone, _ in diff if gone]
+        adds = [self._elements_cmd("add", name, new) for name, _, new in diff if new]
+        changes += sum(len(g) + len(n) for _, g, n in diff)
+        cmds += dels + adds  # deletions first: an interval set refuses overlapping elements
+        if cmds:
+            self._in_step = False
+            try:
+                self.nft({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]})
+            except NftError:
+                self._known = None
+                raise
+            self.transactions += 1
+        self._in_step = True
+        self._known = None
+        return changes
+
+    @staticmethod
+    def _elements_cmd(verb: str, name: str, elems: set[Elem]) -> dict[str, Any]:
+        return {verb: {"element": {"family": FAMILY, "table": TABLE, "name": name,
+                                   "elem": [_to_json(e) for e in sorted(elems, key=repr)]}}}
+
+    def cleanup(self) -> bool:
+        """Delete table inet ipvsproxy (and only it); True when it existed."""
+        self._in_step = False
+        self._known = None
+        if not self._table_exists():
+            return False
+        self.nft({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        return True

@@ -1,0 +1,538 @@
+"""Unit tests for ipvsproxy.dataplane.nft against a fake `nft`.
+
+The fake keeps a small model of one nftables ruleset (tables, sets with
+elements, chains, rules), answers `list` commands in the shape nft 1.0.6
+prints (protocols by name, /32 and /128 prefixes as bare addresses), applies
+each document all-or-nothing like a netlink batch, and records every
+document it was sent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipvsproxy.config import AgentConfig, parse_cidrs
+from ipvsproxy.dataplane.nft import (
+    CHAINS,
+    RULES,
+    SET_NAMES,
+    NftError,
+    NftFirewall,
+    run_nft_cli,
+)
+from ipvsproxy.model import AF_INET, AF_INET6, DesiredState, Real, ServiceRef, VirtualServer, VSKey
+
+TCP, UDP = 6, 17
+
+
+def _kernel_value(v: Any) -> Any:
+    """How nft prints a value back: single-address prefixes as the address."""
+    if isinstance(v, dict) and "prefix" in v:
+        p = v["prefix"]
+        full = 128 if ":" in p["addr"] else 32
+        return p["addr"] if p["len"] == full else v
+    if isinstance(v, dict) and "concat" in v:
+        return {"concat": [_kernel_value(x) for x in v["concat"]]}
+    return v
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.tables: dict[tuple[str, str], dict[str, Any]] = {}
+        self.docs: list[dict[str, Any]] = []  # every document received
+        self.fail_next: str | None = None
+
+    # what was sent, without the read-only `list` documents
+    @property
+    def transactions(self) -> list[list[dict[str, Any]]]:
+        return [[c for c in d["nftables"] if "metainfo" not in c] for d in self.docs
+                if not any("list" in c for c in d["nftables"])]
+
+    def __call__(self, doc: dict[str, Any]) -> dict[str, Any]:
+        json.dumps(doc)  # must be plain JSON
+        self.docs.append(copy.deepcopy(doc))
+        cmds = [c for c in doc["nftables"] if "metainfo" not in c]
+        if len(cmds) == 1 and "list" in cmds[0]:
+            return self._list(cmds[0]["list"])
+        if self.fail_next:
+            msg, self.fail_next = self.fail_next, None
+            raise NftError(msg)
+        saved = copy.deepcopy(self.tables)
+        try:
+            for c in cmds:
+                (verb, obj), = c.items()
+                (kind, body), = obj.items()
+                getattr(self, f"_{verb}")(kind, body)
+        except Exception:
+            self.tables = saved
+            raise
+        return {}
+
+    def _table(self, body: dict[str, Any], create: bool = False) -> dict[str, Any]:
+        key = (str(body["family"]), str(body.get("table", body.get("name"))))
+        if key not in self.tables:
+            if not create:
+                raise NftError("No such file or directory")
+            self.tables[key] = {"sets": {}, "chains": {}, "rules": {}}
+        return self.tables[key]
+
+    def _add(self, kind: str, body: dict[str, Any]) -> None:
+        if kind == "table":
+            self._table(body, create=True)
+            return
+        t = self._table(body)
+        if kind == "set":
+            t["sets"].setdefault(body["name"], {**body, "elem": []})
+        elif kind == "chain":
+            t["chains"].setdefault(body["name"], body)
+            t["rules"].setdefault(body["name"], [])
+        elif kind == "rule":
+            for e in body["expr"]:
+                if "match" in e and isinstance(e["match"]["right"], str) and e["match"]["right"].startswith("@"):
+                    assert e["match"]["right"][1:] in t["sets"], "rule refers to a missing set"
+            t["rules"][body["chain"]].append(body)
+        elif kind == "element":
+            s = t["sets"][body["name"]]
+            for e in body["elem"]:
+                v = _kernel_value(e)
+                if v not in s["elem"]:
+                    s["elem"].append(v)
+
+    def _delete(self, kind: str, body: dict[str, Any]) -> None:
+        if kind == "table":
+            if (body["family"], body["name"]) not in self.tables:
+                raise NftError("No such file or directory")
+            del self.tables[(body["family"], body["name"])]
+            return
+        t = self._table(body)
+        if kind == "set":
+            assert not any(r for rs in t["rules"].values() for r in rs
+                           if f'"@{body["name"]}"' in json.dumps(r)), "set still in use"
+            del t["sets"][body["name"]]
+        elif kind == "chain":
+            assert not t["rules"][body["name"]], "chain not empty"
+            del t["chains"][body["name"]]
+            del t["rules"][body["name"]]
+        elif kind == "element":
+            s = t["sets"][body["name"]]
+            for e in body["elem"]:
+                v = _kernel_value(e)
+                if v not in s["elem"]:
+                    raise NftError("Could not process rule: No such file or directory")
+                s["elem"].remove(v)
+
+    def _flush(self, kind: str, body: dict[str, Any]) -> None:
+        assert kind == "chain"
+        self._table(body)["rules"][body["name"]] = []
+
+    def _list(self, what: dict[str, Any]) -> dict[str, Any]:
+        meta = {"metainfo": {"version": "1.0.6", "json_schema_version": 1}}
+        if "tables" in what:
+            return {"nftables": [meta, *({"table": {"family": f, "name": n, "handle": 1}} for f, n in self.tables)]}
+        body = what["table"]
+        t = self._table({"family": body["family"], "name": body["name"]})
+        out: list[dict[str, Any]] = [meta, {"table": {"family": body["family"], "name": body["name"]}}]
+        for s in t["sets"].values():
+            item = {k: v for k, v in s.items() if k != "elem"}
+            if s["elem"]:
+                item["elem"] = [self._named(e) for e in s["elem"]]
+            out.append({"set": item})
+        out += [{"chain": c} for c in t["chains"].values()]
+        out += [{"rule": r} for rs in t["rules"].values() for r in rs]
+        return {"nftables": out}
+
+    @staticmethod
+    def _named(e: Any) -> Any:
+        names = {6: "tcp", 17: "udp", 132: "sctp"}
+        if isinstance(e, dict) and "concat" in e:
+            return {"concat": [names.get(x, x) if i == 1 and isinstance(x, int) else x
+                               for i, x in enumerate(e["concat"])]}
+        return e
+
+    def elems(self, name: str, family: str = "inet", table: str = "ipvsproxy") -> list[Any]:
+        return self.tables[(family, table)]["sets"][name]["elem"]
+
+
+def svc(address: str, port: int, kind: str = "ClusterIP", reals: tuple[tuple[str, int], ...] = (("10.244.1.5", 8080),),
+        *, local: bool = False, ranges: tuple[str, ...] = (), proto: int = TCP) -> VirtualServer:
+    fam = AF_INET6 if ":" in address else AF_INET
+    return VirtualServer(VSKey(fam, proto, address, port), reals=tuple(Real(a, p) for a, p in reals),
+                         service=ServiceRef("default", "web", "http", kind), local=local, source_ranges=ranges)
+
+
+def state(*servers: VirtualServer) -> DesiredState:
+    return DesiredState.of(servers, {s.key.address for s in servers
+                                     if s.service is not None and s.service.kind != "NodePort"})
+
+
+def cfg(**kw: Any) -> AgentConfig:
+    kw.setdefault("cluster_cidrs", parse_cidrs("10.244.0.0/16,fd00:244::/56"))
+    return AgentConfig(node_name="n1", nftables=True, **kw)
+
+
+BASE = (
+    svc("10.96.0.10", 80),
+    svc("10.96.0.10", 53, proto=UDP, reals=(("10.244.2.7", 53),)),
+    svc("192.168.1.10", 30080, "NodePort", reals=(("10.244.2.7", 8080),)),
+    svc("fd00:96::10", 80, reals=(("fd00:244::5", 8080),)),
+)
+
+
+@pytest.fixture
+def nft() -> FakeNft:
+    return FakeNft()
+
+
+def test_first_sync_creates_table_chains_sets_rules_and_elements_in_one_transaction(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(), nft=nft)
+    n = fw.sync(state(*BASE))
+    assert len(nft.transactions) == 1
+    tx = nft.transactions[0]
+    assert tx[0] == {"add": {"table": {"family": "inet", "name": "ipvsproxy"}}}
+    added = [(verb, kind) for c in tx for verb, obj in c.items() for kind in obj]
+    assert added.count(("add", "set")) == len(SET_NAMES) == 16
+    assert added.count(("add", "chain")) == len(CHAINS) == 4
+    assert added.count(("add", "rule")) == len(RULES)
+    # sets come before the rules that use them
+    assert max(i for i, a in enumerate(added) if a == ("add", "set")) < added.index(("add", "rule"))
+    assert not any(verb in ("flush", "delete") for verb, _ in added)
+    chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in tx if "chain" in c.get("add", {})}
+    assert (chains["input"]["type"], chains["input"]["hook"], chains["input"]["prio"]) == ("filter", "input", 0)
+    assert chains["output"]["prio"] < -99  # before IPVS's LOCAL_OUT hook
+    assert (chains["postrouting"]["type"], chains["postrouting"]["prio"]) == ("nat", 100)
+    els = fw.elements()
+    assert els["vips4"] == {("10.96.0.10",)}
+    assert els["vips6"] == {("fd00:96::10",)}
+    assert els["services4"] == {("10.96.0.10", TCP, 80), ("10.96.0.10", UDP, 53), ("192.168.1.10", TCP, 30080)}
+    assert els["masq4"] == els["services4"]
+    assert els["masq6"] == {("fd00:96::10", TCP, 80)}
+    assert els["masq_any4"] == set()
+    assert els["cluster4"] == {("10.244.0.0/16",)}
+    assert els["cluster6"] == {("fd00:244::/56",)}
+    assert els["hairpin4"] == {("10.244.1.5", TCP, 8080, "10.244.1.5"), ("10.244.2.7", UDP, 53, "10.244.2.7"),
+                               ("10.244.2.7", TCP, 8080, "10.244.2.7")}
+    assert els["hairpin6"] == {("fd00:244::5", TCP, 8080, "fd00:244::5")}
+    n_elems = sum(len(v) for v in els.values())
+    assert n == n_elems + len(RULES)
+
+
+def test_second_identical_sync_sends_nothing(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(*BASE))
+    sent = len(nft.docs)
+    assert fw.sync(state(*BASE)) == 0
+    assert len(nft.docs) == sent  # not even a listing
+
+
+def test_one_vip_added_is_only_element_adds_in_one_transaction(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(*BASE))
+    n = fw.sync(state(*BASE, svc("10.96.0.20", 443, reals=(("10.244.1.5", 8443),))))
+    assert len(nft.transactions) == 2
+    tx = nft.transactions[1]
+    assert all(list(c) == ["add"] and list(c["add"]) == ["element"] for c in tx)
+    got = {c["add"]["element"]["name"]: c["add"]["element"]["elem"] for c in tx}
+    assert got == {
+        "vips4": ["10.96.0.20"],
+        "services4": [{"concat": ["10.96.0.20", "tcp", 443]}],
+        "masq4": [{"concat": ["10.96.0.20", "tcp", 443]}],
+        "hairpin4": [{"concat": ["10.244.1.5", "tcp", 8443, "10.244.1.5"]}],
+    }
+    assert n == 4
+
+
+def test_removal_is_element_deletes(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(*BASE))
+    n = fw.sync(state(*BASE[:2], BASE[3]))  # the NodePort goes
+    tx = nft.transactions[-1]
+    assert all(list(c) == ["delete"] and list(c["delete"]) == ["element"] for c in tx)
+    got = {c["delete"]["element"]["name"]: c["delete"]["element"]["elem"] for c in tx}
+    assert got == {
+        "services4": [{"concat": ["192.168.1.10", "tcp", 30080]}],
+        "masq4": [{"concat": ["192.168.1.10", "tcp", 30080]}],
+        "hairpin4": [{"concat": ["10.244.2.7", "tcp", 8080, "10.244.2.7"]}],
+    }
+    assert n == 3
+    assert ("192.168.1.10",) not in fw.elements()["vips4"]  # a node address was never a VIP
+
+
+def test_deletes_come_before_adds_in_the_transaction(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(), nft=nft)
+    lb = svc("198.51.100.7", 80, "LoadBalancer", ranges=("203.0.113.0/25",))
+    fw.sync(state(lb))
+    wider = svc("198.51.100.7", 80, "LoadBalancer", ranges=("203.0.113.0/24",))  # overlaps the old range
+    assert fw.sync(state(wider)) == 2
+    verbs = [next(iter(c)) for c in nft.transactions[-1]]
+    assert verbs == ["delete", "add"]
+    assert fw.elements()["fw_allow4"] == {("198.51.100.7", TCP, 80, "203.0.113.0/24")}
+
+
+def test_local_policy_is_never_masqueraded(nft: FakeNft) -> None:
+    local_np = svc("192.168.1.10", 30081, "NodePort", local=True)
+    local_lb = svc("198.51.100.8", 80, "LoadBalancer", local=True)
+    for c in (cfg(), cfg(masquerade_all=True), cfg(cluster_cidrs=())):
+        fw = NftFirewall(c, nft=FakeNft())
+        want = fw.desired_elements(state(*BASE, local_np, local_lb))
+        for key in (("192.168.1.10", TCP, 30081), ("198.51.100.8", TCP, 80)):
+            assert key in want["services4"]
+            assert key not in want["masq4"] and key not in want["masq_any4"]
+        assert ("10.244.1.5", TCP, 8080, "10.244.1.5") in want["hairpin4"]  # hairpin still applies
+
+
+def test_masquerade_modes(nft: FakeNft) -> None:
+    ext = svc("203.0.113.5", 80, "ExternalIP")
+    # --masquerade-all: every Service from any source; the cluster CIDRs play no part
+    want = NftFirewall(cfg(masquerade_all=True), nft=nft).desired_elements(state(*BASE, ext))
+    assert want["masq_any4"] == want["services4"] and want["masq_any6"] == want["services6"]
+    assert want["masq4"] == want["cluster4"] == set()
+    # no cluster CIDR: external kinds from anywhere, ClusterIPs not at all (kube-proxy's behaviour)
+    want = NftFirewall(cfg(cluster_cidrs=()), nft=nft).desired_elements(state(*BASE, ext))
+    assert want["masq_any4"] == {("192.168.1.10", TCP, 30080), ("203.0.113.5", TCP, 80)}
+    assert want["masq4"] == set() and want["masq_any6"] == set()
+    # a v4 cluster CIDR only: v4 by source, v6 ClusterIP untouched
+    want = NftFirewall(cfg(cluster_cidrs=parse_cidrs("10.244.0.0/16")), nft=nft).desired_elements(state(*BASE))
+    assert ("fd00:96::10", TCP, 80) not in want["masq6"] | want["masq_any6"]
+    assert ("10.96.0.10", TCP, 80) in want["masq4"]
+    # overlapping cluster CIDRs are merged (an interval set refuses overlaps)
+    want = NftFirewall(cfg(cluster_cidrs=parse_cidrs("10.0.0.0/8,10.244.0.0/16")), nft=nft).desired_elements(
+        state(*BASE))
+    assert want["cluster4"] == {("10.0.0.0/8",)}
+
+
+def test_load_balancer_source_ranges(nft: FakeNft) -> None:
+    lb4 = svc("198.51.100.7", 80, "LoadBalancer",
+              ranges=("203.0.113.0/24", "203.0.113.128/25", " 192.0.2.1 ", "2001:db8::/32"))
+    lb6 = svc("2001:db8:1::7", 80, "LoadBalancer", ranges=("203.0.113.0/24", "2001:db8::/32"))
+    open_lb = svc("198.51.100.9", 80, "LoadBalancer")
+    cluster_ip = svc("10.96.0.11", 80, ranges=("203.0.113.0/24",))  # ranges only count on LB addresses
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(lb4, lb6, open_lb, cluster_ip))
+    els = fw.elements()
+    assert els["fw4"] == {("198.51.100.7", TCP, 80)}
+    assert els["fw_allow4"] == {("198.51.100.7", TCP, 80, "203.0.113.0/24"),
+                                ("198.51.100.7", TCP, 80, "192.0.2.1/32")}
+    assert els["fw6"] == {("2001:db8:1::7", TCP, 80)}
+    assert els["fw_allow6"] == {("2001:db8:1::7", TCP, 80, "2001:db8::/32")}
+    sent = [c["add"]["element"] for c in nft.transactions[0] if "element" in c.get("add", {})]
+    allow = next(e for e in sent if e["name"] == "fw_allow4")["elem"]
+    assert {"concat": ["198.51.100.7", "tcp", 80, {"prefix": {"addr": "203.0.113.0", "len": 24}}]} in allow
+    assert fw.sync(state(lb4, lb6, open_lb, cluster_ip)) == 0  # /32 read back as a bare address: no churn
+
+
+def test_bad_cidr_is_skipped_with_one_warning(nft: FakeNft, caplog: pytest.LogCaptureFixture) -> None:
+    lb = svc("198.51.100.7", 80, "LoadBalancer", ranges=("203.0.113.0/24", "300.1.2.0/24", "; rm -rf /"))
+    fw = NftFirewall(cfg(), nft=nft)
+    with caplog.at_level(logging.WARNING, logger="ipvsproxy.dataplane.nft"):
+        fw.sync(state(lb))
+        fw.sync(state(lb, svc("10.96.0.1", 443)))
+    warnings = [r.getMessage() for r in caplog.records if "loadBalancerSourceRanges" in r.getMessage()]
+    assert len(warnings) == 2 and "'300.1.2.0/24'" in warnings[0] and "default/web" in warnings[0]
+    assert fw.elements()["fw_allow4"] == {("198.51.100.7", TCP, 80, "203.0.113.0/24")}
+    assert "rm -rf" not in json.dumps(nft.docs)
+
+
+def test_excluded_cidrs_are_left_alone(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(exclude_cidrs=parse_cidrs("10.96.0.0/24")), nft=nft)
+    want = fw.desired_elements(state(*BASE))
+    assert ("10.96.0.10",) not in want["vips4"]
+    assert all(e[0] != "10.96.0.10" for e in want["services4"] | want["masq4"])
+
+
+def _kernel_after(desired: DesiredState, c: AgentConfig | None = None) -> FakeNft:
+    """A fake kernel holding what an earlier agent left (a restart's view)."""
+    kernel = FakeNft()
+    NftFirewall(c or cfg(), nft=kernel).sync(desired)
+    kernel.docs.clear()
+    return kernel
+
+
+def test_restart_adopts_the_table_and_changes_only_the_difference() -> None:
+    kernel = _kernel_after(state(*BASE))
+    fw = NftFirewall(cfg(), nft=kernel)
+    assert fw.sync(state(*BASE)) == 0
+    assert kernel.transactions == []
+    listed = [c for d in kernel.docs for c in d["nftables"] if "list" in c]
+    assert {"list": {"table": {"family": "inet", "name": "ipvsproxy"}}} in listed
+    # a second restart, with one Service gone meanwhile
+    fw = NftFirewall(cfg(), nft=kernel)
+    assert fw.sync(state(*BASE[1:])) == 3  # 10.96.0.10:80's services4, masq4 and hairpin4 elements
+    tx = kernel.transactions[-1]
+    assert all(list(c) == ["delete"] and "element" in c["delete"] for c in tx)
+    assert {c["delete"]["element"]["name"] for c in tx} == {"services4", "masq4", "hairpin4"}
+
+
+def test_adoption_from_a_canned_listing() -> None:
+    """The shape `nft -j list table inet ipvsproxy` printed on Debian 12 (nft 1.0.6)."""
+    kernel = _kernel_after(state(*BASE))
+    listing = kernel._list({"table": {"family": "inet", "name": "ipvsproxy"}})
+    # exactly what nft prints: protocol names, bare /32, handles, no prefixes for hosts
+    for item in listing["nftables"]:
+        if "set" in item:
+            item["set"]["handle"] = 7
+    svcs = next(i["set"] for i in listing["nftables"] if i.get("set", {}).get("name") == "services4")
+    assert {"concat": ["10.96.0.10", "udp", 53]} in svcs["elem"]
+    canned = json.loads(json.dumps(listing))
+    docs: list[dict[str, Any]] = []
+
+    def nft(doc: dict[str, Any]) -> dict[str, Any]:
+        docs.append(doc)
+        cmd = doc["nftables"][-1]
+        if cmd == {"list": {"tables": None}}:
+            return {"nftables": [{"metainfo": {}}, {"table": {"family": "inet", "name": "ipvsproxy"}},
+                                 {"table": {"family": "ip", "name": "nat"}}]}
+        if "list" in cmd:
+            return canned
+        return {}
+
+    fw = NftFirewall(cfg(), nft=nft)
+    added = svc("10.96.0.30", 8080, reals=())
+    assert fw.sync(state(*BASE, added)) == 3  # vips4, services4, masq4
+    tx = [c for c in docs[-1]["nftables"] if "metainfo" not in c]
+    assert {next(iter(c)) for c in tx} == {"add"}
+    assert {c["add"]["element"]["name"] for c in tx} == {"vips4", "services4", "masq4"}
+
+
+def test_adoption_repairs_stale_rules_and_a_wrong_set() -> None:
+    kernel = _kernel_after(state(*BASE))
+    t = kernel.tables[("inet", "ipvsproxy")]
+    t["rules"]["input"][0]["comment"] = "ipvsproxy:old-version:0000000000"
+    fw = NftFirewall(cfg(), nft=kernel)
+    assert fw.sync(state(*BASE)) == len([r for r in RULES if r.chain == "input"])
+    tx = kernel.transactions[-1]
+    assert tx[1] == {"flush": {"chain": {"family": "inet", "table": "ipvsproxy", "name": "input"}}}
+    assert all(c["add"]["rule"]["chain"] == "input" for c in tx[2:])
+    # a set of the wrong type (an older layout): every chain is emptied, the set remade and refilled
+    t["sets"]["vips4"]["type"] = "ipv6_addr"
+    t["sets"]["leftover"] = {"family": "inet", "table": "ipvsproxy", "name": "leftover", "type": "mark", "elem": []}
+    fw = NftFirewall(cfg(), nft=kernel)
+    n = fw.sync(state(*BASE))
+    assert n == len(RULES) + 1  # the rules, plus vips4's one element
+    verbs = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in kernel.transactions[-1]]
+    assert verbs.count(("flush", "chain")) == 4
+    assert ("delete", "set") in verbs and verbs.index(("delete", "set")) > verbs.index(("flush", "chain"))
+    assert "leftover" not in kernel.tables[("inet", "ipvsproxy")]["sets"]
+    assert fw.elements()["vips4"] == {("10.96.0.10",)}
+    assert NftFirewall(cfg(), nft=kernel).sync(state(*BASE)) == 0
+
+
+def test_drift_is_repaired_after_a_failed_transaction() -> None:
+    kernel = FakeNft()
+    fw = NftFirewall(cfg(), nft=kernel)
+    fw.sync(state(*BASE))
+    kernel.elems("services4").clear()  # someone emptied a set behind our back
+    # our delete of an element that is gone fails the transaction; we re-read and retry once
+    n = fw.sync(state(*BASE[1:]))
+    assert fw.elements() == fw.desired_elements(state(*BASE[1:]))
+    assert n > 0
+
+
+def test_periodic_reread_repairs_silent_drift() -> None:
+    kernel = FakeNft()
+    fw = NftFirewall(cfg(), nft=kernel)
+    fw.sync(state(*BASE))
+    kernel.elems("vips4").clear()
+    assert fw.sync(state(*BASE)) == 0  # trusts its memory within reread_after
+    fw.reread_after = 0.0
+    assert fw.sync(state(*BASE)) == 1
+    assert fw.elements()["vips4"] == {("10.96.0.10",)}
+
+
+def test_a_failure_that_persists_is_raised(nft: FakeNft) -> None:
+    fw = NftFirewall(cfg(), nft=nft)
+
+    def broken(doc: dict[str, Any]) -> dict[str, Any]:
+        if any("list" in c for c in doc["nftables"]):
+            return nft(doc)
+        raise NftError("Could not process rule: Operation not supported")
+
+    fw.nft = broken
+    with pytest.raises(NftError, match="not supported"):
+        fw.sync(state(*BASE))
+    fw.nft = nft
+    assert fw.sync(state(*BASE)) > 0
+
+
+def test_cleanup_deletes_only_our_table(nft: FakeNft) -> None:
+    nft({"nftables": [{"add": {"table": {"family": "inet", "name": "keepme"}}},
+                      {"add": {"table": {"family": "ip", "name": "ipvsproxy"}}}]})
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(*BASE))
+    nft.docs.clear()
+    assert fw.cleanup() is True
+    assert nft.transactions == [[{"delete": {"table": {"family": "inet", "name": "ipvsproxy"}}}]]
+    assert set(nft.tables) == {("inet", "keepme"), ("ip", "ipvsproxy")}
+    assert fw.cleanup() is False
+    assert len(nft.transactions) == 1
+    assert fw.elements() == {}
+    # every command ever sent names our table only
+    fw.sync(state(*BASE))
+    for doc in nft.transactions:
+        for c in doc:
+            body = next(iter(next(iter(c.values())).values()))
+            assert body["family"] == "inet" and body.get("table", body.get("name")) == "ipvsproxy"
+
+
+def test_run_nft_cli_pipes_json_without_a_shell(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    fake = tmp_path / "nft"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {seen}.args\ncat > {seen}.json\n'
+                    'echo \'{"nftables": [{"metainfo": {}}]}\'\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    doc = {"nftables": [{"list": {"table": {"family": "inet", "name": "x; echo pwned"}}}]}
+    assert run_nft_cli(doc, binary=str(fake)) == {"nftables": [{"metainfo": {}}]}
+    assert Path(f"{seen}.args").read_text().strip() == "-j -f -"
+    assert json.loads(Path(f"{seen}.json").read_text()) == doc
+    fail = tmp_path / "nft-fail"
+    fail.write_text("#!/bin/sh\necho 'internal:0:0-0: Error: Could not process rule: No such file' >&2\nexit 1\n")
+    fail.chmod(fail.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(NftError, match=r"^Error: Could not process rule: No such file$"):
+        run_nft_cli(doc, binary=str(fail))
+    empty = tmp_path / "nft-quiet"
+    empty.write_text("#!/bin/sh\ncat >/dev/null\n")
+    empty.chmod(empty.stat().st_mode | stat.S_IEXEC)
+    assert run_nft_cli(doc, binary=str(empty)) == {}
+    with pytest.raises(NftError, match="not installed"):
+        run_nft_cli(doc, binary=os.fspath(tmp_path / "missing"))
+
+
+def test_incremental_syncs_match_a_full_recompute() -> None:
+    """Random changes (reals, kinds, policies, ranges, shared endpoints): after
+    every sync the kernel holds exactly what a from-scratch computation wants."""
+    import random
+
+    rnd = random.Random(7)
+    kernel = FakeNft()
+    fw = NftFirewall(cfg(), nft=kernel)
+    kinds = ("ClusterIP", "ExternalIP", "LoadBalancer", "NodePort")
+    current: dict[VSKey, VirtualServer] = {}
+    for step in range(60):
+        for _ in range(rnd.randint(1, 6)):
+            six = rnd.random() < 0.3
+            addr = f"fd00:96::{rnd.randint(1, 6):x}" if six else f"10.96.0.{rnd.randint(1, 6)}"
+            port = rnd.choice((80, 443, 30080))
+            key = VSKey(AF_INET6 if six else AF_INET, TCP, addr, port)
+            if key in current and rnd.random() < 0.3:
+                del current[key]
+                continue
+            pool = [f"fd00:244::{i}" for i in range(1, 5)] if six else [f"10.244.1.{i}" for i in range(1, 5)]
+            reals = tuple((a, 8080) for a in rnd.sample(pool, rnd.randint(0, 3)))
+            ranges = tuple(rnd.sample(["203.0.113.0/24", "198.51.100.0/25", "bogus", "2001:db8::/48"],
+                                      rnd.randint(0, 2)))
+            current[key] = svc(addr, port, rnd.choice(kinds), reals, local=rnd.random() < 0.3, ranges=ranges)
+        desired = state(*current.values())
+        fw.sync(desired)
+        if step % 10 == 0:
+            assert fw.sync(state(*current.values())) == 0  # equal, not identical: still nothing
+        want = fw.desired_elements(desired)
+        assert fw.elements() == want, f"step {step}"
+    fresh = NftFirewall(cfg(), nft=kernel)
+    assert fresh.sync(state(*current.values())) == 0
