@@ -140,7 +140,7 @@ def _ips(values: Any, what: str, problems: list[str]) -> tuple[str, ...]:
             ip = canonical_ip(str(v)) if isinstance(v, str) else None
         except ValueError:
             ip = None
-        if ip is None:
+        if ip is None or "%" in ip:  # a scoped IPv6 address ("fe80::1%eth0") is no Service or endpoint address
             problems.append(f"{what}: invalid IP {v!r} ignored")
         elif ip not in out:
             out.append(ip)
@@ -214,7 +214,8 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
         ports=tuple(ports),
         affinity_timeout=timeout,
         internal_local=spec.get("internalTrafficPolicy") == "Local",
-        external_local=spec.get("externalTrafficPolicy") == "Local",
+        # kube-proxy's ExternalPolicyLocal: only NodePort and LoadBalancer Services have one.
+        external_local=stype in ("NodePort", "LoadBalancer") and spec.get("externalTrafficPolicy") == "Local",
         headless=headless,
         scheduler=sched if isinstance(sched, str) else None,
         scheduler_flags=flags if isinstance(flags, str) else None,
@@ -265,7 +266,9 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
         hints = e.get("hints")
         zones = None
         if isinstance(hints, Mapping):
-            zones = tuple(str(_mapping(z).get("name")) for z in _list(hints.get("forZones")))
+            # An empty (or nameless) forZones list is no hint at all, as in kube-proxy.
+            names = (_mapping(z).get("name") for z in _list(hints.get("forZones")))
+            zones = tuple(n for n in names if isinstance(n, str) and n) or None
         ref = _mapping(e.get("targetRef"))
         target = f"{ref.get('kind', '')}/{ref['name']}" if ref.get("name") else ""
         endpoints.append(

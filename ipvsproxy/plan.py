@@ -151,7 +151,8 @@ def plan(
             ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service))
         ops += _plan_reals(vs, obs, drain)
     for address in desired.addresses - observed.addresses:
-        ops.append(Op(OpKind.BIND, address=address))
+        if not excluded(address):  # as for unbind: an excluded address bound now could never go
+            ops.append(Op(OpKind.BIND, address=address))
     for address in observed.addresses - desired.addresses:
         if not excluded(address):
             ops.append(Op(OpKind.UNBIND, address=address))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, NamedTuple
 
-from .model import F_SCHED1, F_SCHED2
+from .model import F_SCHED1, F_SCHED2, SCHED_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,21 @@ class Registry:
 
 
 def _coerce(obj: Any) -> Scheduler:
+    sched = _coerce_any(obj)
+    # Only the scheduler flag bits: others are persistence, HASHED or our ownership mark.
+    bad = {k: v for k, v in sched.flags.items() if not v or v & ~SCHED_FLAGS}
+    if bad:
+        raise ValueError(f"flags {bad} are not IPVS scheduler flags (SCHED1 {F_SCHED1:#x}, SCHED2 {F_SCHED2:#x})")
+    return sched
+
+
+def _coerce_any(obj: Any) -> Scheduler:
     if isinstance(obj, Scheduler):
         return Scheduler(obj.name, obj.module, dict(obj.flags), obj.description, builtin=False)
     if callable(obj) and not isinstance(obj, Mapping):
         obj = obj()
         if isinstance(obj, Scheduler):
-            return _coerce(obj)
+            return _coerce_any(obj)
     if isinstance(obj, Mapping) and isinstance(obj.get("name"), str):
         name = obj["name"]
         flags = {str(k): int(v) for k, v in dict(obj.get("flags") or {}).items()}

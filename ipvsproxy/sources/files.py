@@ -51,12 +51,16 @@ def expand(paths: Iterable[str]) -> list[Path]:
     return out
 
 
-def _items(doc: Any) -> Iterator[Any]:
+def _items(doc: Any, depth: int = 0) -> Iterator[Any]:
     if isinstance(doc, dict) and doc.get("kind") == "List" or (
         isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") and "items" in doc
     ):
-        for item in doc.get("items") or []:
-            yield from _items(item)
+        items = doc.get("items")
+        if not isinstance(items, list) or depth > 8:  # `items: 5`, or a List holding itself (YAML anchors)
+            yield doc  # reported as not handled
+            return
+        for item in items:
+            yield from _items(item, depth + 1)
     elif doc is not None:
         yield doc
 
@@ -73,6 +77,8 @@ def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
         line = f" line {mark.line + 1}" if mark is not None else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         return None, [f"{path}{line}: invalid YAML ({reason}); file skipped"]
+    except Exception as exc:  # PyYAML constructors raise plain errors too: `!!int ""`, `2001-02-30`, deep nesting
+        return None, [f"{path}: invalid YAML ({type(exc).__name__}: {exc}); file skipped"]
     found: dict[str, list[Any]] = {}
     for i, doc in enumerate(docs):
         for obj in _items(doc):
@@ -81,7 +87,7 @@ def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
                 continue
             kind = KIND_OF.get((str(obj.get("apiVersion")), str(obj.get("kind"))))
             if kind is None:
-                if obj.get("kind") not in IGNORED_KINDS:
+                if str(obj.get("kind")) not in IGNORED_KINDS:
                     problems.append(
                         f"{path} document {i + 1}: {describe(obj)} apiVersion "
                         f"{obj.get('apiVersion')!r} not handled; skipped"
