@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine for developing and testing ipvsproxy (run as root):
+#   - apt: QEMU, Debian's kernel (it has IPVS; the test VM boots it), busybox-static (vng's initramfs),
+#     ipvsadm, iproute2, kmod, nftables, conntrack. Skipped when all are already installed.
+#   - .venv (python3 from PATH) with the project in editable mode, its test extras, and virtme-ng.
+# Quiet unless something fails; fails loudly.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+APT_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static ipvsadm iproute2 kmod nftables conntrack)
+VIRTME_NG=${VIRTME_NG:-virtme-ng}
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+run_quiet() {  # run a command, show its output only if it fails
+    local out rc=0
+    out=$("$@" 2>&1) || rc=$?
+    if [[ $rc != 0 ]]; then
+        printf '%s\n' "$out" | tail -n 40 >&2
+        log "FAILED ($rc): $*"
+        exit "$rc"
+    fi
+}
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+    [[ $status == installed ]] || missing+=("$p")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    if [[ $(id -u) != 0 ]]; then
+        log "missing apt packages (${missing[*]}); run this script as root"
+        exit 1
+    fi
+    log "installing apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    run_quiet apt-get update -q
+    run_quiet apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+fi
+if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+    log "no kernel in /boot after installing linux-image-amd64"
+    exit 1
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    py=$(command -v python3 || true)
+    [[ -n $py ]] || { log "python3 not found on PATH"; exit 1; }
+    if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        # Debian's own python3 ships venv/ensurepip separately
+        log "installing python3-venv (needed by $py -m venv)"
+        export DEBIAN_FRONTEND=noninteractive
+        run_quiet apt-get update -q
+        run_quiet apt-get install -y -q --no-install-recommends python3-venv
+    fi
+    log "creating .venv with $py ($("$py" -V 2>&1))"
+    run_quiet "$py" -m venv .venv
+fi
+log "installing the project (editable, [test]) and virtme-ng into .venv"
+run_quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' "$VIRTME_NG"
+log "ready: $(.venv/bin/python -V 2>&1), vng $(.venv/bin/vng --version 2>/dev/null | awk '{print $NF}'), kernel $(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)"
