@@ -1,0 +1,112 @@
+"""Dataplane wrappers for measuring: a timing proxy and a sink with no table.
+
+:class:`Timed` forwards to any dataplane and accounts the time spent in it
+(and how many virtual servers were read back), so a sync's duration can be
+split into control-plane work (translate, plan, bookkeeping) and dataplane
+work (the kernel, or the in-memory model's copying). :class:`Sink` accepts
+everything and keeps nothing: the RSS probe uses it so the kernel's copy of
+the table is not counted as the agent's memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..dataplane.base import Counters, Dataplane, Failure
+from ..model import ObservedState, ObservedVS, VSKey
+from ..plan import Op
+
+
+class Timed:
+    """A dataplane that times its inner one (implements the Dataplane protocol)."""
+
+    def __init__(self, inner: Dataplane) -> None:
+        self.inner = inner
+        self.seconds = {"observe": 0.0, "observe_keys": 0.0, "apply": 0.0}
+        self.read_keys = 0
+
+    @property
+    def counters(self) -> Counters:
+        return self.inner.counters
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def reset(self) -> None:
+        for k in self.seconds:
+            self.seconds[k] = 0.0
+        self.read_keys = 0
+
+    def setup(self) -> None:
+        self.inner.setup()
+
+    def observe(self) -> ObservedState:
+        t = time.perf_counter()
+        try:
+            return self.inner.observe()
+        finally:
+            self.seconds["observe"] += time.perf_counter() - t
+
+    def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
+        keys = list(keys)
+        self.read_keys += len(keys)
+        t = time.perf_counter()
+        try:
+            return self.inner.observe_keys(keys)
+        finally:
+            self.seconds["observe_keys"] += time.perf_counter() - t
+
+    def apply(self, ops: Sequence[Op]) -> list[Failure]:
+        t = time.perf_counter()
+        try:
+            return self.inner.apply(ops)
+        finally:
+            self.seconds["apply"] += time.perf_counter() - t
+
+    def scheduler_usable(self, name: str) -> bool:
+        return self.inner.scheduler_usable(name)
+
+    def remove_interface(self) -> bool:
+        return self.inner.remove_interface()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # wire, ipr, state ... of the inner dataplane
+        return getattr(self.inner, name)
+
+
+class Sink:
+    """Accepts every operation, stores nothing, always observes an empty table."""
+
+    def __init__(self) -> None:
+        self.counters = Counters()
+
+    def setup(self) -> None:
+        pass
+
+    def observe(self) -> ObservedState:
+        self.counters.dumps += 1
+        return ObservedState()
+
+    def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
+        return dict.fromkeys(keys)
+
+    def apply(self, ops: Sequence[Op]) -> list[Failure]:
+        for op in ops:
+            self.counters.ops[op.kind.value] += 1
+        self.counters.messages += len(ops)
+        self.counters.round_trips += 1 if ops else 0
+        return []
+
+    def scheduler_usable(self, name: str) -> bool:
+        return True
+
+    def remove_interface(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass

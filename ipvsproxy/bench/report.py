@@ -1,0 +1,266 @@
+"""Results: the JSON document, the targets judged from it, a text summary, PNG plots.
+
+Plots need matplotlib (the optional extra `plot`: pip install 'ipvsproxy[plot]');
+without it the JSON and the summary are still written and the plots are
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RSS_LIMIT_MIB = 150.0
+CHURN_SIZES = (1000, 5000, 10_000, 20_000)
+
+
+def write_json(doc: dict[str, Any], path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False, default=_jsonable) + "\n")
+    os.replace(tmp, p)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set | tuple):
+        return list(value)
+    return str(value)
+
+
+def _runs(doc: dict[str, Any], dataplane: str) -> list[dict[str, Any]]:
+    return [r for r in doc.get("runs", []) if r.get("dataplane") == dataplane]
+
+
+def _at(runs: list[dict[str, Any]], n: int) -> dict[str, Any] | None:
+    exact = [r for r in runs if r["services"] == n]
+    return exact[-1] if exact else None
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def targets(doc: dict[str, Any], n: int = 10_000) -> list[dict[str, Any]]:
+    """The issue's targets, judged from whatever this document measured (None: not measured)."""
+    mem, ker = _runs(doc, "memory"), _runs(doc, "kernel")
+    out: list[dict[str, Any]] = []
+
+    k = _at(ker, n) or (max(ker, key=lambda r: r["services"]) if ker else None)
+    ratio = _get(k, "ratios", "cold_wall_to_ipvsadm")
+    out.append({"id": "cold-start-vs-ipvsadm", "target": f"cold start {n} Services x 10 <= 1.0x `ipvsadm -R`",
+                "services": k["services"] if k else None, "measured": ratio,
+                "met": None if ratio is None else ratio <= 1.0})
+
+    one = []
+    for r in (_at(mem, n), _at(ker, n)):
+        blk = _get(r, "scenarios", "churn", "single_endpoint_one_vs")
+        if r is not None and blk and blk["changes"]:
+            one.append((r["dataplane"], blk["write_ops"]["max"], _get(blk, "netlink_requests", "max")))
+    worst = max((max(w, nl or 0) for _, w, nl in one), default=None)
+    out.append({"id": "one-change-ops", "target": f"one endpoint change at {n} Services: <= 3 netlink operations",
+                "measured": {dp: {"write_ops_max": w, "netlink_requests_max": nl} for dp, w, nl in one} or None,
+                "met": None if worst is None else worst <= 3})
+
+    curve = {r["services"]: _get(r, "scenarios", "churn", "single_endpoint", "control_plane_ms", "median")
+             for r in mem if r["services"] in CHURN_SIZES}
+    curve = {s: v for s, v in sorted(curve.items()) if v is not None}
+    met = None
+    if len(curve) >= 2:
+        lo, hi = min(curve), max(curve)
+        met = curve[hi] <= 1.5 * curve[lo]
+    out.append({"id": "churn-independent-of-n",
+                "target": "one endpoint change: control-plane time independent of N (1k, 5k, 10k, 20k)",
+                "measured": {"median_ms_by_services": curve}, "criterion": "median at the largest N <= 1.5x "
+                "the median at the smallest N", "met": met})
+
+    steady = [(r["dataplane"], _get(r, "scenarios", "steady", "write_ops"))
+              for r in (_at(mem, n), _at(ker, n)) if r is not None]
+    steady = [(dp, w) for dp, w in steady if w is not None]
+    out.append({"id": "steady-no-writes", "target": f"steady resync at {n} Services: no write operations",
+                "measured": dict(steady) or None, "met": None if not steady else all(w == 0 for _, w in steady)})
+
+    rss = _get(_at(mem, n), "rss", "full")
+    paged = _get(_at(mem, n), "rss", "paged")
+    out.append({"id": "agent-rss", "target": f"agent RSS at {n} Services x 10 endpoints <= {RSS_LIMIT_MIB:g} MiB",
+                "measured": {"rss_mib": _get(rss, "rss_mib"), "peak_mib": _get(rss, "peak_mib"),
+                             "paged_rss_mib": _get(paged, "rss_mib"), "paged_peak_mib": _get(paged, "peak_mib")},
+                "met": None if rss is None else rss["rss_mib"] <= RSS_LIMIT_MIB})
+    return out
+
+
+def text_summary(doc: dict[str, Any]) -> str:
+    lines = []
+    for r in doc.get("runs", []):
+        sc = r.get("scenarios", {})
+        head = f"{r['dataplane']:6} N={r['services']:>6} x {r['endpoints']}"
+        cold = sc.get("cold")
+        if cold:
+            t = cold["table"]
+            head += (f"  table {t['virtual_servers']} VS / {t['real_servers']} RS;"
+                     f" cold {cold['wall_s']:.2f}s (list {cold['ingest_s']:.2f}s, sync {cold['sync_s']:.2f}s,"
+                     f" {cold['write_ops']} ops)")
+        lines.append(head)
+        st = sc.get("steady")
+        if st:
+            full = st["full_resync"]
+            lines.append(f"        steady: {st['write_ops']} write ops; full resync "
+                         f"{full['sync_s']:.3f}s (control plane {full['control_plane_s']:.3f}s)")
+        rs = sc.get("restart")
+        if rs:
+            lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s")
+        ch = sc.get("churn")
+        if ch:
+            one = ch["single_endpoint"]
+            lines.append(f"        churn: {one['changes']} single changes, ops/change max {one['write_ops']['max']},"
+                         f" control plane median {one['control_plane_ms']['median']} ms,"
+                         f" p99 {one['control_plane_ms']['p99']} ms")
+        cr = sc.get("churn_rate")
+        if cr:
+            lines.append(f"        churn at {cr['rate_per_s']}/s: {cr['syncs']} syncs, latency median"
+                         f" {cr['latency_ms']['median']} ms p99 {cr['latency_ms']['p99']} ms")
+        for mode, m in (r.get("rss") or {}).items():
+            lines.append(f"        RSS ({mode} list): {m['rss_mib']} MiB, peak {m['peak_mib']} MiB")
+        for k, v in (r.get("ratios") or {}).items():
+            lines.append(f"        {k}: {v}")
+    for t in doc.get("targets", []):
+        verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        lines.append(f"target {t['id']}: {verdict}: {json.dumps(t['measured'])}")
+    return "\n".join(lines)
+
+
+# ---- plots ------------------------------------------------------------------------------
+def plot(doc: dict[str, Any], outdir: str) -> list[str]:
+    """PNG plots of cost against cluster size; returns the files written ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    mem = sorted(_runs(doc, "memory"), key=lambda r: r["services"])
+    ker = sorted(_runs(doc, "kernel"), key=lambda r: r["services"])
+    if mem:
+        written += _plot_cost(plt, mem, outdir)
+        written += _plot_churn(plt, mem, outdir)
+        if any(r.get("rss") for r in mem):
+            written += _plot_rss(plt, mem, outdir)
+    if ker and any(r.get("references") for r in ker):
+        written += _plot_kernel(plt, ker, outdir)
+    return written
+
+
+def _save(plt: Any, fig: Any, outdir: str, name: str) -> list[str]:
+    path = str(Path(outdir) / name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_cost(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
+    ns = [r["services"] for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series = {
+        "cold start: list (parse)": [_get(r, "scenarios", "cold", "ingest_s") for r in runs],
+        "cold start: sync control plane": [_get(r, "scenarios", "cold", "control_plane_s") for r in runs],
+        "steady: full resync control plane": [_get(r, "scenarios", "steady", "full_resync", "control_plane_s")
+                                              for r in runs],
+        "steady: relist + sync": [_get(r, "scenarios", "steady", "relist", "wall_s") for r in runs],
+        "restart adoption: wall": [_get(r, "scenarios", "restart", "wall_s") for r in runs],
+    }
+    for label, ys in series.items():
+        pts = [(n, y) for n, y in zip(ns, ys, strict=True) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set_xlabel(f"Services (x {runs[0]['endpoints']} endpoints)")
+    ax.set_ylabel("seconds (host, in-memory dataplane)")
+    ax.set_title("Control-plane cost against cluster size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, outdir, "bench-cost-vs-size.png")
+
+
+def _plot_churn(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
+    pts = [(r["services"], _get(r, "scenarios", "churn", "single_endpoint")) for r in runs]
+    pts = [(n, b) for n, b in pts if b and b["changes"]]
+    if not pts:
+        return []
+    ns = [n for n, _ in pts]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(ns, [b["control_plane_ms"]["median"] for _, b in pts], marker="o", label="control plane, median")
+    ax.plot(ns, [b["control_plane_ms"]["p99"] for _, b in pts], marker="s", label="control plane, p99")
+    ax.plot(ns, [b["latency_ms"]["median"] for _, b in pts], marker="^", label="event -> table updated, median")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("Services in the cluster")
+    ax.set_ylabel("ms per endpoint change")
+    ax2 = ax.twinx()
+    ax2.plot(ns, [b["write_ops"]["max"] for _, b in pts], color="gray", ls="--", marker="x",
+             label="write ops per change (max)")
+    ax2.set_ylabel("operations")
+    ax2.set_ylim(0, max(4, max(b["write_ops"]["max"] for _, b in pts) + 1))
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    ax.set_title("One endpoint change: cost against cluster size")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, outdir, "bench-churn-vs-size.png")
+
+
+def _plot_rss(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mode, key, style in (("full", "rss_mib", "o-"), ("full", "peak_mib", "o:"), ("paged", "rss_mib", "s-"),
+                             ("paged", "peak_mib", "s:")):
+        pts = [(r["services"], _get(r, "rss", mode, key)) for r in runs]
+        pts = [(n, v) for n, v in pts if v is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=f"{'RSS' if key == 'rss_mib' else 'peak'} "
+                    f"({'one list response' if mode == 'full' else 'paged list, 500/page'})")
+    ax.axhline(RSS_LIMIT_MIB, color="red", lw=1, label=f"target {RSS_LIMIT_MIB:g} MiB")
+    ax.set_xlabel(f"Services (x {runs[0]['endpoints']} endpoints)")
+    ax.set_ylabel("MiB")
+    ax.set_title("Agent memory after cold start (fresh process)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, outdir, "bench-rss-vs-size.png")
+
+
+def _plot_kernel(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels: list[str] = []
+    width = 0.8 / max(1, len(runs))
+    for i, r in enumerate(runs):
+        cold = r["scenarios"]["cold"]
+        refs = r.get("references", {})
+        split = cold.get("apply_split_s", {})
+        bars = {
+            "ipvsadm -R": _get(refs, "ipvsadm_restore", "wall_s"),
+            "ipvsadm -R\n+ ip -batch": (_get(refs, "ipvsadm_restore", "wall_s") or 0)
+            + (_get(refs, "ip_batch_addresses", "wall_s") or 0),
+            "ipvsproxy\ncold start": cold["wall_s"],
+            "ipvsproxy\nIPVS netlink": split.get("ipvs_netlink_s"),
+            "naive pyroute2\n(extrapolated)": _get(r, "ratios", "naive_extrapolated_s"),
+        }
+        labels = list(bars)
+        xs = [j + i * width for j in range(len(bars))]
+        ys = [v or 0 for v in bars.values()]
+        ax.bar(xs, ys, width, label=f"{r['services']} Services x {r['endpoints']}")
+        for x, y in zip(xs, ys, strict=True):
+            if y:
+                ax.text(x, y, f"{y:.0f}s" if y >= 10 else f"{y:.1f}s", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (test VM, TCG emulation)")
+    ax.set_title("Loading the table into the kernel, same VM run")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(plt, fig, outdir, "bench-kernel-cold-start.png")

@@ -1,0 +1,127 @@
+"""Agent memory: a fresh process holding the agent's state after a cold start.
+
+`python -m ipvsproxy.bench.rss --services N --endpoints M [--mode full|paged]`
+prints one JSON object. The child imports what the agent imports (the agent,
+the Kubernetes client, pyroute2), builds an :class:`~ipvsproxy.agent.Agent`
+on a dataplane that keeps no table (the kernel's copy is not the agent's
+memory), feeds it the cluster the way the Kubernetes source does, runs the
+cold-start sync, and reads VmRSS/VmHWM from /proc/self/status.
+
+Modes: ``full`` is what sources/kube.py does today: each kind is one list
+response, decoded whole with json.loads, then handed to Tracker.replace.
+``paged`` decodes 500 objects at a time (what a paginated list, limit/continue,
+would cost), to show how much of the peak the unpaginated list is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+def status_mib() -> dict[str, float]:
+    out: dict[str, float] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    out["ru_maxrss"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _bodies(objects: Iterator[dict[str, Any]], page: int) -> Iterator[bytes]:
+    """List response bodies as the API server sends them (page=0: one body)."""
+    items: list[bytes] = []
+    for obj in objects:
+        items.append(json.dumps(obj, separators=(",", ":")).encode())
+        if page and len(items) == page:
+            yield b'{"kind":"List","metadata":{"continue":"x"},"items":[' + b",".join(items) + b"]}"
+            items = []
+    if items or not page:
+        yield b'{"kind":"List","metadata":{},"items":[' + b",".join(items) + b"]}"
+
+
+def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) -> dict[str, Any]:
+    import ipvsproxy.agent as agent_mod
+    import ipvsproxy.dataplane.netlink  # noqa: F401  (pyroute2 and the wire codec, as the agent loads them)
+
+    try:
+        import ipvsproxy.sources.kube  # noqa: F401  (the official client: ~40 MiB of imports)
+        kube = True
+    except Exception:  # noqa: BLE001  (kubernetes missing: measure without it, and say so)
+        kube = False
+    from ..config import AgentConfig
+    from .cluster import NODE_NAME, ClusterSpec, SyntheticCluster
+    from .dataplanes import Sink
+
+    gc.collect()
+    baseline = status_mib()
+    cluster = SyntheticCluster(ClusterSpec(services, endpoints, seed, noise))
+    cfg = AgentConfig(node_name=NODE_NAME, healthz_bind_address="", metrics_bind_address="")
+    agent = agent_mod.Agent(cfg, Sink(), record_state=False)
+    t0 = time.perf_counter()
+    response_bytes = 0
+    for kind, objects in cluster.listing():
+        page = 500 if mode == "paged" else 0
+        for body in _bodies(objects, page):
+            response_bytes += len(body)
+            data = json.loads(body)
+            del body
+            if page:
+                for obj in data["items"]:
+                    agent.tracker.upsert(kind, obj)
+            else:
+                agent.tracker.replace(kind, data["items"])
+            del data
+        agent.tracker.mark_listed(kind)
+    report = agent.reconciler.sync(full=True)
+    elapsed = time.perf_counter() - t0
+    del cluster
+    gc.collect()
+    after = status_mib()
+    desired = agent.reconciler.index.state
+    return {
+        "services": services, "endpoints": endpoints, "mode": mode, "kubernetes_client_imported": kube,
+        "baseline_mib": baseline["VmRSS"], "rss_mib": after["VmRSS"], "peak_mib": after["VmHWM"],
+        "ru_maxrss_mib": after["ru_maxrss"], "agent_state_mib": round(after["VmRSS"] - baseline["VmRSS"], 1),
+        "list_response_mb": round(response_bytes / 1e6, 1), "cold_start_s": round(elapsed, 3),
+        "write_ops": len(report.ops), "virtual_servers": len(desired.services),
+        "real_servers": sum(len(vs.reals) for vs in desired.services.values()),
+        "note": "peak includes the synthetic generator's own state (small) and the list responses",
+    }
+
+
+def run_child(services: int, endpoints: int, seed: int, mode: str, noise: bool,
+              timeout: float = 1800) -> dict[str, Any]:
+    """Run the probe in a fresh interpreter (so the number is the agent's, not the harness's)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "ipvsproxy.bench.rss", "--services", str(services), "--endpoints",
+           str(endpoints), "--seed", str(seed), "--mode", mode] + ([] if noise else ["--no-noise"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ipvsproxy.bench.rss", description=__doc__.split("\n")[0])
+    p.add_argument("--services", type=int, default=10_000)
+    p.add_argument("--endpoints", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--mode", choices=("full", "paged"), default="full")
+    p.add_argument("--no-noise", action="store_true")
+    a = p.parse_args(argv)
+    print(json.dumps(measure(a.services, a.endpoints, a.seed, a.mode, not a.no_noise)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The benchmark harness at small N: its invariants, not its numbers.
+
+Operation counts follow from the table (a cold start writes every virtual
+server, real server and address once; an idle resync and a restart write
+nothing; one endpoint change writes at most one operation per virtual server
+of that Service), and after every scenario the table equals the desired state.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from ipvsproxy.bench import references, report, scenarios
+from ipvsproxy.bench.cluster import ClusterSpec, SyntheticCluster
+from ipvsproxy.bench.dataplanes import Sink, Timed
+from ipvsproxy.bench.main import Options, run
+from ipvsproxy.bench.progress import Progress, percentile, summary
+from ipvsproxy.dataplane.memory import MemoryDataplane
+from ipvsproxy.model import AF_INET, AF_INET6, F_OWNED, DesiredState, ObservedState, Real, VirtualServer, VSKey
+from ipvsproxy.plan import Op, OpKind, apply_op
+from ipvsproxy.tracker import Tracker
+
+BENCH_NETS = [ipaddress.ip_network(n) for n in ("198.18.0.0/15", "2001:2::/48")]
+
+
+def small(n: int = 60, m: int = 4, seed: int = 7) -> scenarios.Context:
+    return scenarios.Context.build(SyntheticCluster(ClusterSpec(n, m, seed)))
+
+
+def _ips(obj: Any) -> list[str]:
+    """Every string in obj that parses as an IP address."""
+    out: list[str] = []
+    if isinstance(obj, dict):
+        for v in obj.values():
+            out += _ips(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _ips(v)
+    elif isinstance(obj, str):
+        try:
+            ipaddress.ip_address(obj)
+            out.append(obj)
+        except ValueError:
+            pass
+    return out
+
+
+# ---- the synthetic cluster ------------------------------------------------------------------
+def test_cluster_is_deterministic_and_seeded() -> None:
+    a, b = SyntheticCluster(ClusterSpec(40, 3, seed=5)), SyntheticCluster(ClusterSpec(40, 3, seed=5))
+    assert list(a.iter_services()) == list(b.iter_services())
+    assert list(a.iter_slices()) == list(b.iter_slices())
+    c = SyntheticCluster(ClusterSpec(40, 3, seed=6))
+    assert list(a.iter_services()) != list(c.iter_services())
+
+
+def test_cluster_uses_only_benchmarking_addresses() -> None:
+    cl = SyntheticCluster(ClusterSpec(300, 3, seed=2))
+    ips = _ips(list(cl.iter_services()) + list(cl.iter_slices()) + [cl.node()])
+    assert len(ips) > 1000
+    for ip in ips:
+        addr = ipaddress.ip_address(ip)
+        assert any(addr.version == n.version and addr in n for n in BENCH_NETS), ip
+
+
+def test_cluster_has_the_mix_and_parses_cleanly() -> None:
+    cl = SyntheticCluster(ClusterSpec(400, 2, seed=3))
+    problems: list[str] = []
+    tracker = Tracker("bench-node-0", on_problem=lambda *a: problems.append(a[3]))
+    for kind, objects in cl.listing():
+        tracker.replace(kind, objects)
+    assert problems == []
+    types = {s.type for s in cl.services}
+    assert types == {"ClusterIP", "NodePort", "LoadBalancer", "Headless", "ExternalName"}
+    assert {s.scheduler for s in cl.services} >= {None, "lc", "sh"}
+    assert any(s.affinity is not None for s in cl.services) and any(s.dual for s in cl.services)
+    assert {p.protocol for s in cl.services for p in s.ports} >= {"TCP", "UDP"}
+    assert len(tracker.services) == 400
+
+
+def test_node_ports_stay_unique_when_the_range_runs_out() -> None:
+    cl = SyntheticCluster(ClusterSpec(14_000, 0, seed=1, noise=False))
+    ports = [p.node_port for s in cl.services for p in s.ports if p.node_port]
+    assert len(ports) == len(set(ports)) and max(ports) <= 32767
+
+
+def test_churn_changes_endpoints() -> None:
+    cl = SyntheticCluster(ClusterSpec(10, 3, seed=1))
+    s = cl.churnable()[0]
+    before = len(s.endpoints)
+    assert len(cl.churn(s, "add")[0]["endpoints"]) == before + 1
+    assert len(cl.churn(s, "remove")[0]["endpoints"]) == before
+    with pytest.raises(ValueError):
+        cl.churn(s, "explode")
+
+
+def test_cluster_size_limits() -> None:
+    with pytest.raises(ValueError, match="--services"):
+        SyntheticCluster(ClusterSpec(0, 1))
+
+
+# ---- scenarios on the in-memory dataplane ---------------------------------------------------
+def test_cold_start_writes_every_object_once_and_matches_the_desired_state() -> None:
+    ctx = small()
+    dp = MemoryDataplane()
+    res, agent = scenarios.cold(ctx, dp)
+    t = res["table"]
+    assert res["table_matches_desired"] and res["index_matches_translate"]
+    assert res["ops"] == {"bind": t["addresses"], "add-vs": t["virtual_servers"], "add-rs": t["real_servers"]}
+    assert res["write_ops"] == t["objects"] + t["addresses"] == dp.counters.messages
+    assert res["services_translated"] == 60 and res["latency_s"]["count"] == 60
+    assert len(dp.state.services) == t["virtual_servers"]
+    assert res["control_plane_s"] <= res["sync_s"]
+
+
+def test_steady_and_restart_write_nothing() -> None:
+    ctx = small()
+    dp = MemoryDataplane()
+    _, agent = scenarios.cold(ctx, dp)
+    st = scenarios.steady(ctx, agent)
+    assert st["write_ops"] == 0 and st["relist"]["services_translated"] == 0
+    assert st["full_resync"]["dumps"] == 1 and st["table_matches_desired"]
+    rs = scenarios.restart(ctx, dp)
+    assert rs["write_ops"] == 0 and rs["table_matches_desired"] and rs["services_translated"] == 60
+
+
+def test_churn_costs_at_most_one_operation_per_virtual_server() -> None:
+    ctx = small()
+    _, agent = scenarios.cold(ctx, MemoryDataplane())
+    res = scenarios.churn(ctx, agent, 60, seed=3)
+    assert res["table_matches_desired"] and res["full_syncs"] == 0
+    assert res["all"]["changes"] == 60
+    one = res["single_endpoint_one_vs"]
+    assert one["changes"] > 0 and one["write_ops"]["max"] <= 1
+    assert res["single_endpoint"]["write_ops_per_virtual_server"]["max"] <= 1
+    assert res["by_kind"]["scale"]["write_ops_per_virtual_server"]["max"] <= 3
+
+
+def test_churn_at_a_rate_coalesces_through_the_runner() -> None:
+    ctx = small(30, 3)
+    _, agent = scenarios.cold(ctx, MemoryDataplane())
+    res = scenarios.churn_rate(ctx, agent, rate=200, duration=0.2, min_period=0.05, seed=1)
+    assert res["errors"] == 0 and res["table_matches_desired"]
+    assert 1 <= res["syncs"] <= res["changes"] == 40
+    assert res["latency_ms"]["count"] >= 1
+
+
+def test_timed_splits_and_sink_keeps_nothing() -> None:
+    sink = Sink()
+    timed = Timed(sink)
+    key = VSKey(AF_INET, 6, "198.18.0.1", 80)
+    ops = [Op(OpKind.ADD_VS, key, vs=VirtualServer(key)), Op(OpKind.ADD_RS, key, real=Real("198.19.0.1", 80))]
+    assert timed.apply(ops) == [] and timed.counters.messages == 2
+    assert timed.observe().services == {} and timed.observe_keys([key]) == {key: None}
+    assert timed.read_keys == 1 and timed.total >= 0
+    timed.reset()
+    assert timed.total == 0 and timed.read_keys == 0
+
+
+def test_table_problems_finds_each_kind_of_difference() -> None:
+    key = VSKey(AF_INET, 6, "198.18.0.1", 80)
+    vs = VirtualServer(key, reals=(Real("198.19.0.1", 80), Real("198.19.0.2", 80)))
+    desired = DesiredState.of([vs], ["198.18.0.1"])
+    observed = ObservedState()
+    assert table_problem_count(desired, observed) == 2  # missing VS, missing address
+    apply_op(observed, Op(OpKind.ADD_VS, key, vs=vs))
+    apply_op(observed, Op(OpKind.ADD_RS, key, real=Real("198.19.0.1", 80)))
+    observed.addresses.add("198.18.0.1")
+    assert "real servers differ" in scenarios.table_problems(desired, observed)[0]
+    apply_op(observed, Op(OpKind.ADD_RS, key, real=Real("198.19.0.2", 80)))
+    assert scenarios.table_problems(desired, observed) == []
+    other = VSKey(AF_INET, 17, "198.18.0.9", 53)
+    apply_op(observed, Op(OpKind.ADD_VS, other, vs=VirtualServer(other, scheduler="lc")))
+    assert scenarios.table_problems(desired, observed) == [f"unexpected virtual server {other}"]
+
+
+def table_problem_count(desired: DesiredState, observed: ObservedState) -> int:
+    return len(scenarios.table_problems(desired, observed))
+
+
+# ---- references ---------------------------------------------------------------------------------
+def test_ipvsadm_rules_encode_the_identical_table() -> None:
+    k4 = VSKey(AF_INET, 6, "198.18.0.1", 80)
+    k6 = VSKey(AF_INET6, 17, "2001:2:0:1::1", 53)
+    ks = VSKey(AF_INET, 132, "198.18.0.2", 3868)
+    desired = DesiredState.of([
+        VirtualServer(k4, "sh", flags=0x10, timeout=3600, reals=(Real("198.19.0.1", 8080),)),
+        VirtualServer(k6, reals=(Real("2001:2:0:2::1", 5353, 1),)),
+        VirtualServer(ks, "lc"),
+    ])
+    text = references.ipvsadm_rules(desired)
+    assert text.splitlines() == [
+        "-A -t 198.18.0.1:80 -s sh -p 3600 -b flag-2,flag-3",
+        "-a -t 198.18.0.1:80 -r 198.19.0.1:8080 -m -w 1",
+        "-A --sctp-service 198.18.0.2:3868 -s lc -b flag-3",
+        "-A -u [2001:2:0:1::1]:53 -s rr -b flag-3",
+        "-a -u [2001:2:0:1::1]:53 -r [2001:2:0:2::1]:5353 -m -w 1",
+    ]
+    assert F_OWNED == 0x20  # flag-3 is the ownership mark ipvsproxy adopts on restart
+    assert references.ip_batch(["198.18.0.1", "2001:2::1"], "ipvsbench0").splitlines() == [
+        "address add 198.18.0.1/32 dev ipvsbench0", "address add 2001:2::1/128 dev ipvsbench0 nodad"]
+
+
+def test_subset_stays_within_the_object_budget() -> None:
+    ctx = small()
+    _, agent = scenarios.cold(ctx, MemoryDataplane())
+    part = references.subset(agent.rec.index.state, 100)
+    n = sum(1 + len(vs.reals) for vs in part.services.values())
+    assert 0 < n <= 100 and set(part.services) <= set(agent.rec.index.state.services)
+
+
+# ---- report, progress, CLI ------------------------------------------------------------------------
+def _run(n: int, dp: str, **sc: Any) -> dict[str, Any]:
+    return {"services": n, "endpoints": 10, "dataplane": dp, "scenarios": sc}
+
+
+def _churn(median: float, ops: int) -> dict[str, Any]:
+    blk = {"changes": 5, "write_ops": {"max": ops}, "control_plane_ms": {"median": median}}
+    return {"single_endpoint": blk, "single_endpoint_one_vs": blk}
+
+
+def test_targets_are_judged_met_or_not() -> None:
+    doc = {"runs": [
+        _run(1000, "memory", churn=_churn(0.10, 1)),
+        {**_run(10_000, "memory", churn=_churn(0.12, 1), steady={"write_ops": 0}),
+         "rss": {"full": {"rss_mib": 180.0, "peak_mib": 300.0}}},
+        _run(20_000, "memory", churn=_churn(0.5, 1)),
+        {**_run(10_000, "kernel", steady={"write_ops": 0}), "ratios": {"cold_wall_to_ipvsadm": 1.7}},
+    ]}
+    t = {x["id"]: x for x in report.targets(doc)}
+    assert t["cold-start-vs-ipvsadm"]["met"] is False and t["cold-start-vs-ipvsadm"]["measured"] == 1.7
+    assert t["one-change-ops"]["met"] is True
+    assert t["churn-independent-of-n"]["met"] is False  # 0.5 ms at 20k vs 0.1 ms at 1k
+    assert t["steady-no-writes"]["met"] is True
+    assert t["agent-rss"]["met"] is False
+    assert all(x["met"] is None for x in report.targets({"runs": []}))
+
+
+def test_progress_bar_and_statistics() -> None:
+    out = io.StringIO()
+    p = Progress(True, out)
+    assert list(p.iterate(range(3000), "things", 3000)) == list(range(3000))
+    p.note("phase")
+    assert "things" in out.getvalue() and "100.0%" in out.getvalue() and "bench: phase" in out.getvalue()
+    silent = io.StringIO()
+    assert list(Progress(False, silent).iterate(range(3), "x", 3)) == [0, 1, 2] and silent.getvalue() == ""
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([], 99) is None
+    assert summary([0.001, 0.003], 1000)["median"] == 2.0
+
+
+def test_bench_command_writes_json_and_exits_zero(tmp_path: Path) -> None:
+    from ipvsproxy.cli.bench import bench
+
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(bench, ["--services", "40", "--endpoints", "3", "--churn-steps", "20", "--no-rss",
+                                   "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "ipvsproxy-bench/1" and doc["runs"][0]["services"] == 40
+    assert set(doc["runs"][0]["scenarios"]) == {"cold", "steady", "restart", "churn"}
+    assert "memory N=    40" in r.output
+    again = tmp_path / "merged.json"
+    r = CliRunner().invoke(bench, ["--report-only", "--include", str(out), "--out", str(again)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(again.read_text())["runs"][0]["source"] == str(out)
+    r = CliRunner().invoke(bench, ["--report-only"])
+    assert r.exit_code == 2
+    r = CliRunner().invoke(bench, ["--services", "lots"])
+    assert r.exit_code == 2 and "not a number" in r.output
+
+
+def test_scenario_selection_always_includes_the_cold_start(tmp_path: Path) -> None:
+    doc = run(Options(scenarios=("cold", "steady"), services=(20,), endpoints=2, rss=False,
+                      out=str(tmp_path / "x.json")))
+    assert set(doc["runs"][0]["scenarios"]) == {"cold", "steady"}
+
+
+def test_invariant_failures_are_reported() -> None:
+    from ipvsproxy.cli.bench import invariant_failures
+
+    doc = {"runs": [{**_run(10, "memory", cold={"table_matches_desired": False, "problems": ["x"]},
+                             steady={"write_ops": 2}), "references": {"ipvsadm_restore":
+                                                                       {"table_matches_desired": False}}}]}
+    assert len(invariant_failures(doc)) == 3
+
+
+def test_rss_probe_runs_in_a_fresh_process() -> None:
+    from ipvsproxy.bench import rss
+
+    res = rss.run_child(30, 2, 1, "paged", True, timeout=120)
+    assert res["rss_mib"] > 10 and res["peak_mib"] >= res["rss_mib"] * 0.9
+    assert res["write_ops"] > 0 and res["virtual_servers"] > 0
