@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian machine for developing and testing ipvsproxy (run as root):
 #   - apt: QEMU, Debian's kernel (it has IPVS; the test VM boots it), busybox-static (vng's initramfs),
-#     ipvsadm, iproute2, kmod, nftables, conntrack. Skipped when all are already installed.
+#     ipvsadm, iproute2, kmod, nftables, conntrack, curl. Skipped when all are already installed.
 #   - .venv (python3 from PATH) with the project in editable mode, its test extras, and virtme-ng.
+#   - helm, kubectl, kubernetes-validate and hadolint for the chart tests (scripts/install-helm.sh).
 # Quiet unless something fails; fails loudly.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-APT_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static ipvsadm iproute2 kmod nftables conntrack)
+APT_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static ipvsadm iproute2 kmod nftables conntrack curl)
 VIRTME_NG=${VIRTME_NG:-virtme-ng}
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -59,4 +60,6 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 log "installing the project (editable, [test]) and virtme-ng into .venv"
 run_quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' "$VIRTME_NG"
+log "installing helm, kubectl, kubernetes-validate, hadolint (chart tests)"
+run_quiet bash scripts/install-helm.sh
 log "ready: $(.venv/bin/python -V 2>&1), vng $(.venv/bin/vng --version 2>/dev/null | awk '{print $NF}'), kernel $(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)"
