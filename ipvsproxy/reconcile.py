@@ -270,6 +270,10 @@ class Reconciler:
         return report
 
     def _track_drain(self, op: Op, now: float) -> None:
+        if op.kind is OpKind.DEL_VS:  # a deleted virtual server takes its draining reals with it
+            for k in [k for k in self.drain_started if k[0] == op.key]:
+                del self.drain_started[k]
+            return
         if op.key is None or op.real is None:
             return
         dk = (op.key, op.real.address, op.real.port)
@@ -277,9 +281,6 @@ class Reconciler:
             self.drain_started.setdefault(dk, now)
         elif op.kind in (OpKind.DEL_RS, OpKind.EDIT_RS, OpKind.ADD_RS):
             self.drain_started.pop(dk, None)
-        if op.kind is OpKind.DEL_VS:
-            for k in [k for k in self.drain_started if k[0] == op.key]:
-                del self.drain_started[k]
 
     @property
     def draining(self) -> int:

@@ -91,6 +91,21 @@ def test_removed_tcp_endpoint_drains_while_connections_remain() -> None:
     assert rec.draining == 0
 
 
+def test_deleting_a_service_forgets_its_draining_reals() -> None:
+    tracker, dp, rec = setup(2, grace=60)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 3
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    rec.sync()
+    assert rec.draining == 1
+    tracker.replace("Service", [svc("s1", "198.19.0.2")])  # s0 goes while its real server drains
+    r = rec.sync()
+    assert OpKind.DEL_VS in {op.kind for op in r.ops}
+    assert key(0) not in dp.state.services
+    assert rec.draining == 0  # no drain left behind to re-check (or count in metrics) forever
+    assert rec.drain_started == {}
+
+
 def test_drain_grace_period_expires() -> None:
     tracker, dp, rec = setup(1, grace=0.05)
     rec.sync()
