@@ -23,7 +23,7 @@ from .objects import Service
 from .observe import records
 from .observe.health import Health, healthz_route, serve
 from .observe.metrics import Metrics, TrafficCollector
-from .reconcile import Reconciler, Runner, SyncReport
+from .reconcile import Firewall, Reconciler, Runner, SyncReport
 from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
 from .tracker import Tracker
@@ -47,6 +47,7 @@ class Agent:
         events: EventPoster | None = None,
         stats_dataplane: Callable[[], Dataplane] | None = None,
         record_state: bool = True,
+        firewall: Firewall | None = None,
     ) -> None:
         self.cfg, self.dp = cfg, dataplane
         self.registry = registry or default_registry()
@@ -59,6 +60,7 @@ class Agent:
             Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses),
             self.registry, excluded=cfg.excluded, grace=cfg.drain_grace_period,
             on_problem=self._service_problem, dry_run=dry_run,
+            firewall=None if dry_run else firewall,
         )
         self.runner = Runner(
             self.reconciler, min_period=cfg.min_sync_period, sync_period=cfg.sync_period,

@@ -78,7 +78,7 @@ class AgentConfig:
     load_modules: bool = True
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
-    nftables: bool = False
+    nftables: bool = True
     state_dir: str = "/run/ipvsproxy"
 
     def excluded(self, address: str) -> bool:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..config import AgentConfig, default_node_name
 from ..dataplane.base import Dataplane, DataplaneError
 from ..plan import Op
+
+if TYPE_CHECKING:
+    from ..dataplane.nft import NftFirewall
 
 log = logging.getLogger("ipvsproxy")
 
@@ -36,6 +40,19 @@ def open_dataplane(kind: str, cfg: AgentConfig, *, for_reading: bool = False) ->
     from ..dataplane.netlink import NetlinkDataplane
 
     return NetlinkDataplane(cfg, read_only=for_reading)
+
+
+def open_firewall(kind: str, cfg: AgentConfig) -> NftFirewall | None:
+    """The nftables companion for the kernel dataplane, unless --no-nftables or nft is missing."""
+    if kind != "kernel" or not cfg.nftables:
+        return None
+    from ..dataplane.nft import NftFirewall
+
+    if shutil.which("nft") is None:
+        log.warning("nftables companion off: the nft command is not installed (install nftables, "
+                    "or pass --no-nftables); masquerade, hairpin and VIP filtering are not in place")
+        return None
+    return NftFirewall(cfg)
 
 
 def open_for_plan(kind: str, cfg: AgentConfig) -> Dataplane:

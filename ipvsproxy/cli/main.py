@@ -50,11 +50,12 @@ def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
 
 def register() -> None:
     """Attach the subcommands (kept out of import time so `cli` stays light)."""
+    from .bench import bench
     from .cleanup import cleanup
     from .inspect import diff, list_cmd, schedulers
     from .run import run
 
-    for command in (run, list_cmd, diff, schedulers, cleanup):
+    for command in (run, list_cmd, diff, schedulers, cleanup, bench):
         cli.add_command(command)
 
 

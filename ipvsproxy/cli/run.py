@@ -9,7 +9,7 @@ import click
 from ..agent import Agent
 from . import common
 from .common import make_config, summarize
-from .options import Duration, opt, source_options, translate_options
+from .options import CIDRs, Duration, opt, source_options, translate_options
 
 
 @click.command()
@@ -28,6 +28,11 @@ from .options import Duration, opt, source_options, translate_options
 @opt("strict-arp", is_flag=True, help="Set arp_ignore=1 and arp_announce=2 (needed by MetalLB L2).")
 @opt("load-modules/--no-load-modules", "load_modules", default=True,
      help="Load ip_vs, ip_vs_<scheduler> and dummy when missing.")
+@opt("cluster-cidr", "cluster_cidrs", default="", type=CIDRs(),
+     help="Comma list of the pod CIDRs: Service traffic from outside them is masqueraded (nftables).")
+@opt("masquerade-all", is_flag=True, help="Masquerade all traffic to Services (nftables).")
+@opt("nftables/--no-nftables", "nftables", default=True,
+     help="Keep table inet ipvsproxy (masquerade, hairpin, VIP port filter, LB source ranges) in step.")
 @opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True,
      help="Where to program (memory: a simulation, for demos and tests).")
 def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
@@ -42,12 +47,14 @@ def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
         click.echo(f"# dry run: {summarize(report.ops)}; nothing changed", err=True)
         return
     dp = common.open_dataplane(dataplane, cfg)
-    agent = Agent(cfg, dp, stats_dataplane=lambda: common.open_dataplane(dataplane, cfg, for_reading=True))
+    agent = Agent(cfg, dp, firewall=common.open_firewall(dataplane, cfg),
+                  stats_dataplane=lambda: common.open_dataplane(dataplane, cfg, for_reading=True))
     if once:
         try:
             report = agent.once()
         finally:
             dp.close()
-        click.echo(f"synced: {summarize(report.ops)} in {report.duration:.3f}s", err=True)
+        nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
+        click.echo(f"synced: {summarize(report.ops)}{nft} in {report.duration:.3f}s", err=True)
         return
     agent.run()

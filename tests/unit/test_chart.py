@@ -46,6 +46,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "strictARP": True,
         "clusterCIDR": "10.244.0.0/16,fd00:10:244::/56",
         "masqueradeAll": True,
+        "nftables": False,
         "drainGracePeriod": "2m",
         "logLevel": "debug",
         "extraArgs": ["--node-name=$(NODE_NAME)"],
@@ -81,7 +82,7 @@ EXPECTED_RULES = {
 CONFIG_KEYS = {
     "scheduler", "syncPeriod", "minSyncPeriod", "interface", "excludeCIDRs", "nodePortAddresses",
     "healthzBindAddress", "metricsBindAddress", "tcpTimeout", "tcpfinTimeout", "udpTimeout", "strictARP",
-    "clusterCIDR", "masqueradeAll", "drainGracePeriod", "logLevel", "loadModules", "stateDir", "extraArgs",
+    "clusterCIDR", "masqueradeAll", "nftables", "drainGracePeriod", "logLevel", "loadModules", "stateDir", "extraArgs",
 }
 
 
@@ -396,6 +397,7 @@ def test_custom_args_pass_through() -> None:
     assert flags["--strict-arp"] is None
     assert flags["--cluster-cidr"] == "10.244.0.0/16,fd00:10:244::/56"
     assert flags["--masquerade-all"] is None
+    assert flags["--no-nftables"] is None
     assert flags["--drain-grace-period"] == "2m"
     assert c["args"][-1] == "--node-name=$(NODE_NAME)"
     assert "--no-load-modules" not in flags
@@ -403,7 +405,7 @@ def test_custom_args_pass_through() -> None:
 
 def test_boolean_flags_only_when_set() -> None:
     default = flag_values(agent()["args"])
-    for flag in ("--strict-arp", "--masquerade-all", "--no-load-modules", "--cluster-cidr",
+    for flag in ("--strict-arp", "--masquerade-all", "--no-nftables", "--no-load-modules", "--cluster-cidr",
                  "--exclude-cidrs", "--nodeport-addresses"):
         assert flag not in default
     assert "--no-load-modules" in agent("no-modules")["args"]
@@ -448,9 +450,6 @@ def test_every_rendered_flag_is_known_to_the_cli(name: str) -> None:
     argv = c["command"] + [a for a in c["args"] if not a.startswith("--node-name=$(")]
     known = _cli_flags()
     unknown = {a.partition("=")[0] for a in argv if a.startswith("--")} - known
-    nft_flags = {"--cluster-cidr", "--masquerade-all"}
-    if unknown and unknown <= nft_flags:
-        pytest.xfail(f"`ipvsproxy run` has no {sorted(unknown)} yet (nftables flags being added)")
     assert not unknown, f"the chart renders flags `ipvsproxy run` does not have: {sorted(unknown)}"
     params = _parse_with_cli(argv)
     if name == "no-modules":
@@ -459,6 +458,9 @@ def test_every_rendered_flag_is_known_to_the_cli(name: str) -> None:
         assert params["scheduler"] == "lc"
         assert params["min_sync_period"] == 0.5
         assert params["strict_arp"] is True
+        assert params["masquerade_all"] is True
+        assert params["nftables"] is False
+        assert [str(n) for n in params["cluster_cidrs"]] == ["10.244.0.0/16", "fd00:10:244::/56"]
 
 
 # ---- metrics --------------------------------------------------------------------------------

@@ -186,3 +186,48 @@ def test_configuration_reference_is_generated_and_current() -> None:
 
     committed = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     assert committed == render(), "run: python -m ipvsproxy.cli.reference > docs/configuration.md"
+
+
+class RecordingFirewall:
+    def __init__(self) -> None:
+        self.synced: list[int] = []
+
+    def sync(self, desired: object) -> int:
+        self.synced.append(len(desired.services))  # type: ignore[attr-defined]
+        return 7
+
+
+def test_run_once_keeps_the_firewall_in_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    dp, fw = MemoryDataplane(), RecordingFirewall()
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_firewall", lambda kind, cfg: fw)
+    code, _, err = run("run", "--from-file", EXAMPLES, "--node-name", "demo-node", "--once")
+    assert code == 0 and "7 nftables changes" in err
+    assert fw.synced == [len(dp.state.services)] and fw.synced[0] > 0
+
+
+def test_open_firewall_honours_flags_and_a_missing_nft(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from ipvsproxy.config import AgentConfig
+    from ipvsproxy.dataplane.nft import NftFirewall
+
+    cfg = AgentConfig(node_name="n")
+    monkeypatch.setattr(common.shutil, "which", lambda name: "/usr/sbin/nft")
+    assert isinstance(common.open_firewall("kernel", cfg), NftFirewall)
+    assert common.open_firewall("memory", cfg) is None
+    assert common.open_firewall("kernel", AgentConfig(node_name="n", nftables=False)) is None
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)
+    assert common.open_firewall("kernel", cfg) is None
+    assert "nft command is not installed" in caplog.text
+
+
+def test_run_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: MemoryDataplane())
+    monkeypatch.setattr(common, "open_firewall", lambda kind, cfg: seen.append(cfg))
+    code, _, err = run("run", "--from-file", EXAMPLES, "--node-name", "demo-node", "--once",
+                       "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56", "--masquerade-all", "--no-nftables")
+    assert code == 0, err
+    cfg = seen[0]
+    assert [str(n) for n in cfg.cluster_cidrs] == ["10.244.0.0/16", "fd00:10:244::/56"]  # type: ignore[attr-defined]
+    assert cfg.masquerade_all is True and cfg.nftables is False  # type: ignore[attr-defined]

@@ -144,6 +144,9 @@ Arguments of `ipvsproxy run`, one flag per config key.
 {{- if $c.masqueradeAll }}
 - --masquerade-all
 {{- end }}
+{{- if not $c.nftables }}
+- --no-nftables
+{{- end }}
 - {{ printf "--drain-grace-period=%s" ($c.drainGracePeriod) | quote }}
 {{- if not $c.loadModules }}
 - --no-load-modules
