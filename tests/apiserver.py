@@ -24,8 +24,11 @@ Semantics copied from the real server:
   `bookmark_interval` seconds when the stream is idle; timeoutSeconds ends the
   stream cleanly.
 Approximations: a list at an older exact resourceVersion is served from the
-current state unless it is older than the compaction point (then 410); a
-continue token is an offset into the current state.
+current state unless it is older than the compaction point (then 410). A
+continue token names the first page's resourceVersion and the last key
+returned; the next page is the current state after that key (the real server
+serves the first page's snapshot), carries the first page's resourceVersion,
+and is 410 Expired once that is older than the last `compact()`.
 
 Fault injection: `fail_next`, `delay`, `drop_watches`; every request is logged
 in `requests` as (method, path, query).
@@ -37,6 +40,7 @@ in `requests` as (method, path, query).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -527,14 +531,21 @@ class FakeApiServer:
             rv = q.get("resourceVersion", "")
             if rv not in ("", "0") and q.get("resourceVersionMatch") == "Exact" and _int(rv) < self._compacted:
                 raise ApiError(410, f"too old resource version: {rv} ({self._compacted})", "Expired")
-            items = [o for (ons, _), o in sorted(self._objects[kind].items()) if ns in (None, ons) and matches(o)]
-            meta: Obj = {"resourceVersion": str(self._rv)}
-            start = _int(q["continue"]) if q.get("continue") else 0
+            items = [(key, o) for key, o in sorted(self._objects[kind].items()) if ns in (None, key[0]) and matches(o)]
+            snapshot, after = self._rv, None
+            if q.get("continue"):
+                snapshot, after = _decode_continue(q["continue"])
+                if snapshot < self._compacted:
+                    raise ApiError(410, "The provided continue parameter is too old to display a consistent list "
+                                        "result. You can start a new list without the continue parameter.", "Expired")
+                items = [(key, o) for key, o in items if key > after]
+            meta: Obj = {"resourceVersion": str(snapshot)}
             limit = _int(q.get("limit") or "0")
-            page = items[start:start + limit] if limit > 0 else items[start:]
-            if limit > 0 and start + limit < len(items):
-                meta.update({"continue": str(start + limit), "remainingItemCount": len(items) - start - limit})
-            out = [{k: copy.deepcopy(v) for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
+            page = items[:limit] if limit > 0 else items
+            if limit > 0 and limit < len(items):
+                meta.update({"continue": _encode_continue(snapshot, page[-1][0]),
+                             "remainingItemCount": len(items) - limit})
+            out = [{k: copy.deepcopy(v) for k, v in o.items() if k not in ("kind", "apiVersion")} for _, o in page]
             return {"kind": f"{kind}List", "apiVersion": api_version, "metadata": meta, "items": out}
 
     def _watch(self, h: _Handler, kind: str, api_version: str, ns: str | None, q: dict[str, str]) -> None:
@@ -624,6 +635,18 @@ def _int(value: str) -> int:
         return int(value)
     except ValueError as e:
         raise ApiError(400, f"invalid integer {value!r}") from e
+
+
+def _encode_continue(rv: int, key: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps([rv, *key]).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, tuple[str, str]]:
+    try:
+        rv, ns, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(rv), (str(ns), str(name))
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, f"invalid continue token {token!r}") from e
 
 
 def _line(typ: str, obj: Obj) -> bytes:

@@ -97,6 +97,30 @@ def test_selectors_and_pagination(api: FakeApiServer, core: client.CoreV1Api, di
     assert [s.metadata.name for s in rest.items] == ["b-1"] and not rest.metadata._continue
 
 
+def test_pages_continue_after_the_last_key_with_the_first_pages_resource_version(
+        api: FakeApiServer, core: client.CoreV1Api) -> None:
+    for name in "abcde":
+        api.create(svc(name))
+    first = core.list_service_for_all_namespaces(limit=2)
+    rv, token = first.metadata.resource_version, first.metadata._continue
+    assert [s.metadata.name for s in first.items] == ["a", "b"] and first.metadata.remaining_item_count == 3
+    api.delete("Service", "default", "a")  # an offset token would now skip "c"
+    api.create(svc("f"))
+    rest = core.list_service_for_all_namespaces(limit=2, _continue=token)
+    assert [s.metadata.name for s in rest.items] == ["c", "d"]
+    assert rest.metadata.resource_version == rv != api.resource_version
+    last = core.list_service_for_all_namespaces(limit=2, _continue=rest.metadata._continue)
+    assert [s.metadata.name for s in last.items] == ["e", "f"] and not last.metadata._continue
+    # a token from before a compaction has expired, like the real server's
+    api.compact()
+    with pytest.raises(ApiException) as e:
+        core.list_service_for_all_namespaces(limit=2, _continue=rest.metadata._continue)
+    assert e.value.status == 410 and json.loads(e.value.body)["reason"] == "Expired"
+    with pytest.raises(ApiException) as e:
+        core.list_service_for_all_namespaces(limit=2, _continue="not-a-token")
+    assert e.value.status == 400
+
+
 def test_nodes_by_name_and_field_selector(api: FakeApiServer, core: client.CoreV1Api) -> None:
     api.create(node("n1"))
     api.create(node("n2"))
