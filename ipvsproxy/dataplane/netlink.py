@@ -32,6 +32,7 @@ from ..model import (
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
 from .base import Counters, DataplaneError, Failure
+from .conntrack import ConntrackFlusher
 from .ipvs_wire import (
     Cmd,
     Dest,
@@ -173,6 +174,7 @@ class NetlinkDataplane:
 
         self.ipr = IPRoute()
         self._ifindex: int | None = None
+        self.conntrack = ConntrackFlusher()  # its sockets open on the first UDP/SCTP removal
 
     # ---- setup --------------------------------------------------------------
     def setup(self) -> None:
@@ -316,21 +318,14 @@ class NetlinkDataplane:
         if op.key is None or op.real is None:
             return
         try:
-            from pyroute2 import Conntrack
-            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-            ct = Conntrack()
-            try:
-                reply = NFCTAttrTuple(family=op.key.family, saddr=op.real.address, sport=op.real.port,
-                                      proto=op.key.protocol)
-                orig = NFCTAttrTuple(family=op.key.family, daddr=op.key.address, dport=op.key.port,
-                                     proto=op.key.protocol)
-                for entry in list(ct.dump_entries(tuple_orig=orig, tuple_reply=reply)):
-                    ct.entry("del", tuple_orig=entry.tuple_orig)
-            finally:
-                ct.close()
+            n = self.conntrack.flush(op.key, op.real)
         except Exception as exc:  # best effort: IPVS expires these anyway (expire_nodest_conn)
-            log.warning("conntrack flush for %s -> %s: %s", op.key, op.real.address, exc)
+            log.warning("conntrack flush for %s -> %s: %s", op.key, join_host_port(op.real.address, op.real.port),
+                        exc)
+            return
+        if n:
+            log.debug("flushed %d conntrack entries of %s -> %s", n, op.key,
+                      join_host_port(op.real.address, op.real.port))
 
     def remove_interface(self) -> bool:
         idx = self.ifindex()
@@ -341,5 +336,6 @@ class NetlinkDataplane:
         return True
 
     def close(self) -> None:
+        self.conntrack.close()
         self.wire.close()
         self.ipr.close()
