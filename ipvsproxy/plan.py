@@ -131,9 +131,25 @@ def plan(
     delete real servers, delete virtual servers, unbind addresses, so that a
     virtual server never exists without its address and an address is never
     taken away from a live virtual server.
+
+    With `scope`, only those virtual servers and the addresses they sit on
+    are compared (an incremental sync); without it, everything (a full sync,
+    which also repairs addresses bound or lost behind our back).
     """
     drain = drain or DrainPolicy()
-    keys = set(desired.services) | set(observed.services) if scope is None else set(scope)
+    if scope is None:
+        keys = set(desired.services) | set(observed.services)
+        bind = desired.addresses - observed.addresses
+        unbind = observed.addresses - desired.addresses
+    else:
+        # Only the addresses of the scoped virtual servers: a desired address
+        # comes and goes only with a virtual server on it (DesiredIndex), so
+        # an address outside the scope cannot have changed, and diffing every
+        # bound address would make each small sync cost O(cluster).
+        keys = set(scope)
+        addresses = {key.address for key in keys}
+        bind = {a for a in addresses if a in desired.addresses and a not in observed.addresses}
+        unbind = {a for a in addresses if a in observed.addresses and a not in desired.addresses}
     ops: list[Op] = []
     for key in keys:
         if excluded(key.address):
@@ -150,10 +166,10 @@ def plan(
         elif obs.settings() != vs.settings():
             ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service))
         ops += _plan_reals(vs, obs, drain)
-    for address in desired.addresses - observed.addresses:
+    for address in bind:
         if not excluded(address):  # as for unbind: an excluded address bound now could never go
             ops.append(Op(OpKind.BIND, address=address))
-    for address in observed.addresses - desired.addresses:
+    for address in unbind:
         if not excluded(address):
             ops.append(Op(OpKind.UNBIND, address=address))
     ops.sort(key=lambda op: (_ORDER[op.kind], op.key or (), op.address or "", op.real or ()))

@@ -7,7 +7,7 @@ the parsing layer (objects.py) is exercised too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ipvsproxy.model import AF_INET, AF_INET6, DesiredState, Protocol, VirtualServer, VSKey, family_of
@@ -203,3 +203,27 @@ def assert_family_consistent(desired: DesiredState) -> None:
         assert family_of(k.address) == k.family
         for r in vs.reals:
             assert family_of(r.address) == k.family, (k, r)
+
+
+class CountingAddresses(set[str]):
+    """An address set that counts membership tests and refuses to be walked
+    (or diffed whole): proves a sync looked at a few addresses, not all."""
+
+    def __init__(self, items: set[str]) -> None:
+        super().__init__(items)
+        self.lookups = 0
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} addresses, {self.lookups} lookups>"
+
+    def __contains__(self, item: object) -> bool:
+        self.lookups += 1
+        return super().__contains__(item)
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("a scoped plan walked every address")
+
+    def __sub__(self, other: object) -> set[str]:
+        raise AssertionError("a scoped plan diffed every address")
+
+    __rsub__ = __sub__

@@ -22,7 +22,7 @@ from ipvsproxy.model import (
     VSKey,
 )
 from ipvsproxy.plan import DrainPolicy, Op, OpKind, apply_op, pending_drains, plan
-from tests.unit.factories import SCTP, TCP, UDP
+from tests.unit.factories import SCTP, TCP, UDP, CountingAddresses
 
 K1 = VSKey(AF_INET, TCP, "10.96.0.1", 80)
 K2 = VSKey(AF_INET, TCP, "10.96.0.2", 80)
@@ -236,6 +236,36 @@ def test_scope_limits_vs_work() -> None:
 
 def test_scope_with_key_neither_side_knows() -> None:
     assert plan(DesiredState(), ObservedState(), scope=[K1]) == []
+
+
+def test_scope_limits_address_work_full_plan_repairs_everything() -> None:
+    # K2's address went missing and a stray address appeared behind our back:
+    # a scoped (incremental) plan for K1 leaves both alone, a full plan repairs both.
+    d = desired(vs(K1, "10.1.0.1"), vs(K2, "10.1.0.1"))
+    obs = observed_of(d)
+    obs.addresses.discard(K2.address)
+    obs.addresses.add("10.96.0.99")
+    assert plan(d, obs, scope=[K1]) == []
+    assert [(op.kind, op.address) for op in plan(d, obs, scope=[K2])] == [(OpKind.BIND, K2.address)]
+    assert [(op.kind, op.address) for op in plan(d, obs)] == [
+        (OpKind.BIND, K2.address), (OpKind.UNBIND, "10.96.0.99")]
+    # a scoped key whose Service went away still unbinds its own address
+    gone = desired(vs(K2, "10.1.0.1"))
+    assert [(op.kind, op.key or op.address) for op in plan(gone, observed_of(d), scope=[K1])] == [
+        (OpKind.DEL_VS, K1), (OpKind.UNBIND, K1.address)]
+
+
+def test_scoped_plan_examines_only_scoped_addresses() -> None:
+    servers = [vs(VSKey(AF_INET, TCP, f"10.96.{i // 250}.{i % 250 + 1}", 80), "10.1.0.1")
+               for i in range(2000)]
+    d = desired(*servers)
+    obs = observed_of(d)
+    d.addresses, obs.addresses = CountingAddresses(d.addresses), CountingAddresses(obs.addresses)
+    new = vs(servers[7].key, "10.1.0.1", "10.1.0.2")
+    d.services[new.key] = new
+    ops = plan(d, obs, scope=[new.key])
+    assert [op.kind for op in ops] == [OpKind.ADD_RS]
+    assert d.addresses.lookups + obs.addresses.lookups <= 4  # one address (twice each), not 2,000
 
 
 # ---- order ----------------------------------------------------------------------------

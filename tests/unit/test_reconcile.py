@@ -16,6 +16,7 @@ from ipvsproxy.reconcile import Reconciler, Runner, SyncError
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
+from tests.unit.factories import CountingAddresses
 
 NODE = "n1"
 
@@ -326,3 +327,22 @@ def test_runner_waits_for_all_kinds_listed() -> None:
     runner.stop()
     t.join(5)
     assert key(0) in dp.state.services
+
+
+def test_incremental_sync_leaves_unrelated_addresses_full_sync_repairs_them() -> None:
+    tracker, dp, rec = setup(250)
+    rec.sync()
+    dp.state.addresses.discard("198.19.0.3")  # s2's address unbound behind our back
+    rec.cache.addresses.discard("198.19.0.3")  # ... even if we had seen it go
+    rec.index.state.addresses = CountingAddresses(rec.index.state.addresses)
+    rec.cache.addresses = CountingAddresses(rec.cache.addresses)
+    tracker.upsert("EndpointSlice", eps("s7", ["198.18.1.8", "198.18.2.8", "198.18.3.8"]))
+    r = rec.sync()
+    assert [op.kind for op in r.ops] == [OpKind.ADD_RS]  # s2's address is not this sync's business
+    looked = rec.index.state.addresses.lookups + rec.cache.addresses.lookups
+    assert looked <= 4  # s7's address only, not all 250
+    rec.index.state.addresses = set(rec.index.state.addresses.copy())
+    rec.cache.addresses = set(rec.cache.addresses.copy())
+    r = rec.sync(full=True)
+    assert [(op.kind, op.address) for op in r.ops] == [(OpKind.BIND, "198.19.0.3")]
+    assert "198.19.0.3" in dp.state.addresses
