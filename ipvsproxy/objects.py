@@ -10,6 +10,7 @@ wrong is dropped with a problem message, an object that is unusable raises
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,14 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _shared(value: Any) -> str:
+    """A string that many records repeat (namespace, node, port name, Service
+    name), interned: at 10,000 Services x 10 endpoints one copy per distinct
+    value instead of one per record saves ~8 MiB (each JSON value is its own
+    string object)."""
+    return sys.intern(value if type(value) is str else str(value or ""))
+
+
 def _meta(obj: Any, namespaced: bool = True) -> tuple[str, str, Mapping[str, Any]]:
     if not isinstance(obj, Mapping):
         raise InvalidObject(f"{describe(obj)}: not a mapping")
@@ -130,7 +139,7 @@ def _meta(obj: Any, namespaced: bool = True) -> tuple[str, str, Mapping[str, Any
     ns = meta.get("namespace") or ("default" if namespaced else "")
     if not isinstance(ns, str):
         raise InvalidObject(f"{describe(obj)}: metadata.namespace is not a string")
-    return ns, meta["name"], meta
+    return _shared(ns), meta["name"], meta
 
 
 def _ips(values: Any, what: str, problems: list[str]) -> tuple[str, ...]:
@@ -187,7 +196,7 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
             problems.append(f"{where}: duplicate port name {pname!r}; second one ignored")
             continue
         seen.add((pname, proto))
-        ports.append(ServicePort(pname, int(proto), port, int(node_port)))
+        ports.append(ServicePort(_shared(pname), int(proto), port, int(node_port)))
     timeout = 0
     if spec.get("sessionAffinity") == "ClientIP":
         cfg = _mapping(_mapping(spec.get("sessionAffinityConfig")).get("clientIP"))
@@ -206,7 +215,7 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
     sched, flags = ann.get(ANNOTATION), ann.get(FLAGS_ANNOTATION)
     svc = Service(
         namespace=ns,
-        name=name,
+        name=_shared(name),  # the EndpointSlices' service-name label shares it
         type=stype,
         cluster_ips=cluster_ips,
         external_ips=_ips(spec.get("externalIPs"), f"{where} externalIPs", problems),
@@ -237,6 +246,7 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
     service = _mapping(meta.get("labels")).get(SERVICE_NAME_LABEL)
     if not isinstance(service, str) or not service:
         raise InvalidObject(f"{where}: no {SERVICE_NAME_LABEL} label")
+    service = _shared(service)
     atype = obj.get("addressType")
     if atype not in ("IPv4", "IPv6"):
         raise InvalidObject(f"{where}: addressType {atype!r} not supported (IPv4 or IPv6)")
@@ -254,7 +264,7 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
         if port is None or not isinstance(pname, str):
             problems.append(f"{where} port {pname!r}: invalid port {p.get('port')!r}; ignored")
             continue
-        ports.append(SlicePort(pname, int(proto), port))
+        ports.append(SlicePort(_shared(pname), int(proto), port))
     endpoints = []
     for e in map(_mapping, _list(obj.get("endpoints"))):
         addrs = _ips(e.get("addresses"), where, problems)
@@ -268,7 +278,7 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
         if isinstance(hints, Mapping):
             # An empty (or nameless) forZones list is no hint at all, as in kube-proxy.
             names = (_mapping(z).get("name") for z in _list(hints.get("forZones")))
-            zones = tuple(n for n in names if isinstance(n, str) and n) or None
+            zones = tuple(_shared(n) for n in names if isinstance(n, str) and n) or None
         ref = _mapping(e.get("targetRef"))
         target = f"{ref.get('kind', '')}/{ref['name']}" if ref.get("name") else ""
         endpoints.append(
@@ -277,7 +287,7 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
                 ready=ready,
                 serving=_condition(conds, "serving", ready),
                 terminating=_condition(conds, "terminating", False),
-                node=str(e.get("nodeName") or ""),
+                node=_shared(e.get("nodeName")),
                 zones=zones,
                 target=target,
             )
@@ -307,7 +317,7 @@ def parse_endpoints(obj: Any) -> tuple[list[EndpointSlice], list[str]]:
             if port is None:
                 problems.append(f"{where}: invalid port {p.get('port')!r}; ignored")
                 continue
-            ports.append(SlicePort(str(p.get("name") or ""), int(proto), port))
+            ports.append(SlicePort(_shared(p.get("name")), int(proto), port))
         by_family: dict[int, list[Endpoint]] = {}
         for key, ready in (("addresses", True), ("notReadyAddresses", False)):
             for a in map(_mapping, _list(subset.get(key))):
@@ -316,7 +326,7 @@ def parse_endpoints(obj: Any) -> tuple[list[EndpointSlice], list[str]]:
                     continue
                 ref = _mapping(a.get("targetRef"))
                 target = f"{ref.get('kind', '')}/{ref['name']}" if ref.get("name") else ""
-                ep = Endpoint(ips[0], ready, ready, False, str(a.get("nodeName") or ""), None, target)
+                ep = Endpoint(ips[0], ready, ready, False, _shared(a.get("nodeName")), None, target)
                 by_family.setdefault(family_of(ips[0]), []).append(ep)
         for fam, eps in sorted(by_family.items()):
             slices.append(

@@ -65,7 +65,7 @@ class DesiredIndex:
 
     def __init__(self) -> None:
         self.state = DesiredState()
-        self.keys_of: dict[str, set[VSKey]] = {}
+        self.keys_of: dict[str, tuple[VSKey, ...]] = {}  # tuples: a set per Service costs 2 MiB at 10k
         self.owner: dict[VSKey, str] = {}
         self.waiting: dict[VSKey, set[str]] = {}
         self.bind_refs: dict[str, int] = {}
@@ -90,7 +90,7 @@ class DesiredIndex:
         touched: set[VSKey] = set()
         freed_for: set[str] = set()
         problems: list[str] = []
-        for key in self.keys_of.pop(sid, set()):
+        for key in self.keys_of.pop(sid, ()):
             old = self.state.services.pop(key)
             self._ref(old, -1)
             del self.owner[key]
@@ -107,7 +107,7 @@ class DesiredIndex:
                 continue
             if holder is not None and holder != sid:  # the first by namespace/name wins, as in translate()
                 self._ref(self.state.services[vs.key], -1)
-                self.keys_of[holder].discard(vs.key)
+                self.keys_of[holder] = tuple(k for k in self.keys_of[holder] if k != vs.key)
                 self.waiting.setdefault(vs.key, set()).add(holder)
                 problems.append(f"Service {holder}: {vs.key} now belongs to Service {sid}; ignored")
             self.state.services[vs.key] = vs
@@ -116,7 +116,7 @@ class DesiredIndex:
             mine.add(vs.key)
             touched.add(vs.key)
         if mine:
-            self.keys_of[sid] = mine
+            self.keys_of[sid] = tuple(mine)
         freed_for.discard(sid)
         return touched, freed_for, problems
 
@@ -141,6 +141,12 @@ class Reconciler:
         self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
         self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
         self.index = DesiredIndex()
+        # What the dataplane holds, as far as this sync needs it: the bound
+        # addresses (kept current between full dumps by mirroring our binds)
+        # and, during a sync only, the virtual servers being planned. Keeping
+        # a mirror of the whole kernel table between syncs would cost ~40 MiB
+        # at 10,000 Services and is never read: an incremental sync reads its
+        # scope fresh from the kernel anyway.
         self.cache = ObservedState()
         self.need_full = True
         self.retry_keys: set[VSKey] = set()
@@ -210,14 +216,11 @@ class Reconciler:
                 self.drain_started.setdefault(dk, now)
         else:
             scope |= {k for k, _, _ in self.drain_started}
-            for key, obs in self.dp.observe_keys(scope).items():
-                if obs is None:
-                    self.cache.services.pop(key, None)
-                else:
-                    self.cache.services[key] = obs
+            self.cache.services = {k: o for k, o in self.dp.observe_keys(scope).items() if o is not None}
         drain = DrainPolicy(self.grace, now, self.drain_started)
         ops = plan(self.index.state, self.cache, scope=None if full else scope,
                    excluded=self.excluded, drain=drain)
+        self.cache.services = {}  # planned: only the addresses are kept (see __init__)
         return ops, full, dict(self.pending_seen), len(dirty)
 
     def sync(self, full: bool = False) -> SyncReport:
@@ -243,7 +246,8 @@ class Reconciler:
         for op in ops:
             if id(op) in failed:
                 continue
-            apply_op(self.cache, op)
+            if op.kind is OpKind.BIND or op.kind is OpKind.UNBIND:
+                apply_op(self.cache, op)  # the bound addresses stay current between full dumps
             self._track_drain(op, now)
         for f in report.failures:
             log.error("%s", f.message)

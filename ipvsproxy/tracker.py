@@ -52,7 +52,7 @@ class Tracker:
         self.services: dict[str, Service] = {}
         # slices by the object they come from: "EndpointSlice ns/name" or "Endpoints ns/name"
         self.groups: dict[str, list[EndpointSlice]] = {}
-        self.slices_of: dict[str, set[str]] = {}  # service id -> group ids
+        self.slices_of: dict[str, tuple[str, ...]] = {}  # service id -> group ids (tuples: small)
         self.node: Node | None = None
         self.listed: set[str] = set()
         self._dirty: dict[str, float] = {}  # service id -> first seen (monotonic)
@@ -110,14 +110,20 @@ class Tracker:
         if old == slices:
             return
         for s in old:
-            self.slices_of.get(s.service_id, set()).discard(group)
+            groups = tuple(g for g in self.slices_of.get(s.service_id, ()) if g != group)
+            if groups:
+                self.slices_of[s.service_id] = groups
+            else:
+                self.slices_of.pop(s.service_id, None)
             self._mark(s.service_id)
         if slices:
             self.groups[group] = slices
         else:
             self.groups.pop(group, None)
         for s in slices:
-            self.slices_of.setdefault(s.service_id, set()).add(group)
+            groups = self.slices_of.get(s.service_id, ())
+            if group not in groups:
+                self.slices_of[s.service_id] = (*groups, group)
             self._mark(s.service_id)
         if service_id:
             self._mark(service_id)

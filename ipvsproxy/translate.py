@@ -15,7 +15,7 @@ from .model import (
     AF_INET,
     AF_INET6,
     DesiredState,
-    EndpointRef,
+    EndpointMap,
     Real,
     ServiceRef,
     VirtualServer,
@@ -109,11 +109,8 @@ def _select(cands: list[_Candidate], node: Node | None, local: bool, node_name: 
     return [c for c in cands if c.ep.serving and c.ep.terminating]
 
 
-def _reals(chosen: list[_Candidate]) -> tuple[tuple[Real, ...], dict[str, EndpointRef]]:
-    return (
-        tuple(sorted(Real(c.ep.address, c.port) for c in chosen)),
-        {c.ep.address: EndpointRef(c.ep.target, c.ep.node) for c in chosen},
-    )
+def _reals(chosen: list[_Candidate]) -> tuple[tuple[Real, ...], EndpointMap]:
+    return tuple(sorted(Real(c.ep.address, c.port) for c in chosen)), EndpointMap(c.ep for c in chosen)
 
 
 def translate_service(

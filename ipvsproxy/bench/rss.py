@@ -83,7 +83,8 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
         agent.tracker.mark_listed(kind)
     report = agent.reconciler.sync(full=True)
     elapsed = time.perf_counter() - t0
-    del cluster
+    write_ops = len(report.ops)
+    del cluster, report  # the agent does not keep a sync's report (Runner drops it after on_report)
     gc.collect()
     after = status_mib()
     desired = agent.reconciler.index.state
@@ -92,7 +93,7 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
         "baseline_mib": baseline["VmRSS"], "rss_mib": after["VmRSS"], "peak_mib": after["VmHWM"],
         "ru_maxrss_mib": after["ru_maxrss"], "agent_state_mib": round(after["VmRSS"] - baseline["VmRSS"], 1),
         "list_response_mb": round(response_bytes / 1e6, 1), "cold_start_s": round(elapsed, 3),
-        "write_ops": len(report.ops), "virtual_servers": len(desired.services),
+        "write_ops": write_ops, "virtual_servers": len(desired.services),
         "real_servers": sum(len(vs.reals) for vs in desired.services.values()),
         "note": "peak includes the synthetic generator's own state (small) and the list responses",
     }

@@ -170,6 +170,17 @@ def test_serving_defaults_to_ready() -> None:
     assert not sl.endpoints[0].serving and not sl.endpoints[0].terminating
 
 
+def test_shared_strings_are_interned() -> None:
+    # one string object per distinct namespace, node and port name, however many records repeat it
+    a, _ = parse_endpointslice(slice_("a", [endpoint("10.1.0.1", node="node-" + "7")], namespace="ns" + "1"))
+    b, _ = parse_endpointslice(slice_("b", [endpoint("10.1.0.2", node="".join(["node-", "7"]))],
+                                      namespace="".join(["ns", "1"])))
+    assert a.namespace is b.namespace and a.endpoints[0].node is b.endpoints[0].node
+    assert a.ports[0].name is b.ports[0].name
+    svc, _ = parse_service(service("a", "".join(["ns", "1"])))
+    assert svc.namespace is a.namespace and svc.name is a.service
+
+
 def test_ipv6_slice_drops_other_family_addresses() -> None:
     sl, _ = parse_endpointslice(slice_(endpoints=["10.1.0.1", "fd01::1"], family="IPv6"))
     assert sl.family == AF_INET6 and [e.address for e in sl.endpoints] == ["fd01::1"]

@@ -346,3 +346,18 @@ def test_incremental_sync_leaves_unrelated_addresses_full_sync_repairs_them() ->
     r = rec.sync(full=True)
     assert [(op.kind, op.address) for op in r.ops] == [(OpKind.BIND, "198.19.0.3")]
     assert "198.19.0.3" in dp.state.addresses
+
+
+def test_no_mirror_of_the_kernel_table_is_kept_between_syncs() -> None:
+    tracker, dp, rec = setup(5)
+    rec.sync()
+    assert rec.cache.services == {}  # an incremental sync reads its scope fresh from the kernel
+    assert rec.cache.addresses == dp.state.addresses  # binds are mirrored: the address diff needs them
+    dp.state.services[key(3)].reals[("198.18.1.4", 8080)].weight = 5  # drift outside the next scope
+    tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2"]))
+    tracker.delete("Service", "ns", "s4")
+    r = rec.sync()
+    assert sorted((op.kind.value, op.address or str(op.key)) for op in r.ops) == [
+        ("del-rs", str(key(1))), ("del-vs", str(key(4))), ("unbind", "198.19.0.5")]
+    assert rec.cache.services == {} and "198.19.0.5" not in rec.cache.addresses
+    assert [op.kind for op in rec.sync(full=True).ops] == [OpKind.EDIT_RS]  # the full resync repairs

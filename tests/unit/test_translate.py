@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 
 import pytest
 
-from ipvsproxy.model import AF_INET, AF_INET6, F_OWNED, F_PERSISTENT, F_SCHED1, Real
+from ipvsproxy.model import AF_INET, AF_INET6, F_OWNED, F_PERSISTENT, F_SCHED1, EndpointMap, Real
 from ipvsproxy.objects import parse_endpointslice, parse_node, parse_service
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.translate import Config, translate, translate_service
@@ -137,6 +138,21 @@ def test_reals_are_sorted_and_endpoint_refs_kept() -> None:
     vs = run([service()], [sl])[0].services[key("10.96.0.10")]
     assert vs.reals == (Real("10.1.0.1", 8080), Real("10.1.0.9", 8080))
     assert vs.endpoints["10.1.0.9"].target == "Pod/web-9" and vs.endpoints["10.1.0.9"].node == "n2"
+    assert sorted(vs.endpoints) == ["10.1.0.1", "10.1.0.9"] and len(vs.endpoints) == 2
+    assert "10.1.0.5" not in vs.endpoints and vs.endpoints.get("10.1.0.5") is None
+
+
+def test_endpoint_refs_are_the_slice_records_shared_by_the_ports_virtual_servers() -> None:
+    # no copy per real server: every address of one Service port and family shares one map
+    sl = slice_(endpoints=[endpoint("10.1.0.1", target="web-1")])
+    desired, _ = run([service(cluster_ips=None, external_ips=["192.0.2.7"])], [sl])
+    a, b = (desired.services[key(ip)].endpoints for ip in ("10.96.0.10", "192.0.2.7"))
+    assert a is b
+    record = parse_endpointslice(sl)[0].endpoints[0]
+    assert a["10.1.0.1"] == record
+    # one entry per address, as a dict would have it
+    twice = EndpointMap([record, dataclasses.replace(record, target="Pod/other")])
+    assert len(twice) == 1 and twice["10.1.0.1"].target == "Pod/other"
 
 
 # ---- no VS ------------------------------------------------------------------
