@@ -234,9 +234,18 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
     return svc, problems
 
 
-def _condition(conds: Mapping[str, Any], key: str, default: bool) -> bool:
+def _condition(conds: Mapping[str, Any], key: str, default: bool, where: str, problems: list[str]) -> bool:
+    """An endpoint condition: a boolean, or "true"/"false" as hand-written YAML
+    may quote it (bool("false") would be True). Anything else: the default."""
     v = conds.get(key)
-    return default if v is None else bool(v)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    problems.append(f"{where}: condition {key} is not a boolean ({v!r}); using {str(default).lower()}")
+    return default
 
 
 def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
@@ -272,7 +281,7 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
         if not addrs:
             continue
         conds = _mapping(e.get("conditions"))
-        ready = _condition(conds, "ready", True)
+        ready = _condition(conds, "ready", True, where, problems)
         hints = e.get("hints")
         zones = None
         if isinstance(hints, Mapping):
@@ -285,8 +294,8 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
             Endpoint(
                 address=addrs[0],
                 ready=ready,
-                serving=_condition(conds, "serving", ready),
-                terminating=_condition(conds, "terminating", False),
+                serving=_condition(conds, "serving", ready, where, problems),
+                terminating=_condition(conds, "terminating", False, where, problems),
                 node=_shared(e.get("nodeName")),
                 zones=zones,
                 target=target,

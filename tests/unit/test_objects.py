@@ -170,6 +170,26 @@ def test_serving_defaults_to_ready() -> None:
     assert not sl.endpoints[0].serving and not sl.endpoints[0].terminating
 
 
+def test_quoted_boolean_conditions_are_read_as_booleans() -> None:
+    # hand-written YAML may quote them; bool("false") would have made these ready
+    obj = slice_(endpoints=[endpoint("10.1.0.1"), endpoint("10.1.0.2"), endpoint("10.1.0.3"),
+                            endpoint("10.1.0.4")])
+    for e, conds in zip(obj["endpoints"], [
+        {"ready": "false", "serving": "False", "terminating": "true"},
+        {"ready": "True", "terminating": "FALSE"},
+        {"ready": False, "serving": True, "terminating": True},
+        {"ready": "maybe", "serving": 1},
+    ], strict=True):
+        e["conditions"] = conds
+    sl, problems = parse_endpointslice(obj)
+    got = [(e.ready, e.serving, e.terminating) for e in sl.endpoints]
+    assert got == [(False, False, True), (True, True, False), (False, True, True), (True, True, False)]
+    assert problems == [
+        "EndpointSlice default/web-ipv4: condition ready is not a boolean ('maybe'); using true",
+        "EndpointSlice default/web-ipv4: condition serving is not a boolean (1); using true",
+    ]
+
+
 def test_shared_strings_are_interned() -> None:
     # one string object per distinct namespace, node and port name, however many records repeat it
     a, _ = parse_endpointslice(slice_("a", [endpoint("10.1.0.1", node="node-" + "7")], namespace="ns" + "1"))
