@@ -37,7 +37,8 @@ KINDS = ("Service", "EndpointSlice", "Endpoints", "Node")
 ProblemHook = Callable[[str, str, str, str], None]  # (kind, namespace, name, message)
 
 
-def _key(obj: Any) -> tuple[str, str]:
+def object_key(obj: Any) -> tuple[str, str]:
+    """(namespace, name) of a raw object, as the tracker files it ("default" when unnamespaced)."""
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     meta = meta if isinstance(meta, Mapping) else {}
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
@@ -62,7 +63,7 @@ class Tracker:
 
     # ---- writes (from sources) -------------------------------------------
     def _problem(self, kind: str, obj: Any, message: str) -> None:
-        ns, name = _key(obj)
+        ns, name = object_key(obj)
         log.warning("%s", message)
         if self.on_problem:
             self.on_problem(kind, ns, name, message)
@@ -85,7 +86,7 @@ class Tracker:
                     self._set_slices(f"EndpointSlice {sl.id}", [sl])
                 elif kind == "Endpoints":
                     slices, problems = parse_endpoints(obj)
-                    ns, name = _key(obj)
+                    ns, name = object_key(obj)
                     self._set_slices(f"Endpoints {ns}/{name}", slices, f"{ns}/{name}")
                 elif kind == "Node":
                     node, problems = parse_node(obj)
@@ -147,8 +148,14 @@ class Tracker:
         with self._lock:
             seen: set[tuple[str, str]] = set()
             for obj in objects:
-                seen.add(_key(obj))
+                seen.add(object_key(obj))
                 self.upsert(kind, obj)
+            self.finish_listing(kind, seen)
+
+    def finish_listing(self, kind: str, seen: set[tuple[str, str]]) -> None:
+        """The end of a listing whose objects were upserted as they came (a paged
+        API list): delete what was not listed (keys as `object_key` gives them)."""
+        with self._lock:
             for ns, name in self._names(kind) - seen:
                 self.delete(kind, ns, name)
             self.listed.add(kind)
