@@ -32,6 +32,7 @@ from .translate import Config
 log = logging.getLogger(__name__)
 
 EventPoster = Callable[[Service, str, str], None]
+ObjectEventPoster = Callable[[str, str, str, str, str], None]  # (kind, namespace, name, reason, message)
 
 
 class Agent:
@@ -52,6 +53,8 @@ class Agent:
         self.cfg, self.dp = cfg, dataplane
         self.registry = registry or default_registry()
         self.events = events
+        self.object_events: ObjectEventPoster | None = None  # Warning Events on bad objects
+        self.source: Any = None  # the KubeSource, when the API is the source
         self.metrics = Metrics()
         self.health = Health(max_age=2 * cfg.sync_period + max(30.0, cfg.min_sync_period))
         self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem)
@@ -76,7 +79,12 @@ class Agent:
 
     # ---- problem reporting -------------------------------------------------
     def _object_problem(self, kind: str, namespace: str, name: str, message: str) -> None:
-        pass  # logged by the tracker; Events for objects come through the kube source
+        """Logged by the tracker; a Warning Event on the object when the API is the source."""
+        if self.object_events is not None:
+            try:
+                self.object_events(kind, namespace, name, "InvalidObject", message)
+            except Exception as exc:  # Events are best effort
+                log.warning("could not post InvalidObject Event on %s %s/%s: %s", kind, namespace, name, exc)
 
     def _service_problem(self, svc: Service, reason: str, message: str) -> None:
         self.metrics.invalid_scheduler.inc()
@@ -132,8 +140,9 @@ class Agent:
         else:
             from .sources.kube import KubeSource
 
-            source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+            source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
             self.events = self.events or source.post_event
+            self.object_events = source.post_object_event
             source.start()
             self._stop_source = source.stop
             self.source_kinds = source.kinds
@@ -146,14 +155,18 @@ class Agent:
         else:
             from .sources.kube import KubeSource
 
-            source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
-            self.events = self.events or source.post_event
+            source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+            if not self.reconciler.dry_run:  # --dry-run and diff change nothing, Events included
+                self.events = self.events or source.post_event
+                self.object_events = source.post_object_event
             source.list_all()
         if not self.reconciler.dry_run:
             self.dp.setup()
         report = self.reconciler.sync(full=True)
         self._on_report(report, None)
         self._write_record(force=True)
+        if self.source is not None:
+            self.source.flush()  # Events are posted in the background
         return report
 
     def serve_http(self) -> None:

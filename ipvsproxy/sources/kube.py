@@ -3,11 +3,21 @@
 Uses the official client, but asks for raw responses (`_preload_content=False`)
 and reads them with json: the client's model objects cost ~3x the memory of
 plain dicts and ~7x the time (../shared/anchors.md), and the tracker keeps
-only compact records anyway. Each kind runs its own list-then-watch loop:
-the resourceVersion is kept across watches, bookmarks advance it, a 410 Gone
-relists (the tracker diffs the listing, so deletions missed are caught), and
-connection losses or 5xx retry with exponential backoff and jitter while the
-kernel keeps serving the last good state.
+only compact records anyway. Lists are paged (`limit` + `continue`), and each
+page goes into the tracker as it arrives, so a 10,000-Service listing never
+sits in memory as one response.
+
+Each kind runs its own list-then-watch loop. The resourceVersion of every
+event and bookmark is remembered at once, so a watch that breaks resumes
+where it stopped (no replay, no relist); a 410 Gone (in the stream or as the
+HTTP status) relists, and the tracker drops what the listing no longer has,
+so deletions missed meanwhile are caught. Connection losses, 5xx and 429
+retry with exponential backoff and jitter (Retry-After honoured) while the
+kernel keeps serving the last good state; a watch that made progress before
+it broke reconnects at once.
+
+Warning Events are posted from a background thread (a slow API server never
+holds up a sync), at most once per object version and message.
 """
 
 from __future__ import annotations
@@ -16,7 +26,10 @@ import contextlib
 import datetime
 import json
 import logging
+import queue
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +40,17 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from ..objects import Service
-from ..tracker import Tracker
+from ..tracker import Tracker, object_key
 
 log = logging.getLogger(__name__)
 
+# Defaults, read when a KubeSource is made (tests shrink them).
 WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (it adds jitter itself)
+PAGE_SIZE = 500  # objects per list page
+INITIAL_BACKOFF = 0.2  # first retry after a failure, doubling up to MAX_BACKOFF
+MAX_BACKOFF = 30.0
+MAX_RETRY_AFTER = 60.0  # longest Retry-After we honour
+EVENT_QUEUE = 512  # Events waiting to be posted; more are dropped (and logged)
 
 
 class Gone(Exception):
@@ -51,6 +70,15 @@ class Resource:
     kind: str
     lister: Callable[..., Any]
     field_selector: str | None = None
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Where one kind's loop stands: the resourceVersion to watch from (None:
+    list first) and whether the current watch has delivered anything."""
+
+    rv: str | None = None
+    progress: bool = False
 
 
 def load_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -77,6 +105,18 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, Transient | OSError | ValueError) or type(exc).__module__.startswith("urllib3")
 
 
+def _gone(exc: BaseException) -> bool:
+    return isinstance(exc, Gone) or (isinstance(exc, ApiException) and exc.status == 410)
+
+
+def _retry_after(exc: BaseException | None) -> float:
+    headers = getattr(exc, "headers", None) if isinstance(exc, ApiException) else None
+    try:
+        return min(float(headers.get("Retry-After") or 0), MAX_RETRY_AFTER) if headers else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class KubeSource:
     """Feeds a Tracker from the API server until stop()."""
 
@@ -89,39 +129,93 @@ class KubeSource:
         *,
         kubeconfig: str | None = None,
         api_client: client.ApiClient | None = None,
-        watch_timeout: int = WATCH_TIMEOUT,
-        max_backoff: float = 30.0,
+        watch_timeout: int | None = None,
+        max_backoff: float | None = None,
+        initial_backoff: float | None = None,
+        page_size: int | None = None,
     ) -> None:
         self.tracker, self.node_name = tracker, node_name
         self.api = api_client or load_client(kubeconfig)
         self.core = client.CoreV1Api(self.api)
         self.discovery = client.DiscoveryV1Api(self.api)
-        self.watch_timeout, self.max_backoff = watch_timeout, max_backoff
+        self.watch_timeout = WATCH_TIMEOUT if watch_timeout is None else watch_timeout
+        self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
+        self.initial_backoff = INITIAL_BACKOFF if initial_backoff is None else initial_backoff
+        self.page_size = PAGE_SIZE if page_size is None else page_size
         self.resources = (
             Resource("Service", self.core.list_service_for_all_namespaces),
             Resource("EndpointSlice", self.discovery.list_endpoint_slice_for_all_namespaces),
             Resource("Node", self.core.list_node, f"metadata.name={node_name}"),
         )
+        self.resource_versions: dict[str, str] = {}  # kind -> last resourceVersion seen
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._responses: set[Any] = set()
-        self.stats = {"lists": 0, "watches": 0, "relists_410": 0, "errors": 0, "events": 0}
+        self._local = threading.local()  # the object being filed, for Event de-duplication
+        self._event_queue: queue.Queue[dict[str, Any]] = queue.Queue(EVENT_QUEUE)
+        self._event_thread: threading.Thread | None = None
+        self._event_lock = threading.Lock()
+        self._warned: dict[tuple[str, str, str, str], str] = {}  # (kind, ns, name, message) -> rv
+        self._stats_lock = threading.Lock()
+        self.stats = {"lists": 0, "pages": 0, "watches": 0, "relists_410": 0, "reconnects": 0,
+                      "errors": 0, "events": 0, "events_posted": 0}
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:  # three watch threads and the Event poster share the counters
+            self.stats[name] += 1
 
     # ---- one request each ------------------------------------------------------
-    def _list(self, res: Resource) -> str:
-        kw: dict[str, Any] = {"_preload_content": False, "_request_timeout": 60}
-        if res.field_selector:
-            kw["field_selector"] = res.field_selector
-        resp = res.lister(**kw)
+    def _file(self, kind: str, obj: Any) -> None:
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        self._local.rv = str(meta.get("resourceVersion") or "") if isinstance(meta, dict) else ""
         try:
-            data = json.loads(resp.data)
+            self.tracker.upsert(kind, obj)
         finally:
-            resp.release_conn()
-        self.stats["lists"] += 1
-        self.tracker.replace(res.kind, data.get("items") or [])
-        return str((data.get("metadata") or {}).get("resourceVersion") or "")
+            self._local.rv = ""
 
-    def _events(self, res: Resource, rv: str) -> Iterator[dict[str, Any]]:
+    def _list(self, res: Resource) -> str:
+        """List one kind page by page, filing each page as it comes; returns the
+        listing's resourceVersion (the first page's: later changes replay on the watch)."""
+        seen: set[tuple[str, str]] = set()
+        rv: str | None = None
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"_preload_content": False, "_request_timeout": 60}
+            if self.page_size > 0:
+                kw["limit"] = self.page_size
+            if res.field_selector:
+                kw["field_selector"] = res.field_selector
+            if token:
+                kw["_continue"] = token
+            try:
+                resp = res.lister(**kw)
+            except ApiException as exc:
+                if token and exc.status == 410:  # the continue token expired: list again from the start
+                    raise Transient(f"list {res.kind}: continue token expired") from None
+                raise
+            try:
+                data = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            if not isinstance(data, dict):
+                raise Transient(f"list {res.kind}: not a list object")
+            self._count("pages")
+            meta = data.get("metadata") or {}
+            if rv is None:
+                rv = str(meta.get("resourceVersion") or "")
+            for obj in data.get("items") or []:
+                seen.add(object_key(obj))
+                self._file(res.kind, obj)
+            del data
+            token = meta.get("continue") or None
+            if not token:
+                break
+        self.tracker.finish_listing(res.kind, seen)
+        self._count("lists")
+        self.resource_versions[res.kind] = rv = rv or ""
+        return rv
+
+    def _stream(self, res: Resource, rv: str) -> Iterator[dict[str, Any]]:
         kw: dict[str, Any] = {
             "watch": True, "resource_version": rv, "allow_watch_bookmarks": True,
             "timeout_seconds": self.watch_timeout, "_preload_content": False,
@@ -131,79 +225,110 @@ class KubeSource:
             kw["field_selector"] = res.field_selector
         resp = res.lister(**kw)
         self._responses.add(resp)
-        self.stats["watches"] += 1
+        self._count("watches")
+        ended = False
         try:
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
                     return
+                if not line.strip():
+                    continue
                 try:
                     event = json.loads(line)
                 except ValueError:
                     raise Transient(f"watch {res.kind}: undecodable line") from None
                 if isinstance(event, dict):
                     yield event
+            ended = True
         finally:
             self._responses.discard(resp)
+            if not ended:  # left mid-stream: the rest is unread, so the connection cannot be reused
+                resp.close()
             resp.release_conn()
 
-    def _watch(self, res: Resource, rv: str) -> str:
-        """Follow one watch stream; returns the last resourceVersion seen."""
-        for event in self._events(res, rv):
-            etype, obj = event.get("type"), event.get("object") or {}
-            meta = obj.get("metadata") or {}
+    def _watch(self, res: Resource, cur: _Cursor) -> None:
+        """Follow one watch stream from cur.rv, advancing it with every event and
+        bookmark, so a broken stream resumes exactly where it stopped."""
+        assert cur.rv is not None
+        for event in self._stream(res, cur.rv):
+            etype, obj = event.get("type"), event.get("object")
+            obj = obj if isinstance(obj, dict) else {}
+            m = obj.get("metadata")
+            meta: dict[str, Any] = m if isinstance(m, dict) else {}
             if etype == "ERROR":
                 code = obj.get("code")
                 if code == 410:
                     raise Gone(obj.get("message", "resource version too old"))
                 raise Transient(f"watch {res.kind}: {code} {obj.get('message', '')}")
-            rv = str(meta.get("resourceVersion") or rv)
-            if etype == "BOOKMARK":
-                continue
-            self.stats["events"] += 1
+            rv = str(meta.get("resourceVersion") or "") or cur.rv
             if etype in ("ADDED", "MODIFIED"):
-                self.tracker.upsert(res.kind, obj)
+                self._count("events")
+                self._file(res.kind, obj)
             elif etype == "DELETED":
+                self._count("events")
                 self.tracker.delete(res.kind, str(meta.get("namespace") or "default"), str(meta.get("name")))
-        return rv
+            elif etype != "BOOKMARK":
+                log.debug("watch %s: event type %r ignored", res.kind, etype)
+            cur.rv, cur.progress = rv, True
+            self.resource_versions[res.kind] = rv
 
     # ---- the loop ------------------------------------------------------------------
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """Exponential backoff with equal jitter; a Retry-After header wins if longer."""
+        step = min(self.max_backoff, self.initial_backoff * 2 ** min(state.attempt_number - 1, 30))
+        wait = step * random.uniform(0.5, 1.0)
+        exc = state.outcome.exception() if state.outcome else None
+        return max(wait, _retry_after(exc))
+
     def list_all(self) -> None:
         """List every kind once (for --once); retries transient failures a few times."""
         for res in self.resources:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(5),
-                wait=tenacity.wait_exponential_jitter(initial=0.5, max=self.max_backoff), reraise=True,
+                wait=self._wait, reraise=True,
             ):
                 with attempt:
                     self._list(res)
 
-    def _follow(self, res: Resource) -> None:
-        rv: str | None = None
-
-        def cycle() -> None:
-            nonlocal rv
-            if rv is None:
-                rv = self._list(res)
-            try:
-                rv = self._watch(res, rv)
-            except Gone as exc:
+    def _cycle(self, res: Resource, cur: _Cursor) -> None:
+        """List if needed, then watch until the stream ends. Raises what should
+        be retried with backoff; returns when the next watch may start at once."""
+        fresh = cur.rv is None
+        if fresh:
+            cur.rv = self._list(res)
+        cur.progress = False
+        try:
+            self._watch(res, cur)
+        except Exception as exc:
+            if _gone(exc):
+                self._count("relists_410")
+                cur.rv = None
+                if fresh and not cur.progress:  # 410 again straight after a list: back off
+                    raise Transient(f"watch {res.kind}: 410 right after listing: {exc}") from None
                 log.info("watch %s: %s; relisting", res.kind, exc)
-                self.stats["relists_410"] += 1
-                rv = None
+                return
+            if cur.progress and _transient(exc) and not self._stop.is_set():
+                log.info("watch %s broke (%s); resuming from resourceVersion %s", res.kind, exc, cur.rv)
+                self._count("reconnects")
+                return
+            raise
 
+    def _follow(self, res: Resource) -> None:
+        cur = _Cursor()
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_transient),
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=self.max_backoff),
+            retry=tenacity.retry_if_exception(_transient), wait=self._wait,
             stop=tenacity.stop_never, sleep=self._sleep, before_sleep=self._log_retry(res.kind),
         )
         while not self._stop.is_set():
             try:
-                retrying(cycle)
+                retrying(self._cycle, res, cur)
             except Stopped:
                 return
             except Exception as exc:  # not transient (e.g. 403): say so, wait, try again
-                self.stats["errors"] += 1
-                log.error("watch %s: %s", res.kind, exc)
+                if self._stop.is_set():
+                    return
+                self._count("errors")
+                log.error("watch %s: %s; retrying in %.0fs", res.kind, exc, self.max_backoff)
                 self._stop.wait(self.max_backoff)
 
     def _sleep(self, seconds: float) -> None:
@@ -212,9 +337,11 @@ class KubeSource:
 
     def _log_retry(self, kind: str) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
-            self.stats["errors"] += 1
+            if self._stop.is_set():
+                return
+            self._count("errors")
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("watch %s failed (%s); retry %d in %.1fs", kind, exc, state.attempt_number,
+            log.warning("watch %s failed (%s); retry %d in %.2fs", kind, exc, state.attempt_number,
                         state.next_action.sleep if state.next_action else 0)
         return before_sleep
 
@@ -224,26 +351,89 @@ class KubeSource:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the watches (open streams are cut) and post what Events are queued."""
         self._stop.set()
         for resp in list(self._responses):
             with contextlib.suppress(Exception):  # already closed is fine
                 resp.shutdown() if hasattr(resp, "shutdown") else resp.close()
+        self.flush(timeout)
+        for t in self._threads:
+            t.join(timeout)
 
     # ---- events --------------------------------------------------------------------
     def post_event(self, svc: Service, reason: str, message: str) -> None:
         """A Warning Event on the Service (kubectl describe svc shows it)."""
+        self.post_object_event("Service", svc.namespace, svc.name, reason, message, uid=svc.uid)
+
+    def post_object_event(self, kind: str, namespace: str, name: str, reason: str, message: str,
+                          uid: str = "") -> None:
+        """Queue a Warning Event on an object; the same message for the same object
+        version (e.g. seen again in a relist) is posted once."""
+        rv = getattr(self._local, "rv", "")
+        key = (kind, namespace, name, message)
+        with self._event_lock:
+            if rv and self._warned.get(key) == rv:
+                return
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            self._warned[key] = rv
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cluster_scoped = kind == "Node"
+        ns = "default" if cluster_scoped else namespace
+        involved: dict[str, Any] = {"apiVersion": "v1" if kind != "EndpointSlice" else "discovery.k8s.io/v1",
+                                    "kind": kind, "name": name}
+        if not cluster_scoped:
+            involved["namespace"] = namespace
+        if uid:
+            involved["uid"] = uid
         body = {
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{svc.name}.", "namespace": svc.namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Service", "namespace": svc.namespace,
-                               "name": svc.name, "uid": svc.uid or None},
+            "metadata": {"generateName": f"{name}.", "namespace": ns},
+            "involvedObject": involved,
             "reason": reason, "message": message[:1024], "type": "Warning", "count": 1,
             "firstTimestamp": now, "lastTimestamp": now,
             "source": {"component": "ipvsproxy", "host": self.node_name},
             "reportingComponent": "ipvsproxy", "reportingInstance": self.node_name,
         }
-        event = client.CoreV1Event.from_dict(body)
-        assert event is not None
-        self.core.create_namespaced_event(svc.namespace, event, _request_timeout=10)
+        try:
+            self._event_queue.put_nowait(body)
+        except queue.Full:
+            log.warning("Event queue full; %s Event on %s %s/%s dropped", reason, kind, namespace, name)
+            return
+        with self._event_lock:
+            if self._event_thread is None or not self._event_thread.is_alive():
+                self._event_thread = threading.Thread(target=self._post_events, name="events", daemon=True)
+                self._event_thread.start()
+
+    def _post_events(self) -> None:
+        while True:
+            try:
+                body = self._event_queue.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            try:
+                core: Any = self.core  # a raw call: a dict body, the HTTP response back
+                resp = core.create_namespaced_event(body["metadata"]["namespace"], body,
+                                                    _preload_content=False, _request_timeout=10)
+                resp.read()  # unread, the body would be the next request's on this connection
+                resp.release_conn()
+                self._count("events_posted")
+            except Exception as exc:  # Events are best effort
+                log.warning("could not post %s Event on %s %s: %s", body["reason"],
+                            body["involvedObject"]["kind"], body["involvedObject"]["name"], exc)
+            finally:
+                self._event_queue.task_done()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued Event has been posted (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._event_queue.all_tasks_done:
+            while self._event_queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._event_queue.all_tasks_done.wait(left)
+        return True
