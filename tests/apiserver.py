@@ -201,6 +201,16 @@ def _today() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients dropping their connections (what the tests provoke) is not an error worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeApiServer:
     """A thread-safe in-memory API server on 127.0.0.1; use as a context manager."""
 
@@ -230,7 +240,7 @@ class FakeApiServer:
         class Handler(_Handler):
             server_api = api
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-apiserver", daemon=True)
