@@ -73,7 +73,8 @@ def build(
         if rate:
             item["rates"] = {k: int(vs.stats.get(k, 0)) for k in RATES}
         reals = []
-        for (addr, port), r in sorted(observed.services[key].reals.items()):
+        for (addr, port), r in sorted(observed.services[key].reals.items(),
+                                      key=lambda kv: (ipaddress.ip_address(kv[0][0]), kv[0][1])):
             ep = record.endpoint_of(key, addr) if (record and vs.owned) else {}
             real: dict[str, Any] = {
                 "address": addr, "port": port, "weight": r.weight,

@@ -14,7 +14,7 @@ from ipvsproxy import view
 from ipvsproxy.cli import common
 from ipvsproxy.cli.main import cli, register
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, ObservedReal, ObservedVS, VSKey
+from ipvsproxy.model import AF_INET, AF_INET6, ObservedReal, ObservedState, ObservedVS, VSKey
 from ipvsproxy.observe import records
 from ipvsproxy.plan import apply_op, plan
 from ipvsproxy.schedulers import Registry
@@ -103,6 +103,18 @@ def test_view_flags_and_human() -> None:
     assert view.human(999) == "999" and view.human(1500) == "1.5K" and view.human(2048, binary=True) == "2.0Ki"
     vs = ObservedVS(FOREIGN, "sh", 0x8 | 0x10 | 0x20, 0)
     assert view.flag_names(vs) == ["sh-fallback", "sh-port"]
+
+
+def test_view_orders_by_numeric_address() -> None:
+    key = VSKey(AF_INET, 6, "198.18.0.10", 80)
+    reals = {(a, p): ObservedReal(a, p, 1) for a, p in
+             (("198.18.1.10", 80), ("198.18.1.9", 8080), ("198.18.1.9", 443), ("198.18.1.100", 80))}
+    state = ObservedState({k: ObservedVS(k, "rr", 0, 0, dict(reals) if k == key else {}) for k in (
+        key, VSKey(AF_INET, 6, "198.18.0.9", 80), VSKey(AF_INET6, 6, "2001:2::1", 80))})
+    doc = view.build(state, None)
+    assert [i["address"] for i in doc["items"]] == ["198.18.0.9", "198.18.0.10", "2001:2::1"]
+    assert [(r["address"], r["port"]) for r in doc["items"][1]["realServers"]] == [
+        ("198.18.1.9", 443), ("198.18.1.9", 8080), ("198.18.1.10", 80), ("198.18.1.100", 80)]
 
 
 def test_diff_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
