@@ -72,7 +72,7 @@ def instrument(dp: Any) -> dict[str, float]:
         return wrapper
 
     setattr(dp.wire, "execute", timed(dp.wire.execute, "ipvs_netlink_s"))  # noqa: B010
-    setattr(dp, "_address", timed(dp._address, "addresses_s"))  # noqa: B010
+    setattr(dp, "_addresses", timed(dp._addresses, "addresses_s"))  # noqa: B010
     return acc
 
 

@@ -15,15 +15,13 @@ big-endian, ``IPVS_SVC_ATTR_FLAGS`` is ``struct ip_vs_flags {flags, mask}``,
 and ``IPVS_SVC_ATTR_NETMASK`` is a big-endian mask for IPv4 but a *prefix
 length* (1..128, host order) for IPv6.
 
-EINTR is retried by Python itself (PEP 475).  ENOBUFS from ``send`` shrinks
-the batch and resends (nothing was delivered); ENOBUFS from ``recv`` means
-acknowledgements were dropped, so a barrier is sent and every request whose
-outcome is unknown gets an ``IPVSError(ENOBUFS)``.
+The socket and the batching protocol (acks matched by sequence number,
+ENOBUFS handling, barriers) live in :mod:`.netlink_wire`, shared with the
+rtnetlink address codec (:mod:`.addr_wire`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno as _errno
 import operator
 import os
@@ -34,6 +32,14 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
 
+from .netlink_wire import I32 as _I32
+from .netlink_wire import NLA as _NLA
+from .netlink_wire import NLMSG as _NLMSG
+from .netlink_wire import U32 as _U32
+from .netlink_wire import Counters, NetlinkWire, open_socket
+from .netlink_wire import attrs as _attrs
+from .netlink_wire import error_text as _error_text
+
 __all__ = [
     "Cmd", "Counters", "Dest", "DestEntry", "IPVSError", "IPVSUnavailable", "IPVSWire",
     "Request", "Stats", "Svc", "SvcEntry",
@@ -43,12 +49,8 @@ __all__ = [
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP = 0x300
-NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
-SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
-NLMSGERR_ATTR_MSG = 1
 GENL_ID_CTRL, CTRL_CMD_GETFAMILY = 0x10, 3
 CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 NETLINK_GENERIC = 16
 
 # --- IPVS (include/uapi/linux/ip_vs.h) -----------------------------------------------------
@@ -67,10 +69,6 @@ IP_VS_SVC_F_HASHED = 0x2
 FWD_MASK = 0x7
 
 _HDR = struct.Struct("=IHHIIBBH")  # nlmsghdr + genlmsghdr (20 bytes)
-_NLMSG = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
-_I32 = struct.Struct("=i")
 _U64 = struct.Struct("=Q")
 _U16 = struct.Struct("=H")
 _U32A = struct.Struct("=HHI")  # a whole u32 attribute
@@ -86,9 +84,6 @@ _MSG_DEST_ID = struct.Struct("=IHHIIBBH48sHH" "HH16s" "HHH2x")
 _MSG_DEST_ID_AF = struct.Struct("=IHHIIBBH48sHH" "HH16s" "HHH2x" "HHH2x")
 
 _PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
-_RECV_BUF = 1 << 20
-_SOCK_BUF = 8 << 20
-_ACK_TRUESIZE = 2048  # generous per-ack receive-buffer charge, to bound outstanding acks
 
 T = TypeVar("T")
 
@@ -175,16 +170,6 @@ class Request:
     dest: Dest | None = None
 
 
-@dataclass(slots=True)
-class Counters:
-    """Wire activity, for benchmarks."""
-
-    messages_sent: int = 0
-    sendmsg_calls: int = 0
-    recv_calls: int = 0
-    round_trips: int = 0
-
-
 class IPVSError(Exception):
     """A kernel (or encoding) error for one request; ``errno`` and ``request`` are kept."""
 
@@ -243,6 +228,10 @@ def _make_error(req: Request, err: int, extra: str = "") -> IPVSError:
     if extra:
         msg += f": {extra}"
     return IPVSError(err, msg, req)
+
+
+def _invalid(req: Request, exc: Exception) -> IPVSError:
+    return IPVSError(_errno.EINVAL, f"{describe(req)}: invalid request: {exc}", req)
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -310,19 +299,6 @@ def encode_request(req: Request, family_id: int, seq: int, flags: int,
 
 
 # --- decoding ------------------------------------------------------------------------------
-def _attrs(buf: bytes | bytearray, off: int, end: int) -> dict[int, tuple[int, int]]:
-    """Attribute type -> (payload offset, payload length) for attributes in buf[off:end]."""
-    out: dict[int, tuple[int, int]] = {}
-    unpack = _NLA.unpack_from
-    while off + 4 <= end:
-        ln, ty = unpack(buf, off)
-        if ln < 4:
-            break
-        out[ty & 0x3FFF] = (off + 4, ln - 4)
-        off += (ln + 3) & ~3
-    return out
-
-
 _STATS64 = struct.Struct("=" + "HHQ" * 10)  # the kernel's STATS64 nest body (x86-64: no pads)
 _STATS64_HDRS = tuple(x for t in range(1, 11) for x in (12, t))
 
@@ -474,18 +450,8 @@ _DEST_U32S = (DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH, DEST_A
               DEST_INACT_CONNS, DEST_PERSIST_CONNS)
 
 
-def _error_text(buf: bytes | bytearray, off: int, ln: int, flags: int) -> str:
-    """The extended-ack message of an NLMSG_ERROR at buf[off:off+ln], if any."""
-    if not flags & NLM_F_ACK_TLVS:
-        return ""
-    inner = off + 20
-    tlv = inner + (16 if flags & NLM_F_CAPPED else _U32.unpack_from(buf, inner)[0])
-    w = _attrs(buf, tlv, off + ln).get(NLMSGERR_ATTR_MSG)
-    return bytes(buf[w[0]:w[0] + w[1]]).rstrip(b"\0").decode(errors="replace") if w else ""
-
-
 # --- the socket ----------------------------------------------------------------------------
-class IPVSWire:
+class IPVSWire(NetlinkWire):
     """One generic netlink socket talking to the kernel's IPVS family."""
 
     def __init__(self, batch_size: int = 256, *, ack_all: bool = True) -> None:
@@ -494,21 +460,10 @@ class IPVSWire:
         ``ack_all=False`` sets NLM_F_ACK only on a trailing barrier: the kernel
         then sends nothing for successful requests (errors are always sent).
         """
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        sock = open_socket(NETLINK_GENERIC)
         try:
-            for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
-                                 (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, force, _SOCK_BUF)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, plain, _SOCK_BUF)
-            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(SOL_NETLINK, opt, 1)
-            # A receive timeout in the kernel (no extra poll per recv): never hang forever.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 30, 0))
-            sock.bind((0, 0))
-            self._setup(sock, GENL_ID_CTRL, batch_size, ack_all)
+            self._setup(sock, batch_size, ack_all)
+            self._family = GENL_ID_CTRL
             self._family = self._resolve_family()
         except BaseException:
             sock.close()
@@ -519,25 +474,9 @@ class IPVSWire:
                    ack_all: bool = True) -> IPVSWire:
         """Wrap an already-open socket with a known family id (tests, fakes)."""
         self = cls.__new__(cls)
-        self._setup(sock, family_id, batch_size, ack_all)
-        return self
-
-    def _setup(self, sock: socket.socket, family_id: int, batch_size: int,
-               ack_all: bool) -> None:
-        self._sock = sock
+        self._setup(sock, batch_size, ack_all)
         self._family = family_id
-        self._ack_all = ack_all
-        self._buf = bytearray(_RECV_BUF)
-        self._seq = int.from_bytes(os.urandom(2), "little") << 8
-        try:
-            rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        except OSError:
-            rcvbuf = _SOCK_BUF
-        self._batch = max(1, min(batch_size, rcvbuf // _ACK_TRUESIZE))
-        self.counters = Counters()
-
-    def close(self) -> None:
-        self._sock.close()
+        return self
 
     def __enter__(self) -> IPVSWire:
         return self
@@ -545,26 +484,8 @@ class IPVSWire:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- low level ------------------------------------------------------------------------
-    def _next_seq(self, n: int = 1) -> int:
-        seq = self._seq
-        self._seq = (seq + n) & 0xFFFFFFFF
-        return seq
-
-    def _send(self, data: bytes, messages: int) -> None:
-        self._sock.send(data)
-        c = self.counters
-        c.sendmsg_calls += 1
-        c.messages_sent += messages
-        c.round_trips += 1
-
-    def _recv(self) -> int:
-        try:
-            n = self._sock.recv_into(self._buf)
-        except BlockingIOError as exc:  # SO_RCVTIMEO expired
-            raise IPVSError(_errno.ETIMEDOUT, "IPVS netlink: no reply from the kernel") from exc
-        self.counters.recv_calls += 1
-        return n
+    def _timeout(self) -> Exception:
+        return IPVSError(_errno.ETIMEDOUT, "IPVS netlink: no reply from the kernel")
 
     def _transact(self, cmd: int, payload: bytes, what: str, family: int | None = None,
                   ack: bool = True) -> dict[int, tuple[int, int]]:
@@ -643,92 +564,19 @@ class IPVSWire:
         Kernel errors (and requests that cannot be encoded) never raise: they
         come back in the list.  Socket-level failures do raise.
         """
-        results: list[IPVSError | None] = [None] * len(requests)
-        i = 0
-        while i < len(requests):
-            i = self._execute_batch(requests, i, min(len(requests), i + self._batch), results)
-        return results
-
-    def _execute_batch(self, requests: Sequence[Request], start: int, end: int,
-                       results: list[IPVSError | None]) -> int:
         fam = self._family
-        flags = NLM_F_REQUEST | (NLM_F_ACK if self._ack_all else 0)
-        seq0 = seq = self._seq
-        parts: list[bytes] = []
-        index: list[int] = []  # message k (seq0 + k) -> request index
-        last_svc: Svc | None = None
+        last_svc: Svc | None = None  # consecutive requests on one service share its identity nest
         sid = b""
-        for j in range(start, end):
-            req = requests[j]
-            try:
-                if req.svc is not last_svc:
-                    last_svc = req.svc
-                    sid = _svc_id(last_svc)
-                parts.append(encode_request(req, fam, seq, flags, sid))
-            except (ValueError, OSError, TypeError, struct.error, UnicodeError) as exc:
-                last_svc = None
-                results[j] = IPVSError(_errno.EINVAL, f"{describe(req)}: invalid request: {exc}",
-                                       req)
-                continue
-            index.append(j)
-            seq = (seq + 1) & 0xFFFFFFFF
-        if not index:
-            return end
-        if not self._ack_all:  # barrier: a NOOP the kernel acks after all earlier messages
-            parts.append(_NLMSG.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, seq, 0))
-            last = seq
-            seq = (seq + 1) & 0xFFFFFFFF
-        else:
-            last = (seq - 1) & 0xFFFFFFFF
-        self._seq = seq
-        try:
-            self._send(b"".join(parts), len(parts))
-        except OSError as exc:
-            if exc.errno in (_errno.ENOBUFS, _errno.EMSGSIZE, _errno.ENOMEM) and len(parts) > 1:
-                self._batch = max(1, (end - start) // 2)  # nothing was delivered: retry smaller
-                return start
-            raise
-        seen = bytearray(len(index))
-        buf = self._buf
-        lost = False
-        while True:
-            try:
-                n = self._recv()
-            except OSError as exc:
-                if exc.errno != _errno.ENOBUFS:
-                    raise
-                lost = True  # acks were dropped: fence with a barrier to learn where we are
-                last = self._next_seq()
-                self._send(_NLMSG.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, last, 0), 1)
-                continue
-            off = 0
-            done = False
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = _NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
-                if ty == NLMSG_ERROR:
-                    k = (mseq - seq0) & 0xFFFFFFFF
-                    if k < len(index):
-                        seen[k] = 1
-                        err = -_I32.unpack_from(buf, off + 16)[0]
-                        if err:
-                            j = index[k]
-                            results[j] = _make_error(requests[j], err,
-                                                     _error_text(buf, off, ln, fl))
-                    if mseq == last:
-                        done = True
-                off += (ln + 3) & ~3
-            if done:
-                break
-        if lost:
-            self._batch = max(1, (end - start) // 2)
-            for k, j in enumerate(index):
-                if not seen[k] and results[j] is None:
-                    results[j] = IPVSError(
-                        _errno.ENOBUFS, f"{describe(requests[j])}: outcome unknown: netlink "
-                        "acknowledgement lost (receive buffer overrun)", requests[j])
-        return end
+
+        def encode(req: Request, seq: int, flags: int) -> bytes:
+            nonlocal last_svc, sid
+            if req.svc is not last_svc:
+                last_svc = None  # stays None when the service cannot be encoded
+                sid = _svc_id(req.svc)
+                last_svc = req.svc
+            return encode_request(req, fam, seq, flags, sid)
+
+        return self.batch(requests, encode, _make_error, _invalid)
 
     # -- dumps ----------------------------------------------------------------------------
     def services(self) -> list[SvcEntry]:
@@ -820,15 +668,3 @@ class IPVSWire:
                     break
             self._drain()
         raise IPVSError(_errno.EBUSY, f"{what}: netlink dump kept failing (EBUSY/ENOBUFS)")
-
-    def _drain(self) -> None:
-        """Read and drop whatever is queued (the rest of an abandoned dump)."""
-        while True:
-            try:
-                if self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT) <= 0:
-                    return
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno != _errno.ENOBUFS:
-                    raise

@@ -1,8 +1,10 @@
 """The kernel dataplane: IPVS over generic netlink, addresses over rtnetlink.
 
-IPVS messages go through our own batched codec (ipvs_wire), because a plain
-pyroute2 loop spends ~25 ms of Python per object; links, addresses and
-conntrack use pyroute2. Kernel errors come back as Failures whose message
+IPVS messages and address binds go through our own batched codecs
+(ipvs_wire, addr_wire: many messages per send, acks mapped back by sequence
+number), because a plain pyroute2 loop spends ~25 ms of Python per IPVS
+object and ~11 ms per address under emulation; links and address dumps use
+pyroute2. Kernel errors come back as Failures whose message
 names the Service and the object, never as exceptions.
 """
 
@@ -31,6 +33,7 @@ from ..model import (
 )
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
+from .addr_wire import AddrRequest, AddrWire
 from .base import Counters, DataplaneError, Failure
 from .conntrack import ConntrackFlusher
 from .ipvs_wire import (
@@ -173,6 +176,7 @@ class NetlinkDataplane:
         from pyroute2 import IPRoute
 
         self.ipr = IPRoute()
+        self.addr = AddrWire(batch_size=batch_size)  # binds/unbinds, batched like IPVS messages
         self._ifindex: int | None = None
         self.conntrack = ConntrackFlusher()  # its sockets open on the first UDP/SCTP removal
 
@@ -273,8 +277,7 @@ class NetlinkDataplane:
         binds = [op for op in ops if op.kind is OpKind.BIND]
         unbinds = [op for op in ops if op.kind is OpKind.UNBIND]
         ipvs = [op for op in ops if op.kind not in (OpKind.BIND, OpKind.UNBIND)]
-        for op in binds:
-            self._address(op, "add", failures)
+        self._addresses(binds, failures)
         reqs = [(op, self._requests(op)) for op in ipvs]
         sent = self.wire.counters.messages_sent, self.wire.counters.sendmsg_calls
         results = self.wire.execute([r for _, r in reqs if r is not None])
@@ -287,8 +290,7 @@ class NetlinkDataplane:
             self.counters.ops[op.kind.value] += 1
             if op.kind is OpKind.DEL_RS and op.key is not None and op.key.protocol != Protocol.TCP:
                 self.flush_conntrack(op)
-        for op in unbinds:
-            self._address(op, "del", failures)
+        self._addresses(unbinds, failures)
         return failures
 
     @staticmethod
@@ -296,21 +298,28 @@ class NetlinkDataplane:
         """Deleting what is already gone is success (someone else removed it)."""
         return op.kind in (OpKind.DEL_VS, OpKind.DEL_RS) and err.errno in (errno.ESRCH, errno.ENOENT)
 
-    def _address(self, op: Op, cmd: str, failures: list[Failure]) -> None:
-        assert op.address is not None
-        family = family_of(op.address)
+    def _addresses(self, ops: Sequence[Op], failures: list[Failure]) -> None:
+        """Bind (or unbind) addresses on our interface: all BIND (or all UNBIND)
+        ops in batches of RTM_NEWADDR/RTM_DELADDR, each error on its own op."""
+        if not ops:
+            return
+        add = ops[0].kind is OpKind.BIND
         try:
-            idx = self.ensure_interface() if cmd == "add" else self.ifindex()
-            if idx is None:
-                return
-            self.ipr.addr(cmd, index=idx, address=op.address, prefixlen=128 if family == AF_INET6 else 32,
-                          family=family, **({"flags": 0x02} if family == AF_INET6 else {}))  # IFA_F_NODAD
-            self.counters.ops[op.kind.value] += 1
+            idx = self.ensure_interface() if add else self.ifindex()
         except Exception as exc:
-            code = getattr(exc, "code", 0)
-            if (cmd == "add" and code == errno.EEXIST) or (cmd == "del" and code == errno.EADDRNOTAVAIL):
-                return
-            failures.append(Failure(op, describe_failure(op, OSError(code or 0, str(exc)))))
+            failures += [Failure(op, describe_failure(op, exc)) for op in ops]
+            return
+        if idx is None:  # no interface: nothing of ours is bound
+            return
+        results = self.addr.execute([AddrRequest(add, op.address or "", idx) for op in ops])
+        harmless = errno.EEXIST if add else errno.EADDRNOTAVAIL  # already (un)bound
+        for op, err in zip(ops, results, strict=True):
+            if err is None:
+                self.counters.ops[op.kind.value] += 1
+            elif err.errno != harmless:
+                if err.errno == errno.ENODEV:
+                    self._ifindex = None  # the interface went away behind our back: look it up again
+                failures.append(Failure(op, describe_failure(op, err)))
 
     def flush_conntrack(self, op: Op) -> None:
         """Forget NAT'd UDP/SCTP flows to a removed real server, so no datagram
@@ -338,4 +347,5 @@ class NetlinkDataplane:
     def close(self) -> None:
         self.conntrack.close()
         self.wire.close()
+        self.addr.close()
         self.ipr.close()
