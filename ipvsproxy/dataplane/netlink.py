@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ..config import AgentConfig
 from ..model import (
@@ -109,12 +109,38 @@ def write_sysctl(path: str, value: str) -> None:
         log.warning("cannot set %s=%s: %s", path.replace("/", "."), value, exc)
 
 
-def _stats(s: Stats) -> dict[str, int]:
-    return {
-        "conns": s.conns, "inpkts": s.inpkts, "outpkts": s.outpkts, "inbytes": s.inbytes,
-        "outbytes": s.outbytes, "cps": s.cps, "inpps": s.inpps, "outpps": s.outpps,
-        "inbps": s.inbps, "outbps": s.outbps,
-    }
+class StatsView(Mapping[str, int]):
+    """The IPVS counters of one object ("conns", "inpkts", ... "outbps") as a
+    read-only mapping over the decoded wire record. A full dump (every
+    --sync-period) reads every real server: a dict of ten counters each was
+    ~0.3 KiB on top of the record, ~45 MiB per dump at 10,000 Services x 10;
+    this view is 56 bytes."""
+
+    __slots__ = ("_s",)
+    KEYS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes", "cps", "inpps", "outpps", "inbps", "outbps")
+    _KEYSET = frozenset(KEYS)
+
+    def __init__(self, s: Stats) -> None:
+        self._s = s
+
+    def __getitem__(self, key: str) -> int:
+        if key not in self._KEYSET:
+            raise KeyError(key)
+        value: int = getattr(self._s, key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+def _stats(s: Stats) -> Mapping[str, int]:
+    return StatsView(s)
 
 
 def svc_of(key: VSKey, vs: VirtualServer | None = None) -> Svc:

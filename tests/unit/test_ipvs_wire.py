@@ -428,3 +428,18 @@ def test_dest_fast_path_matches_generic_parser() -> None:
         ["IPVS_DEST_ATTR_PORT", 81]]}]], 1)
     entry = w._dest_decoder(V4)(data, 20, len(data))
     assert entry is not None and entry.dest == Dest("10.0.0.2", 81, 0)
+
+
+def test_observed_counters_are_a_view_of_the_wire_record() -> None:
+    from ipvsproxy.dataplane.netlink import StatsView, observed_vs
+
+    entry = w.SvcEntry(SVC4, Stats(*range(1, 11)))
+    dests = [DestEntry(Dest("10.0.0.1", 8080, 3), 4, 5, 6, Stats(*range(100, 110)))]
+    obs = observed_vs(entry, dests)
+    real = obs.reals[("10.0.0.1", 8080)]
+    assert (real.weight, real.active, real.inactive) == (3, 4, 5)
+    assert isinstance(real.stats, StatsView)
+    assert dict(real.stats) == dict(zip(StatsView.KEYS, range(100, 110), strict=True))
+    assert obs.stats["conns"] == 1 and obs.stats.get("outbps") == 10 and obs.stats.get("nope", 0) == 0
+    with pytest.raises(KeyError):
+        obs.stats["svc"]
