@@ -88,10 +88,15 @@ def targets(doc: dict[str, Any], n: int = 10_000) -> list[dict[str, Any]]:
 
     rss = _get(_at(mem, n), "rss", "full")
     paged = _get(_at(mem, n), "rss", "paged")
+    # Judged on how the agent lists: in pages (sources/kube.py, limit + continue, since 2b57a27);
+    # a file without the paged probe falls back to one list response per kind.
+    agent = paged if paged is not None else rss
     out.append({"id": "agent-rss", "target": f"agent RSS at {n} Services x 10 endpoints <= {RSS_LIMIT_MIB:g} MiB",
                 "measured": {"rss_mib": _get(rss, "rss_mib"), "peak_mib": _get(rss, "peak_mib"),
-                             "paged_rss_mib": _get(paged, "rss_mib"), "paged_peak_mib": _get(paged, "peak_mib")},
-                "met": None if rss is None else rss["rss_mib"] <= RSS_LIMIT_MIB})
+                             "paged_rss_mib": _get(paged, "rss_mib"), "paged_peak_mib": _get(paged, "peak_mib"),
+                             "judged_on": None if agent is None else ("paged" if agent is paged else "full")},
+                "criterion": "RSS after the cold start with lists read the way the agent reads them (paged)",
+                "met": None if agent is None else agent["rss_mib"] <= RSS_LIMIT_MIB})
     return out
 
 
@@ -224,7 +229,7 @@ def _plot_rss(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
         pts = [(n, v) for n, v in pts if v is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=f"{'RSS' if key == 'rss_mib' else 'peak'} "
-                    f"({'one list response' if mode == 'full' else 'paged list, 500/page'})")
+                    f"({'one list response' if mode == 'full' else 'paged list, 500/page, as the agent lists'})")
     ax.axhline(RSS_LIMIT_MIB, color="red", lw=1, label=f"target {RSS_LIMIT_MIB:g} MiB")
     ax.set_xlabel(f"Services (x {runs[0]['endpoints']} endpoints)")
     ax.set_ylabel("MiB")

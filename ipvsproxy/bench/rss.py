@@ -7,10 +7,11 @@ on a dataplane that keeps no table (the kernel's copy is not the agent's
 memory), feeds it the cluster the way the Kubernetes source does, runs the
 cold-start sync, and reads VmRSS/VmHWM from /proc/self/status.
 
-Modes: ``full`` is what sources/kube.py does today: each kind is one list
-response, decoded whole with json.loads, then handed to Tracker.replace.
-``paged`` decodes 500 objects at a time (what a paginated list, limit/continue,
-would cost), to show how much of the peak the unpaginated list is.
+Modes: ``paged`` is what sources/kube.py does (since 2b57a27): pages of 500
+objects (limit/continue), each decoded and upserted as it arrives; the
+agent-RSS target is judged on it. ``full`` decodes each kind as one list
+response and hands it to Tracker.replace (what the agent did before): kept
+to show what an unpaginated list costs.
 """
 
 from __future__ import annotations

@@ -241,6 +241,10 @@ def test_targets_are_judged_met_or_not() -> None:
     assert t["steady-no-writes"]["met"] is True
     assert t["agent-rss"]["met"] is False
     assert all(x["met"] is None for x in report.targets({"runs": []}))
+    # judged on the paged probe (how the agent lists) when the file has it
+    doc["runs"][1]["rss"]["paged"] = {"rss_mib": 120.0, "peak_mib": 170.0}
+    t = {x["id"]: x for x in report.targets(doc)}
+    assert t["agent-rss"]["met"] is True and t["agent-rss"]["measured"]["judged_on"] == "paged"
 
 
 def test_progress_bar_and_statistics() -> None:
