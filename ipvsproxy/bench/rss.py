@@ -4,8 +4,9 @@
 prints one JSON object. The child imports what the agent imports (the agent,
 the Kubernetes client, pyroute2), builds an :class:`~ipvsproxy.agent.Agent`
 on a dataplane that keeps no table (the kernel's copy is not the agent's
-memory), feeds it the cluster the way the Kubernetes source does, runs the
-cold-start sync, and reads VmRSS/VmHWM from /proc/self/status.
+memory) and with the nftables companion (as `ipvsproxy run` has it by
+default; a no-op `nft`), feeds it the cluster the way the Kubernetes source
+does, runs the cold-start sync, and reads VmRSS/VmHWM from /proc/self/status.
 
 Modes: ``paged`` is what sources/kube.py does (since 2b57a27): pages of 500
 objects (limit/continue), each decoded and upserted as it arrives; the
@@ -59,6 +60,7 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
     except Exception:  # noqa: BLE001  (kubernetes missing: measure without it, and say so)
         kube = False
     from ..config import AgentConfig
+    from ..dataplane.nft import NftFirewall
     from .cluster import NODE_NAME, ClusterSpec, SyntheticCluster
     from .dataplanes import Sink
 
@@ -66,7 +68,10 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
     baseline = status_mib()
     cluster = SyntheticCluster(ClusterSpec(services, endpoints, seed, noise))
     cfg = AgentConfig(node_name=NODE_NAME, healthz_bind_address="", metrics_bind_address="")
-    agent = agent_mod.Agent(cfg, Sink(), record_state=False)
+    # The nftables companion, as `ipvsproxy run` wires it by default (--nftables): its element
+    # counts are agent memory; its `nft` runner is a no-op (the kernel's table is not).
+    firewall = NftFirewall(cfg, nft=lambda doc: {"nftables": []}) if cfg.nftables else None
+    agent = agent_mod.Agent(cfg, Sink(), record_state=False, firewall=firewall)
     t0 = time.perf_counter()
     response_bytes = 0
     for kind, objects in cluster.listing():
