@@ -15,7 +15,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +36,7 @@ class Firewall(Protocol):
     """Packet-filter companion to IPVS (dataplane/nft.py): kept in step with
     the desired state after every sync; returns the number of changes."""
 
-    def sync(self, desired: DesiredState) -> int: ...
+    def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int: ...
 
 
 class SyncError(RuntimeError):
@@ -138,6 +138,7 @@ class Reconciler:
         firewall: Firewall | None = None,
     ) -> None:
         self.firewall = firewall
+        self.changed_keys: set[VSKey] | None = None  # what the last compute() re-translated (None: full)
         self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
         self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
         self.index = DesiredIndex()
@@ -207,8 +208,10 @@ class Reconciler:
         dirty, _ = self.tracker.take_dirty()
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
-        scope = self.retranslate(dirty) | self.retry_keys
+        translated = self.retranslate(dirty)
+        scope = translated | self.retry_keys
         full = full or self.need_full
+        self.changed_keys = None if full else translated
         now = time.monotonic()
         if full:
             self.cache = self.dp.observe()
@@ -253,7 +256,7 @@ class Reconciler:
             log.error("%s", f.message)
         if self.firewall is not None and (ops or full or report.services_translated):
             try:
-                report.firewall_changes = self.firewall.sync(self.index.state)
+                report.firewall_changes = self.firewall.sync(self.index.state, self.changed_keys)
             except Exception as exc:
                 self.need_full = True
                 raise SyncError(f"nftables: {exc}") from exc

@@ -34,12 +34,12 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import AgentConfig
-from ..model import DesiredState, VirtualServer
+from ..model import DesiredState, VirtualServer, VSKey
 
 log = logging.getLogger(__name__)
 
@@ -413,9 +413,10 @@ class NftFirewall:
                 out += [(f"fw_allow{v}", (*key, n)) for n in _collapse(nets)]
         return out
 
-    def _count(self, desired: DesiredState) -> dict[str, dict[Elem, bool]]:
+    def _count(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> dict[str, dict[Elem, bool]]:
         """Bring the counts to `desired`, looking only at virtual servers that
-        changed; returns the touched elements with whether each was wanted before."""
+        changed (all of them, or those in `scope`); returns the touched
+        elements with whether each was wanted before."""
         touched: dict[str, dict[Elem, bool]] = {}
 
         def bump(pairs: Iterable[tuple[str, Elem]], delta: int) -> None:
@@ -429,11 +430,13 @@ class NftFirewall:
                     counts.pop(elem, None)
 
         services = desired.services
-        for key in self._vs.keys() - services.keys():
-            bump(self._contribution(self._vs.pop(key)), -1)
-        for key, vs in services.items():
-            old = self._vs.get(key)
+        keys: Iterable[VSKey] = services.keys() | self._vs.keys() if scope is None else scope
+        for key in keys:
+            vs, old = services.get(key), self._vs.get(key)
             if old is vs:
+                continue
+            if vs is None:
+                bump(self._contribution(self._vs.pop(key)), -1)
                 continue
             if old is not None and old == vs:
                 self._vs[key] = vs
@@ -442,6 +445,13 @@ class NftFirewall:
                 bump(self._contribution(old), -1)
             bump(self._contribution(vs), +1)
             self._vs[key] = vs
+        if scope is not None:  # addresses come and go with the virtual servers on them
+            for a in {k.address for k in scope}:
+                want = a in desired.addresses and not self.cfg.excluded(a)
+                if want != (a in self._addrs):
+                    (self._addrs.add if want else self._addrs.discard)(a)
+                    bump(((f"vips{6 if ':' in a else 4}", (a,)),), +1 if want else -1)
+            return touched
         addrs = {a for a in desired.addresses if not self.cfg.excluded(a)} if desired.addresses != self._addrs \
             else self._addrs
         if addrs is not self._addrs:
@@ -525,10 +535,12 @@ class NftFirewall:
             return [], 0
         return cmds, nrules
 
-    def sync(self, desired: DesiredState) -> int:
+    def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int:
         """Bring the table in step with `desired` in one transaction; returns
-        the number of element and rule changes (0: nothing was sent)."""
-        touched = self._count(desired)
+        the number of element and rule changes (0: nothing was sent). With
+        `scope` (the keys whose virtual servers may have changed since the
+        last sync) only those are looked at, so a sync costs the change."""
+        touched = self._count(desired, scope)
         try:
             return self._sync(touched)
         except NftError as exc:

@@ -204,7 +204,7 @@ class RecordingFirewall:
     def __init__(self) -> None:
         self.synced: list[int] = []
 
-    def sync(self, desired: object) -> int:
+    def sync(self, desired: object, scope: object = None) -> int:
         self.synced.append(len(desired.services))  # type: ignore[attr-defined]
         return 7
 

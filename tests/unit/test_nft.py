@@ -536,3 +536,37 @@ def test_incremental_syncs_match_a_full_recompute() -> None:
         assert fw.elements() == want, f"step {step}"
     fresh = NftFirewall(cfg(), nft=kernel)
     assert fresh.sync(state(*current.values())) == 0
+
+
+class _NoWalk(dict):  # type: ignore[type-arg]
+    """A services mapping that refuses to be walked: a scoped sync must only look keys up."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("a scoped firewall sync walked every virtual server")
+
+    keys = items = values = __iter__  # type: ignore[assignment]
+
+
+def test_scoped_syncs_look_only_at_the_scope_and_match_a_full_recompute() -> None:
+    kernel = FakeNft()
+    fw = NftFirewall(cfg(), nft=kernel)
+    current = {vs.key: vs for vs in BASE}
+    fw.sync(state(*current.values()))
+    changes = [
+        svc("10.96.0.10", 80, reals=(("10.244.1.5", 8080), ("10.244.1.6", 8080))),  # one more endpoint
+        svc("10.96.0.77", 443, "LoadBalancer", ranges=("203.0.113.0/24",)),  # a new address
+        None,  # delete the new address's only virtual server
+    ]
+    for change in changes:
+        if change is None:
+            key = VSKey(AF_INET, TCP, "10.96.0.77", 443)
+            del current[key]
+        else:
+            key = change.key
+            current[key] = change
+        desired = state(*current.values())
+        scoped = DesiredState(_NoWalk(desired.services), desired.addresses)
+        assert fw.sync(scoped, {key}) > 0
+        assert fw.elements() == fw.desired_elements(desired)
+    assert ("10.96.0.77",) not in fw.elements()["vips4"]
+    assert fw.sync(state(*current.values())) == 0  # a full pass finds nothing left to do

@@ -361,3 +361,19 @@ def test_no_mirror_of_the_kernel_table_is_kept_between_syncs() -> None:
         ("del-rs", str(key(1))), ("del-vs", str(key(4))), ("unbind", "198.19.0.5")]
     assert rec.cache.services == {} and "198.19.0.5" not in rec.cache.addresses
     assert [op.kind for op in rec.sync(full=True).ops] == [OpKind.EDIT_RS]  # the full resync repairs
+
+
+def test_firewall_hears_only_the_changed_keys_of_an_incremental_sync() -> None:
+    calls: list[tuple[int, set[VSKey] | None]] = []
+
+    class Firewall:
+        def sync(self, desired: Any, scope: Any = None) -> int:
+            calls.append((len(desired.services), None if scope is None else set(scope)))
+            return 0
+
+    tracker, dp, rec = setup(50, firewall=Firewall())
+    rec.sync()
+    tracker.upsert("EndpointSlice", eps("s7", ["198.18.1.8"]))
+    rec.sync()
+    rec.sync(full=True)
+    assert calls == [(50, None), (50, {key(7)}), (50, None)]
