@@ -90,9 +90,11 @@ class ConntrackFlusher:
         family = socket.AF_INET6 if key.family == socket.AF_INET6 else socket.AF_INET
         ct = self._sock(family)
         try:
-            # the kernel filters on the original direction (Linux >= 5.8; older kernels
-            # dump the whole family), the reply direction is checked here
-            orig = NFCTAttrTuple(family=family, daddr=key.address, dport=key.port, proto=key.protocol)
+            # The kernel filters by protocol and VIP port only (Linux >= 5.8; older kernels dump
+            # the whole family); addresses and the reply direction are checked here. Its IPv6
+            # address filter cannot be trusted: Debian's 6.1 kernel was seen returning exactly
+            # the entries whose address did NOT match.
+            orig = NFCTAttrTuple(family=family, dport=key.port, proto=key.protocol)
             doomed = []
             for msg in ct.dump(tuple_orig=orig):
                 o = tuple_of(msg.get_attr("CTA_TUPLE_ORIG"))

@@ -88,8 +88,8 @@ def test_ipv4_flush_deletes_only_flows_to_the_removed_real_server() -> None:
     (sock,) = opener.opened
     assert sock.family == AF_INET
     assert sock.deleted == [("198.19.128.6", "198.18.0.53", UDP, 40000, 53)]
-    f = sock.dump_filters[0]
-    assert (f.daddr, f.dport, f.proto) == ("198.18.0.53", 53, UDP)
+    f = sock.dump_filters[0]  # never an address: the kernel's IPv6 address filter is unreliable
+    assert (f.saddr, f.daddr, f.dport, f.proto) == (None, None, 53, UDP)
 
 
 def test_ipv6_flush_uses_an_ipv6_request() -> None:
