@@ -225,7 +225,7 @@ def bad_object(draw: st.DrawFn) -> tuple[str, Any]:
     return kind, obj
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bad_object())
 def test_parse_raises_only_invalid_object(ko: tuple[str, Any]) -> None:
     kind, obj = ko
@@ -238,7 +238,7 @@ def test_parse_raises_only_invalid_object(ko: tuple[str, Any]) -> None:
             assert all(isinstance(p, str) for p in problems)
 
 
-@FAST
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(bad_object(), min_size=1, max_size=6))
 def test_tracker_and_translate_never_raise(objs: list[tuple[str, Any]]) -> None:
     seen: list[str] = []
@@ -276,7 +276,7 @@ GOOD = "---\n".join([
 ])
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(yaml_text, min_size=1, max_size=3))
 def test_random_yaml_files_never_raise_and_good_file_still_read(texts: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
