@@ -224,3 +224,15 @@ class DesiredState:
     @classmethod
     def of(cls, servers: Iterable[VirtualServer], addresses: Iterable[str] = ()) -> DesiredState:
         return cls({vs.key: vs for vs in servers}, set(addresses))
+
+    def address_changes(self, have: set[str], scope: Iterable[VSKey] | None = None) -> tuple[set[str], set[str]]:
+        """(to bind, to unbind) against the addresses `have`. With `scope` only
+        the addresses of those virtual servers are compared: a desired address
+        comes and goes only with a virtual server on it (DesiredIndex), so one
+        outside the scope cannot have changed, and diffing every address would
+        make each small sync cost O(cluster)."""
+        if scope is None:
+            return self.addresses - have, have - self.addresses
+        addrs = {key.address for key in scope}
+        return ({a for a in addrs if a in self.addresses and a not in have},
+                {a for a in addrs if a in have and a not in self.addresses})

@@ -137,19 +137,8 @@ def plan(
     which also repairs addresses bound or lost behind our back).
     """
     drain = drain or DrainPolicy()
-    if scope is None:
-        keys = set(desired.services) | set(observed.services)
-        bind = desired.addresses - observed.addresses
-        unbind = observed.addresses - desired.addresses
-    else:
-        # Only the addresses of the scoped virtual servers: a desired address
-        # comes and goes only with a virtual server on it (DesiredIndex), so
-        # an address outside the scope cannot have changed, and diffing every
-        # bound address would make each small sync cost O(cluster).
-        keys = set(scope)
-        addresses = {key.address for key in keys}
-        bind = {a for a in addresses if a in desired.addresses and a not in observed.addresses}
-        unbind = {a for a in addresses if a in observed.addresses and a not in desired.addresses}
+    keys = set(desired.services) | set(observed.services) if scope is None else set(scope)
+    bind, unbind = desired.address_changes(observed.addresses, None if scope is None else keys)
     ops: list[Op] = []
     for key in keys:
         if excluded(key.address):

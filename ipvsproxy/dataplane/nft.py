@@ -445,19 +445,12 @@ class NftFirewall:
                 bump(self._contribution(old), -1)
             bump(self._contribution(vs), +1)
             self._vs[key] = vs
-        if scope is not None:  # addresses come and go with the virtual servers on them
-            for a in {k.address for k in scope}:
-                want = a in desired.addresses and not self.cfg.excluded(a)
-                if want != (a in self._addrs):
-                    (self._addrs.add if want else self._addrs.discard)(a)
-                    bump(((f"vips{6 if ':' in a else 4}", (a,)),), +1 if want else -1)
-            return touched
-        addrs = {a for a in desired.addresses if not self.cfg.excluded(a)} if desired.addresses != self._addrs \
-            else self._addrs
-        if addrs is not self._addrs:
-            bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in self._addrs - addrs), -1)
-            bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in addrs - self._addrs), +1)
-            self._addrs = addrs
+        bind, unbind = desired.address_changes(self._addrs, scope)
+        bind = {a for a in bind if not self.cfg.excluded(a)}
+        bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in unbind), -1)
+        bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in bind), +1)
+        self._addrs -= unbind
+        self._addrs |= bind
         return touched
 
     # ---- kernel ---------------------------------------------------------------
