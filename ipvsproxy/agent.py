@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import AgentConfig
 from .dataplane.base import Dataplane
@@ -28,6 +28,9 @@ from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
 from .tracker import Tracker
 from .translate import Config
+
+if TYPE_CHECKING:
+    from .sources.kube import KubeSource
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class Agent:
         self.registry = registry or default_registry()
         self.events = events
         self.object_events: ObjectEventPoster | None = None  # Warning Events on bad objects
-        self.source: Any = None  # the KubeSource, when the API is the source
+        self.source: KubeSource | None = None  # when the API is the source
         self.metrics = Metrics()
         self.health = Health(max_age=2 * cfg.sync_period + max(30.0, cfg.min_sync_period))
         self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem)
@@ -132,17 +135,24 @@ class Agent:
         """Read --from-file manifests once (for --once, diff)."""
         return ManifestReader(self.cfg.from_files).load(self.tracker)
 
+    def _kube_source(self) -> KubeSource:
+        """The API source, with Events posted through it (never on a dry run:
+        --dry-run and diff change nothing, Events included)."""
+        from .sources.kube import KubeSource
+
+        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+        if not self.reconciler.dry_run:
+            self.events = self.events or source.post_event
+            self.object_events = source.post_object_event
+        return source
+
     def start_source(self) -> None:
         if self.cfg.from_files:
             watcher = FileWatcher(list(self.cfg.from_files), self.tracker)
             watcher.start()
             self._stop_source = watcher.stop
         else:
-            from .sources.kube import KubeSource
-
-            source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
-            self.events = self.events or source.post_event
-            self.object_events = source.post_object_event
+            source = self._kube_source()
             source.start()
             self._stop_source = source.stop
             self.source_kinds = source.kinds
@@ -153,13 +163,7 @@ class Agent:
         if self.cfg.from_files:
             self.load_files()
         else:
-            from .sources.kube import KubeSource
-
-            source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
-            if not self.reconciler.dry_run:  # --dry-run and diff change nothing, Events included
-                self.events = self.events or source.post_event
-                self.object_events = source.post_object_event
-            source.list_all()
+            self._kube_source().list_all()
         if not self.reconciler.dry_run:
             self.dp.setup()
         report = self.reconciler.sync(full=True)
