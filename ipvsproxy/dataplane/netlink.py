@@ -303,12 +303,10 @@ class NetlinkDataplane:
         binds = [op for op in ops if op.kind is OpKind.BIND]
         unbinds = [op for op in ops if op.kind is OpKind.UNBIND]
         ipvs = [op for op in ops if op.kind not in (OpKind.BIND, OpKind.UNBIND)]
+        sent = self._sent()
         self._addresses(binds, failures)
         reqs = [(op, self._requests(op)) for op in ipvs]
-        sent = self.wire.counters.messages_sent, self.wire.counters.sendmsg_calls
         results = self.wire.execute([r for _, r in reqs if r is not None])
-        self.counters.messages += self.wire.counters.messages_sent - sent[0]
-        self.counters.round_trips += self.wire.counters.sendmsg_calls - sent[1]
         for (op, _), err in zip(reqs, results, strict=True):
             if err is not None and not self._harmless(op, err):
                 failures.append(Failure(op, describe_failure(op, err)))
@@ -317,7 +315,15 @@ class NetlinkDataplane:
             if op.kind is OpKind.DEL_RS and op.key is not None and op.key.protocol != Protocol.TCP:
                 self.flush_conntrack(op)
         self._addresses(unbinds, failures)
+        now = self._sent()
+        self.counters.messages += now[0] - sent[0]
+        self.counters.round_trips += now[1] - sent[1]
         return failures
+
+    def _sent(self) -> tuple[int, int]:
+        """(messages, sendmsg calls) so far on both wires: IPVS and addresses."""
+        w, a = self.wire.counters, self.addr.counters
+        return w.messages_sent + a.messages_sent, w.sendmsg_calls + a.sendmsg_calls
 
     @staticmethod
     def _harmless(op: Op, err: IPVSError) -> bool:
