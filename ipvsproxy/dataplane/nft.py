@@ -33,7 +33,6 @@ import json
 import logging
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -331,16 +330,20 @@ class NftFirewall:
     has (a restart changes only the difference). Each virtual server's
     elements are reference-counted, so a sync costs work for the virtual
     servers that changed, not for the cluster; after a successful transaction
-    the kernel holds exactly the counted elements. The kernel is re-read
-    (and the whole table diffed) every ``reread_after`` seconds and after any
-    failure, so drift made behind our back is repaired.
+    the kernel holds exactly the counted elements.
+
+    The kernel's table is read (and the whole of it diffed) only by a full
+    sync: start-up, the periodic full resync (--sync-period) and the sync
+    after any failure. That is where drift made behind our back is repaired.
+    An incremental sync never reads it: listing a large table costs seconds
+    (minutes under emulation), and a change must not wait for that.
     """
 
     def __init__(self, cfg: AgentConfig, *, nft: NftRunner | None = None) -> None:
         self.cfg = cfg
         self.nft: NftRunner = nft or run_nft_cli
-        self.reread_after = 30.0
         self.transactions = 0
+        self.reads = 0  # whole-table reads (full syncs only)
         self._warned: set[str] = set()
         self._has_cluster = {4: False, 6: False}
         self._static: list[tuple[str, Elem]] = []
@@ -357,7 +360,6 @@ class NftFirewall:
         self._addrs: set[str] = set()
         self._known: dict[str, set[Elem]] | None = None  # the kernel, right after a read
         self._in_step = False  # the kernel holds exactly self._counts
-        self._read_at = 0.0
 
     # ---- desired ------------------------------------------------------------
     def desired_elements(self, desired: DesiredState) -> dict[str, set[Elem]]:
@@ -523,28 +525,27 @@ class NftFirewall:
                 if name in specs and name not in fresh:
                     known[name] = {_elem_from_json(e, specs[name]) for e in s.get("elem", [])}
         self._known = known
-        self._read_at = time.monotonic()
+        self.reads += 1
         if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
             return [], 0
         return cmds, nrules
 
     def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int:
         """Bring the table in step with `desired` in one transaction; returns
-        the number of element and rule changes (0: nothing was sent). With
-        `scope` (the keys whose virtual servers may have changed since the
-        last sync) only those are looked at, so a sync costs the change."""
-        touched = self._count(desired, scope)
-        try:
-            return self._sync(touched)
-        except NftError as exc:
-            log.warning("nftables: transaction failed (%s); re-reading the table and retrying", exc)
-            return self._sync(touched)
+        the number of element and rule changes (0: nothing was sent).
 
-    def _sync(self, touched: dict[str, dict[Elem, bool]]) -> int:
-        cmds: list[dict[str, Any]] = []
-        changes = 0
-        if not self._in_step or time.monotonic() - self._read_at > self.reread_after:
+        With `scope` (an incremental sync: the keys whose virtual servers may
+        have changed) only those are looked at and only their elements are
+        sent, so a change costs the change, never a read of the table.
+        Without it (a full sync) the kernel's table is read and diffed whole.
+        A failed transaction raises; the table is then read again by the next
+        sync, whatever its scope (the reconciler makes that one full).
+        """
+        touched = self._count(desired, scope)
+        if scope is None or not self._in_step:
             cmds, changes = self._read()
+        else:
+            cmds, changes = [], 0
         diff: list[tuple[str, set[Elem], set[Elem]]] = []  # (set, gone, new)
         if self._known is not None:  # just read: the whole table against the counts
             for name in SET_NAMES:
@@ -556,20 +557,16 @@ class NftFirewall:
                 gone = {e for e, was in before.items() if was and e not in counts}
                 new = {e for e, was in before.items() if not was and e in counts}
                 diff.append((name, gone, new))
+        self._known = None
         dels = [self._elements_cmd("delete", name, gone) for name, gone, _ in diff if gone]
         adds = [self._elements_cmd("add", name, new) for name, _, new in diff if new]
         changes += sum(len(g) + len(n) for _, g, n in diff)
         cmds += dels + adds  # deletions first: an interval set refuses overlapping elements
         if cmds:
             self._in_step = False
-            try:
-                self.nft({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]})
-            except NftError:
-                self._known = None
-                raise
+            self.nft({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]})
             self.transactions += 1
         self._in_step = True
-        self._known = None
         return changes
 
     @staticmethod

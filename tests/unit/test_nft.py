@@ -228,8 +228,28 @@ def test_second_identical_sync_sends_nothing(nft: FakeNft) -> None:
     fw = NftFirewall(cfg(), nft=nft)
     fw.sync(state(*BASE))
     sent = len(nft.docs)
-    assert fw.sync(state(*BASE)) == 0
-    assert len(nft.docs) == sent  # not even a listing
+    assert fw.sync(state(*BASE), scope=set()) == 0
+    assert len(nft.docs) == sent  # an incremental sync: not even a listing
+    assert fw.sync(state(*BASE)) == 0  # a full sync reads the table, and finds nothing to send
+    assert len(nft.transactions) == 1
+
+
+def test_an_incremental_sync_never_reads_the_table(nft: FakeNft) -> None:
+    """A change costs one small transaction whatever the table holds: the
+    whole-table listing (seconds at 10,000 Services, minutes under emulation)
+    belongs to full syncs only."""
+    servers = [svc(f"10.96.{i // 250}.{i % 250 + 1}", 80) for i in range(500)]
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(*servers))
+    assert fw.reads == 1
+    for i in range(20):
+        added = svc("10.96.9.9", 80, reals=(("10.244.9.1", 8000 + i),))
+        before = len(nft.docs)
+        assert fw.sync(state(*servers, added), scope={added.key}) > 0
+        assert len(nft.docs) == before + 1  # the transaction, and nothing else
+        assert not any("list" in c for c in nft.docs[-1]["nftables"])
+    assert fw.reads == 1
+    assert fw.elements() == fw.desired_elements(state(*servers, added))
 
 
 def test_one_vip_added_is_only_element_adds_in_one_transaction(nft: FakeNft) -> None:
@@ -424,25 +444,30 @@ def test_adoption_repairs_stale_rules_and_a_wrong_set() -> None:
     assert NftFirewall(cfg(), nft=kernel).sync(state(*BASE)) == 0
 
 
-def test_drift_is_repaired_after_a_failed_transaction() -> None:
+def test_a_failed_incremental_transaction_raises_and_the_next_sync_reads_again() -> None:
     kernel = FakeNft()
     fw = NftFirewall(cfg(), nft=kernel)
     fw.sync(state(*BASE))
     kernel.elems("services4").clear()  # someone emptied a set behind our back
-    # our delete of an element that is gone fails the transaction; we re-read and retry once
-    n = fw.sync(state(*BASE[1:]))
+    # our delete of an element that is gone fails the transaction: no read and retry on the
+    # change path; the error goes up (the reconciler makes its next sync a full one)
+    reads = fw.reads
+    with pytest.raises(NftError):
+        fw.sync(state(*BASE[1:]), scope={BASE[0].key})
+    assert fw.reads == reads
+    n = fw.sync(state(*BASE[1:]), scope=set())  # even a scoped sync reads after a failure
+    assert fw.reads == reads + 1
     assert fw.elements() == fw.desired_elements(state(*BASE[1:]))
     assert n > 0
 
 
-def test_periodic_reread_repairs_silent_drift() -> None:
+def test_the_full_sync_repairs_silent_drift() -> None:
     kernel = FakeNft()
     fw = NftFirewall(cfg(), nft=kernel)
     fw.sync(state(*BASE))
     kernel.elems("vips4").clear()
-    assert fw.sync(state(*BASE)) == 0  # trusts its memory within reread_after
-    fw.reread_after = 0.0
-    assert fw.sync(state(*BASE)) == 1
+    assert fw.sync(state(*BASE), scope=set()) == 0  # incremental: trusts its memory
+    assert fw.sync(state(*BASE)) == 1  # full (the periodic resync): reads and repairs
     assert fw.elements()["vips4"] == {("10.96.0.10",)}
 
 
