@@ -1,9 +1,11 @@
-"""Dataplane wrappers for measuring: a timing proxy and a sink with no table.
+"""Dataplane wrappers for measuring: timing proxies and a sink with no table.
 
 :class:`Timed` forwards to any dataplane and accounts the time spent in it
 (and how many virtual servers were read back), so a sync's duration can be
 split into control-plane work (translate, plan, bookkeeping) and dataplane
-work (the kernel, or the in-memory model's copying). :class:`Sink` accepts
+work (the kernel, or the in-memory model's copying); :class:`TimedFirewall`
+does the same for the nftables companion, which `ipvsproxy run` ships on
+and which runs inside every sync. :class:`Sink` accepts
 everything and keeps nothing: the RSS probe uses it so the kernel's copy of
 the table is not counted as the agent's memory.
 """
@@ -11,12 +13,13 @@ the table is not counted as the agent's memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from ..dataplane.base import Counters, Dataplane, Failure
-from ..model import ObservedState, ObservedVS, VSKey
+from ..model import DesiredState, ObservedState, ObservedVS, VSKey
 from ..plan import Op
+from ..reconcile import Firewall
 
 
 class Timed:
@@ -76,6 +79,24 @@ class Timed:
         self.inner.close()
 
     def __getattr__(self, name: str) -> Any:  # wire, ipr, state ... of the inner dataplane
+        return getattr(self.inner, name)
+
+
+class TimedFirewall:
+    """A firewall (the reconciler's Firewall protocol) that times its inner one."""
+
+    def __init__(self, inner: Firewall) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int:
+        t = time.perf_counter()
+        try:
+            return self.inner.sync(desired, scope)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def __getattr__(self, name: str) -> Any:  # reads, transactions ... of the inner firewall
         return getattr(self.inner, name)
 
 

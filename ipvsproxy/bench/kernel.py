@@ -83,8 +83,17 @@ def _take(acc: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def open_firewall() -> Any:
+    """The nftables companion with the real `nft`, as `ipvsproxy run` ships it (a fresh table)."""
+    from ..dataplane.nft import NftFirewall
+
+    fw = NftFirewall(agent_config())
+    fw.cleanup()
+    return fw
+
+
 def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps: int, seed: int,
-               naive_objects: int) -> dict[str, Any]:
+               naive_objects: int, nftables: bool = True) -> dict[str, Any]:
     problem = kernel_problem()
     if problem:
         raise DataplaneError(problem)
@@ -96,7 +105,8 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
     acc = instrument(dp)
     try:
         note("kernel: cold start through NetlinkDataplane")
-        cold, agent = scenarios.cold(ctx, dp)
+        fw = open_firewall() if nftables else None
+        cold, agent = scenarios.cold(ctx, dp, fw)
         cold["apply_split_s"] = _take(acc)
         sc["cold"] = cold
         desired = agent.rec.index.state
@@ -108,7 +118,7 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
             note("kernel: restart adoption (a new agent on the programmed table)")
             dp2 = open_netlink()
             try:
-                sc["restart"] = scenarios.restart(ctx, dp2)
+                sc["restart"] = scenarios.restart(ctx, dp2, agent_firewall(nftables))
             finally:
                 dp2.close()
         if "churn" in selected and churn_steps:
@@ -117,11 +127,22 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
             sc["churn"] = scenarios.churn(ctx, agent, churn_steps, seed)
     finally:
         dp.close()
+        if nftables:
+            open_firewall()  # leaves no table behind
     if reference:
         out["references"] = run_references(ctx, snapshot, naive_objects)
         out["ratios"] = ratios(sc["cold"], out["references"], cold_table_objects(sc["cold"]))
     clean()
     return out
+
+
+def agent_firewall(nftables: bool) -> Any:
+    """A second companion on the table the first one left (restart adoption)."""
+    if not nftables:
+        return None
+    from ..dataplane.nft import NftFirewall
+
+    return NftFirewall(agent_config())
 
 
 def cold_table_objects(cold: dict[str, Any]) -> int:

@@ -47,6 +47,7 @@ class Options:
     min_sync_period: float = 1.0
     rss: bool | None = None  # None: on for the memory dataplane
     naive_objects: int = 2000
+    nftables: bool = True  # kernel runs: the nftables companion with the real nft, as `run` ships
     profile: str | None = None  # directory for cProfile output of the cold start
     include: tuple[str, ...] = field(default_factory=tuple)
     progress: bool = False
@@ -134,7 +135,7 @@ def run(opts: Options) -> dict[str, Any]:
 
             result |= run_kernel(ctx, set(opts.scenarios), reference=opts.reference, churn_steps=opts.churn_steps
                                  if "churn" in opts.scenarios else 0, seed=opts.seed,
-                                 naive_objects=opts.naive_objects)
+                                 naive_objects=opts.naive_objects, nftables=opts.nftables)
         del ctx, cluster
         if want_rss and "cold" in opts.scenarios:
             progress.note(f"RSS probe (fresh process), {n} Services")

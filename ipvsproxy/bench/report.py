@@ -126,6 +126,10 @@ def text_summary(doc: dict[str, Any]) -> str:
             lines.append(f"        churn: {one['changes']} single changes, ops/change max {one['write_ops']['max']},"
                          f" control plane median {one['control_plane_ms']['median']} ms,"
                          f" p99 {one['control_plane_ms']['p99']} ms")
+            if "firewall_ms" in one:
+                lines.append(f"        churn end to end (IPVS + nftables): sync median {one['sync_ms']['median']} ms,"
+                             f" max {one['sync_ms']['max']} ms; nftables median {one['firewall_ms']['median']} ms,"
+                             f" max {one['firewall_ms']['max']} ms, {one['firewall_reads']} table reads")
         cr = sc.get("churn_rate")
         if cr:
             lines.append(f"        churn at {cr['rate_per_s']}/s: {cr['syncs']} syncs, latency median"

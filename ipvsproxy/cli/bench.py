@@ -52,6 +52,9 @@ def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="With --dataplane kernel: also time `ipvsadm -R` (and `ip -batch`) of the identical table "
                    "and a naive pyroute2 loop, and report ratios to `ipvsadm -R`.")
+@click.option("--nftables/--no-nftables", default=True, show_default=True,
+              help="With --dataplane kernel: run the nftables companion with the real nft inside every sync, "
+                   "as `ipvsproxy run` ships it, and report its share (firewall_ms).")
 @click.option("--naive-objects", default=2000, show_default=True, type=click.IntRange(0),
               help="Objects (virtual + real servers) the naive pyroute2 loop programs; its per-object cost "
                    "is extrapolated to the whole table.")

@@ -32,6 +32,7 @@ __all__ = ["Counters", "NetlinkWire", "attrs", "error_text", "open_socket"]
 
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP = 0x300
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
 NLMSGERR_ATTR_MSG = 1
@@ -49,6 +50,7 @@ ACK_TRUESIZE = 2048  # generous per-ack receive-buffer charge, to bound outstand
 ENCODE_ERRORS = (ValueError, OSError, TypeError, struct.error, UnicodeError)
 
 Req = TypeVar("Req")
+T = TypeVar("T")
 Err = TypeVar("Err", bound=Exception)
 
 
@@ -166,6 +168,53 @@ class NetlinkWire:
             except OSError as exc:
                 if exc.errno != _errno.ENOBUFS:
                     raise
+
+    # -- dumps ----------------------------------------------------------------------------
+    def dump(self, request: Callable[[int], bytes], decode: Callable[[int, int, int], T | None],
+             what: str) -> list[T]:
+        """Send one dump request (``request(seq)`` packs the whole message, with
+        NLM_F_DUMP) and decode every reply message until NLMSG_DONE:
+        ``decode(type, offset, length)`` reads the message from ``self._buf``
+        and returns an item for the result (None: nothing).
+
+        A kernel error ends the dump with ``OSError(errno, "what: reason")``.
+        Replies dropped by a receive-buffer overrun (ENOBUFS) restart the dump
+        from the beginning (what was decoded is thrown away), up to five times.
+        """
+        for _attempt in range(5):
+            seq = self._next_seq()
+            self._send(request(seq), 1)
+            out: list[T] = []
+            restart = done = False
+            while not done:
+                try:
+                    n = self._recv()
+                except OSError as exc:
+                    if exc.errno != _errno.ENOBUFS:
+                        raise
+                    restart = True
+                    break
+                buf, off = self._buf, 0
+                while off + 16 <= n:
+                    ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
+                    if ln < 16:
+                        break
+                    if mseq == seq:
+                        if ty in (NLMSG_DONE, NLMSG_ERROR):
+                            err = -I32.unpack_from(buf, off + 16)[0] if ln >= 20 else 0
+                            if err:
+                                extra = error_text(buf, off, ln, fl)
+                                raise OSError(err, f"{what}: {os.strerror(err)}" + (f": {extra}" if extra else ""))
+                            done = True
+                            break
+                        item = decode(ty, off, ln)
+                        if item is not None:
+                            out.append(item)
+                    off += (ln + 3) & ~3
+            if not restart:
+                return out
+            self._drain()
+        raise OSError(_errno.ENOBUFS, f"{what}: netlink dump kept overrunning the receive buffer")
 
     # -- batched requests -----------------------------------------------------------------
     def batch(self, requests: Sequence[Req], encode: Callable[[Req, int, int], bytes],

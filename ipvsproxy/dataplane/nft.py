@@ -49,6 +49,7 @@ RULE_TAG = "ipvsproxy:"
 
 NftRunner = Callable[[dict[str, Any]], dict[str, Any]]
 Elem = tuple[Any, ...]
+ElementReader = Callable[["SetSpec"], set[Elem]]  # one set's elements, as the kernel holds them
 
 _PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
 _PROTO_NUMBERS = {v: k for k, v in _PROTO_NAMES.items()}
@@ -58,16 +59,19 @@ class NftError(RuntimeError):
     """nft refused a command document (the message is nft's own)."""
 
 
-def run_nft_cli(doc: dict[str, Any], *, binary: str = "nft", timeout: float = 60.0) -> dict[str, Any]:
+def run_nft_cli(doc: dict[str, Any], *, binary: str = "nft", timeout: float = 60.0,
+                terse: bool = False) -> dict[str, Any]:
     """Run one JSON command document through ``nft -j -f -`` (no shell).
 
     The document goes in on stdin, so no value ever reaches a command line;
     all commands of a document are one netlink batch (one transaction).
-    Returns the parsed output ({} when nft printed nothing).
+    Returns the parsed output ({} when nft printed nothing). ``terse``
+    (``nft -t``) lists sets without their elements.
     """
     path = shutil.which(binary) or binary
     try:
-        proc = subprocess.run([path, "-j", "-f", "-"], input=json.dumps(doc), capture_output=True,
+        proc = subprocess.run([path, "-j", *(["-t"] if terse else []), "-f", "-"], input=json.dumps(doc),
+                              capture_output=True,
                               text=True, timeout=timeout, check=False)
     except FileNotFoundError:
         raise NftError(f"the nft command ({binary}) is not installed; install the nftables package") from None
@@ -339,9 +343,15 @@ class NftFirewall:
     (minutes under emulation), and a change must not wait for that.
     """
 
-    def __init__(self, cfg: AgentConfig, *, nft: NftRunner | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, *, nft: NftRunner | None = None,
+                 elements: ElementReader | None = None) -> None:
         self.cfg = cfg
         self.nft: NftRunner = nft or run_nft_cli
+        # How set contents are read back: straight from the kernel over netlink (nft_wire) by
+        # default; with a custom `nft` and no reader, from that runner's listing.
+        self._reader = elements
+        self._wire: Any = None
+        self._use_wire = nft is None and elements is None
         self.transactions = 0
         self.reads = 0  # whole-table reads (full syncs only)
         self._warned: set[str] = set()
@@ -511,23 +521,62 @@ class NftFirewall:
                      len(redo | bad_chains | extra_chains), len(bad_sets | extra_sets | fresh))
         return cmds, len(rules), fresh
 
-    def _read(self) -> tuple[list[dict[str, Any]], int]:
+    def _element_reader(self) -> ElementReader | None:
+        """The netlink reader (opened on first use); None: read elements from nft's listing."""
+        if self._reader is None and self._use_wire:
+            from .nft_wire import NftWire
+
+            try:
+                self._wire = NftWire()
+            except OSError as exc:
+                log.warning("nftables: cannot read sets over netlink (%s); using nft listings", exc)
+                self._use_wire = False
+                return None
+            wire = self._wire
+
+            def read(spec: SetSpec) -> set[Elem]:
+                try:
+                    return wire.elements(FAMILY, TABLE, spec.name, spec.type, interval=spec.interval,
+                                         cidr=spec.cidr)
+                except OSError as exc:
+                    raise NftError(str(exc)) from None
+
+            self._reader = read
+        return self._reader
+
+    def _read(self, structure: bool) -> tuple[list[dict[str, Any]], int]:
         """Adopt the kernel's table: remember its elements; return the
         structure commands still needed (none when it is this version's) and
-        how many rules they add."""
-        doc = self._list()
-        listing = parse_listing(doc) if doc is not None else None
-        cmds, nrules, fresh = self._structure(listing)
+        how many rules they add. Without `structure` (the periodic drift check
+        of a table this process keeps) only the elements are read."""
+        reader = self._element_reader()
+        listing: Listing | None = None
+        cmds: list[dict[str, Any]] = []
+        nrules, fresh, exists = 0, set(SET_NAMES), True
+        if structure or reader is None:
+            if reader is not None and self.nft is run_nft_cli:  # elements come from netlink: list without them
+                doc = run_nft_cli({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]},
+                                  terse=True) if self._table_exists() else None
+            else:
+                doc = self._list()
+            exists = doc is not None
+            listing = parse_listing(doc) if doc is not None else None
+            cmds, nrules, fresh = self._structure(listing)
+            if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
+                cmds, nrules = [], 0
+        else:
+            fresh = set()
         known = _empty()
-        if listing is not None:
-            specs = {s.name: s for s in SETS}
-            for name, s in listing.sets.items():
-                if name in specs and name not in fresh:
-                    known[name] = {_elem_from_json(e, specs[name]) for e in s.get("elem", [])}
+        if exists:
+            for spec in SETS:
+                if spec.name in fresh:
+                    continue
+                if reader is not None:
+                    known[spec.name] = reader(spec)
+                elif listing is not None and spec.name in listing.sets:
+                    known[spec.name] = {_elem_from_json(e, spec) for e in listing.sets[spec.name].get("elem", [])}
         self._known = known
         self.reads += 1
-        if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
-            return [], 0
         return cmds, nrules
 
     def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int:
@@ -543,7 +592,11 @@ class NftFirewall:
         """
         touched = self._count(desired, scope)
         if scope is None or not self._in_step:
-            cmds, changes = self._read()
+            try:
+                cmds, changes = self._read(structure=not self._in_step)
+            except NftError:
+                self._in_step = False
+                raise
         else:
             cmds, changes = [], 0
         diff: list[tuple[str, set[Elem], set[Elem]]] = []  # (set, gone, new)
@@ -578,6 +631,9 @@ class NftFirewall:
         """Delete table inet ipvsproxy (and only it); True when it existed."""
         self._in_step = False
         self._known = None
+        if self._wire is not None:
+            self._wire.close()
+            self._wire, self._reader = None, None
         if not self._table_exists():
             return False
         self.nft({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})

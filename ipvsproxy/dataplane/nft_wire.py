@@ -1,0 +1,194 @@
+"""Reading nftables set elements straight from the kernel over netlink.
+
+Why this exists: the nftables companion (:mod:`.nft`) must compare the
+kernel's set contents with what it wants at every full sync, to repair drift.
+``nft -j list table`` does that job at a cost that grows badly with the
+table: 0.5 s for 17,000 elements on the host and more than the 60 s limit in
+the emulated test VM (nft turns every element into expressions and JSON; the
+4-field ``hairpin`` set alone is three quarters of it). The kernel's own dump
+of the same elements is cheap; decoding it here with :mod:`struct` is about a
+microsecond per element. Writes stay with ``nft -j -f -`` (one transaction).
+
+One ``NFT_MSG_GETSETELEM`` dump per set (``include/uapi/linux/netfilter/
+nf_tables.h``): every element carries its key as raw bytes (``NFTA_DATA_VALUE``
+inside ``NFTA_SET_ELEM_KEY``); a concatenation puts each field in a 32-bit
+aligned slot; an interval set without concatenation stores each range as a
+start element and an end element (``NFT_SET_ELEM_INTERVAL_END``, the first
+address after the range); a concatenation with intervals carries the range
+ends in ``NFTA_SET_ELEM_KEY_END``. Elements come back in the form the
+companion counts them: addresses as text, protocol and port as numbers, and
+the field that holds a CIDR as ``"a.b.c.d/n"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from .netlink_wire import NLA, NLM_F_DUMP, NLM_F_REQUEST, NLMSG, NetlinkWire, attrs, open_socket
+
+__all__ = ["NftWire", "decode_key", "FIELD_SIZES"]
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETSETELEM = 13
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_KEY_END = 1, 3, 10
+NFTA_DATA_VALUE = 1
+NFT_SET_ELEM_INTERVAL_END = 0x1
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+
+_NFGEN = struct.Struct("=BBH")
+_BE32 = struct.Struct(">I")
+FIELD_SIZES = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_proto": 1, "inet_service": 2}
+
+Elem = tuple[Any, ...]
+
+
+def _value(kind: str, raw: bytes) -> Any:
+    if kind == "ipv4_addr":
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if kind == "ipv6_addr":
+        return str(ipaddress.IPv6Address(raw))  # the spelling the companion counts (Python's)
+    if kind == "inet_proto":
+        return raw[0]
+    if kind == "inet_service":
+        return int.from_bytes(raw[:2], "big")
+    raise ValueError(f"set field type {kind!r} not handled")
+
+
+def _fields(types: Sequence[str], data: bytes) -> list[bytes]:
+    """Split a key into its fields (a concatenation aligns each field to 32 bits)."""
+    if len(types) == 1:
+        return [data[:FIELD_SIZES[types[0]]]]
+    out, off = [], 0
+    for kind in types:
+        size = FIELD_SIZES[kind]
+        out.append(data[off:off + size])
+        off += (size + 3) & ~3
+    return out
+
+
+def _span(kind: str, lo: bytes, hi: bytes) -> str:
+    """A range of addresses as the companion writes it: one CIDR, else 'lo-hi'."""
+    cls = ipaddress.IPv4Address if kind == "ipv4_addr" else ipaddress.IPv6Address
+    first, last = cls(lo), cls(hi)
+    nets = list(ipaddress.summarize_address_range(first, last))
+    return str(nets[0]) if len(nets) == 1 else f"{first}-{last}"
+
+
+def decode_key(types: Sequence[str], key: bytes, key_end: bytes | None = None, cidr: int | None = None) -> Elem:
+    """One element's key (and range end, for a concatenation with intervals)."""
+    starts = _fields(types, key)
+    ends = _fields(types, key_end) if key_end is not None else starts
+    out: list[Any] = []
+    for i, kind in enumerate(types):
+        if i == cidr:
+            out.append(_span(kind, starts[i], ends[i]))
+        else:
+            out.append(_value(kind, starts[i]))
+    return tuple(out)
+
+
+def _intervals(kind: str, bounds: list[tuple[bytes, bool]]) -> set[Elem]:
+    """Start and end elements of a plain interval set -> one element per range."""
+    width = FIELD_SIZES[kind]
+    top = (1 << (8 * width)) - 1
+    points = sorted((int.from_bytes(raw[:width], "big"), not end) for raw, end in bounds)  # ends first
+    out: set[Elem] = set()
+    start: int | None = None
+    for value, is_start in points:
+        if is_start:
+            start = value
+        elif start is not None:
+            out.add((_span(kind, start.to_bytes(width, "big"), (value - 1).to_bytes(width, "big")),))
+            start = None
+    if start is not None:
+        out.add((_span(kind, start.to_bytes(width, "big"), top.to_bytes(width, "big")),))
+    return out
+
+
+class NftWire(NetlinkWire):
+    """A netfilter netlink socket that dumps the elements of nftables sets."""
+
+    def __init__(self) -> None:
+        sock = open_socket(NETLINK_NETFILTER)
+        try:
+            self._setup(sock, 1, True)
+        except BaseException:
+            sock.close()
+            raise
+
+    def __enter__(self) -> NftWire:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def for_socket(cls, sock: socket.socket) -> NftWire:
+        """Wrap an already-open socket (tests, fakes)."""
+        self = cls.__new__(cls)
+        self._setup(sock, 1, True)
+        return self
+
+    def elements(self, family: str, table: str, name: str, types: Sequence[str], *,
+                 interval: bool = False, cidr: int | None = None) -> set[Elem]:
+        """Every element of set ``family table name`` whose key fields are ``types``.
+
+        Raises OSError (ENOENT when the table or set does not exist).
+        """
+        body = b"".join(_string_attr(t, v) for t, v in ((NFTA_SET_ELEM_LIST_TABLE, table),
+                                                          (NFTA_SET_ELEM_LIST_SET, name)))
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+        nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
+
+        def request(seq: int) -> bytes:
+            return NLMSG.pack(16 + 4 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + nfgen + body
+
+        plain_interval = interval and len(types) == 1
+        buf = self._buf
+
+        def decode(ty: int, off: int, ln: int) -> list[tuple[bytes, bytes | None, int]] | None:
+            if ty != ((NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_GETSETELEM - 1)):  # NFT_MSG_NEWSETELEM
+                return None
+            top = attrs(buf, off + 20, off + ln).get(NFTA_SET_ELEM_LIST_ELEMENTS)
+            if top is None:
+                return None
+            found = []
+            o, end = top[0], top[0] + top[1]
+            while o + 4 <= end:
+                eln, ety = NLA.unpack_from(buf, o)
+                if eln < 4:
+                    break
+                if ety & 0x3FFF == NFTA_LIST_ELEM:
+                    a = attrs(buf, o + 4, o + eln)
+                    key = _data(buf, a.get(NFTA_SET_ELEM_KEY))
+                    if key is not None:
+                        f = a.get(NFTA_SET_ELEM_FLAGS)
+                        flags = _BE32.unpack_from(buf, f[0])[0] if f else 0
+                        found.append((key, _data(buf, a.get(NFTA_SET_ELEM_KEY_END)), flags))
+                o += (eln + 3) & ~3
+            return found
+
+        raw = [e for batch in self.dump(request, decode, f"list set {family} {table} {name}") for e in batch]
+        if plain_interval:
+            return _intervals(types[0], [(key, bool(flags & NFT_SET_ELEM_INTERVAL_END)) for key, _, flags in raw])
+        return {decode_key(types, key, key_end, cidr) for key, key_end, _ in raw}
+
+
+def _data(buf: bytes | bytearray, where: tuple[int, int] | None) -> bytes | None:
+    """The NFTA_DATA_VALUE bytes inside a nested data attribute."""
+    if where is None:
+        return None
+    v = attrs(buf, where[0], where[0] + where[1]).get(NFTA_DATA_VALUE)
+    return bytes(buf[v[0]:v[0] + v[1]]) if v else None
+
+
+def _string_attr(kind: int, value: str) -> bytes:
+    data = value.encode() + b"\0"
+    return NLA.pack(4 + len(data), kind) + data + b"\0" * (-len(data) % 4)
