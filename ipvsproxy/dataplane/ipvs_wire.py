@@ -32,13 +32,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
 
-from .netlink_wire import I32 as _I32
 from .netlink_wire import NLA as _NLA
-from .netlink_wire import NLMSG as _NLMSG
 from .netlink_wire import U32 as _U32
 from .netlink_wire import Counters, NetlinkWire, open_socket
 from .netlink_wire import attrs as _attrs
-from .netlink_wire import error_text as _error_text
 
 __all__ = [
     "Cmd", "Counters", "Dest", "DestEntry", "IPVSError", "IPVSUnavailable", "IPVSWire",
@@ -490,30 +487,16 @@ class IPVSWire(NetlinkWire):
     def _transact(self, cmd: int, payload: bytes, what: str, family: int | None = None,
                   ack: bool = True) -> dict[int, tuple[int, int]]:
         """Send one request; return the reply's attributes (or {} for a bare ack)."""
-        seq = self._next_seq()
         flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
         fam = self._family if family is None else family
-        self._send(_HDR.pack(20 + len(payload), fam, flags, seq, 0, cmd, IPVS_GENL_VERSION, 0)
-                   + payload, 1)
-        buf = self._buf
-        while True:
-            n = self._recv()
-            off = 0
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = _NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
-                if mseq == seq:
-                    if ty == NLMSG_ERROR:
-                        err = -_I32.unpack_from(buf, off + 16)[0]
-                        if err:
-                            raise self._plain_error(what, err, _error_text(buf, off, ln, fl))
-                        return {}
-                    if ty == fam:  # offsets stay valid in self._buf until the next recv
-                        return _attrs(buf, off + 20, off + ln)
-                off += (ln + 3) & ~3
+        hit = self.transact(lambda seq: _HDR.pack(20 + len(payload), fam, flags, seq, 0, cmd, IPVS_GENL_VERSION, 0)
+                            + payload, what)
+        if hit is None or hit[0] != fam:
+            return {}
+        _, off, ln = hit  # offsets stay valid in self._buf until the next recv
+        return _attrs(self._buf, off + 20, off + ln)
 
-    def _plain_error(self, what: str, err: int, extra: str = "") -> IPVSError:
+    def error(self, what: str, err: int, extra: str = "") -> IPVSError:
         msg = f"{what}: {os.strerror(err)}"
         return IPVSError(err, f"{msg}: {extra}" if extra else msg)
 
@@ -586,28 +569,19 @@ class IPVSWire(NetlinkWire):
 
     def service(self, svc: Svc) -> SvcEntry | None:
         """One service as the kernel has it (None when it does not exist)."""
-        seq = self._next_seq()
         payload = _svc_id(svc)
-        self._send(_HDR.pack(20 + len(payload), self._family, NLM_F_REQUEST, seq, 0, CMD_GET_SERVICE,
-                             IPVS_GENL_VERSION, 0) + payload, 1)
-        buf = self._buf
-        while True:
-            n = self._recv()
-            off = 0
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = _NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
-                if mseq == seq:
-                    if ty == NLMSG_ERROR:
-                        err = -_I32.unpack_from(buf, off + 16)[0]
-                        if err in (0, _errno.ESRCH, _errno.ENOENT):
-                            return None
-                        raise self._plain_error(f"get service {_svc_str(svc)}", err,
-                                                _error_text(buf, off, ln, fl))
-                    if ty == self._family:
-                        return decode_service(buf, off + 20, off + ln)
-                off += (ln + 3) & ~3
+        try:
+            hit = self.transact(lambda seq: _HDR.pack(20 + len(payload), self._family, NLM_F_REQUEST, seq, 0,
+                                                      CMD_GET_SERVICE, IPVS_GENL_VERSION, 0) + payload,
+                                f"get service {_svc_str(svc)}")
+        except IPVSError as exc:
+            if exc.errno in (_errno.ESRCH, _errno.ENOENT):
+                return None
+            raise
+        if hit is None or hit[0] != self._family:
+            return None
+        _, off, ln = hit
+        return decode_service(self._buf, off + 20, off + ln)
 
     def dests(self, svc: Svc) -> list[DestEntry]:
         """Destinations of one service, newest first ([] if the service does not exist)."""
@@ -621,50 +595,18 @@ class IPVSWire(NetlinkWire):
 
     def _dump(self, cmd: int, payload: bytes,
               decode: Callable[[bytes | bytearray, int, int], T], what: str) -> list[T]:
-        """One NLM_F_DUMP request, read to its NLMSG_DONE.
+        """One NLM_F_DUMP request of the IPVS family, read to its NLMSG_DONE.
 
-        Dumps cannot be pipelined: netlink runs one dump per socket and IPVS
-        dumps always span two kernel callbacks (data, then DONE), so a second
-        request in the same send gets EBUSY.  A dump costs one send and two
-        recvs (the kernel queues DONE while we read the data).
+        IPVS dumps always span two kernel callbacks (data, then DONE), so a
+        second request in the same send would get EBUSY: one at a time.
         """
         fam, buf = self._family, self._buf
-        for _attempt in range(5):
-            seq = self._next_seq()
-            self._send(_HDR.pack(20 + len(payload), fam, NLM_F_REQUEST | NLM_F_DUMP, seq, 0,
-                                 cmd, IPVS_GENL_VERSION, 0) + payload, 1)
-            out: list[T] = []
-            busy = False
-            while True:
-                try:
-                    n = self._recv()
-                except OSError as exc:
-                    if exc.errno != _errno.ENOBUFS:
-                        raise
-                    busy = True  # replies were dropped: drain and start again
-                    break
-                off = 0
-                done = False
-                while off + 16 <= n:
-                    ln, ty, fl, mseq, _ = _NLMSG.unpack_from(buf, off)
-                    if ln < 16:
-                        break
-                    if mseq == seq:
-                        if ty == fam:
-                            out.append(decode(buf, off + 20, off + ln))
-                        elif ty in (NLMSG_DONE, NLMSG_ERROR):
-                            err = -_I32.unpack_from(buf, off + 16)[0] if ln >= 20 else 0
-                            if err == _errno.EBUSY:
-                                busy = True  # a stale dump (an interrupted call) is running
-                            elif err and err != _errno.ENOBUFS:
-                                raise self._plain_error(what, err, _error_text(buf, off, ln, fl))
-                            elif not err:
-                                done = True
-                            # ENOBUFS: the dump started but could not queue yet; it goes on
-                    off += (ln + 3) & ~3
-                if done:
-                    return out
-                if busy:
-                    break
-            self._drain()
-        raise IPVSError(_errno.EBUSY, f"{what}: netlink dump kept failing (EBUSY/ENOBUFS)")
+
+        def request(seq: int) -> bytes:
+            return _HDR.pack(20 + len(payload), fam, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, cmd,
+                             IPVS_GENL_VERSION, 0) + payload
+
+        def one(ty: int, off: int, ln: int) -> T | None:  # None (e.g. a firewall-mark service): skipped
+            return decode(buf, off + 20, off + ln) if ty == fam else None
+
+        return self.dump(request, one, what)

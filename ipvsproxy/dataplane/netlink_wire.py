@@ -170,6 +170,36 @@ class NetlinkWire:
                     raise
 
     # -- dumps ----------------------------------------------------------------------------
+    def error(self, what: str, err: int, extra: str = "") -> Exception:
+        """The exception for a kernel error on a request that is not batched
+        (a subclass may raise its own type)."""
+        msg = f"{what}: {os.strerror(err)}"
+        return OSError(err, f"{msg}: {extra}" if extra else msg)
+
+    def transact(self, request: Callable[[int], bytes], what: str) -> tuple[int, int, int] | None:
+        """Send one request (``request(seq)`` packs the whole message) and wait
+        for its answer: ``(type, offset, length)`` of the reply message in
+        ``self._buf`` (valid until the next receive), or None for an
+        acknowledgement without error. A kernel error raises ``self.error``."""
+        seq = self._next_seq()
+        self._send(request(seq), 1)
+        buf = self._buf
+        while True:
+            n = self._recv()
+            off = 0
+            while off + 16 <= n:
+                ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
+                if ln < 16:
+                    break
+                if mseq == seq:
+                    if ty != NLMSG_ERROR:
+                        return ty, off, ln
+                    err = -I32.unpack_from(buf, off + 16)[0]
+                    if err:
+                        raise self.error(what, err, error_text(buf, off, ln, fl))
+                    return None
+                off += (ln + 3) & ~3
+
     def dump(self, request: Callable[[int], bytes], decode: Callable[[int, int, int], T | None],
              what: str) -> list[T]:
         """Send one dump request (``request(seq)`` packs the whole message, with
@@ -177,16 +207,21 @@ class NetlinkWire:
         ``decode(type, offset, length)`` reads the message from ``self._buf``
         and returns an item for the result (None: nothing).
 
-        A kernel error ends the dump with ``OSError(errno, "what: reason")``.
-        Replies dropped by a receive-buffer overrun (ENOBUFS) restart the dump
-        from the beginning (what was decoded is thrown away), up to five times.
+        Dumps cannot be pipelined: netlink runs one dump per socket, so each
+        costs one send and as many receives as the replies fill. A kernel
+        error ends the dump with ``self.error``. Replies dropped by a
+        receive-buffer overrun (ENOBUFS), or EBUSY (a stale dump of an
+        interrupted call still running), restart the dump from the beginning
+        (what was decoded is thrown away), up to five times; ENOBUFS in the
+        final message means the dump started but could not queue yet, and it
+        goes on.
         """
         for _attempt in range(5):
             seq = self._next_seq()
             self._send(request(seq), 1)
             out: list[T] = []
             restart = done = False
-            while not done:
+            while not (done or restart):
                 try:
                     n = self._recv()
                 except OSError as exc:
@@ -202,19 +237,21 @@ class NetlinkWire:
                     if mseq == seq:
                         if ty in (NLMSG_DONE, NLMSG_ERROR):
                             err = -I32.unpack_from(buf, off + 16)[0] if ln >= 20 else 0
-                            if err:
-                                extra = error_text(buf, off, ln, fl)
-                                raise OSError(err, f"{what}: {os.strerror(err)}" + (f": {extra}" if extra else ""))
-                            done = True
-                            break
-                        item = decode(ty, off, ln)
-                        if item is not None:
-                            out.append(item)
+                            if err == _errno.EBUSY:
+                                restart = True
+                            elif err and err != _errno.ENOBUFS:
+                                raise self.error(what, err, error_text(buf, off, ln, fl))
+                            elif not err:
+                                done = True
+                        else:
+                            item = decode(ty, off, ln)
+                            if item is not None:
+                                out.append(item)
                     off += (ln + 3) & ~3
-            if not restart:
+            if done:
                 return out
             self._drain()
-        raise OSError(_errno.ENOBUFS, f"{what}: netlink dump kept overrunning the receive buffer")
+        raise self.error(what, _errno.EBUSY, "netlink dump kept failing (EBUSY/ENOBUFS)")
 
     # -- batched requests -----------------------------------------------------------------
     def batch(self, requests: Sequence[Req], encode: Callable[[Req, int, int], bytes],
