@@ -33,7 +33,6 @@ from .objects import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("Service", "EndpointSlice", "Endpoints", "Node")
 ProblemHook = Callable[[str, str, str, str], None]  # (kind, namespace, name, message)
 
 
@@ -175,17 +174,6 @@ class Tracker:
             return {("default", self.node.name)}
         return set()
 
-    def mark_listed(self, kind: str) -> None:
-        with self._lock:
-            self.listed.add(kind)
-            self.changed.set()
-
-    def mark_all(self) -> None:
-        """Everything needs re-translation (e.g. config change, forced resync)."""
-        with self._lock:
-            self._all_dirty = self._all_dirty or time.monotonic()
-            self.changed.set()
-
     # ---- reads (from the reconciler) --------------------------------------
     def ready(self, kinds: Iterable[str] = ("Service", "EndpointSlice", "Node")) -> bool:
         """The first sync waits until every kind has been listed once."""
@@ -204,13 +192,6 @@ class Tracker:
             self._all_dirty = None
             self.changed.clear()
             return dirty, everything
-
-    def restore_dirty(self, dirty: Mapping[str, float]) -> None:
-        """Put back changes a failed sync could not apply, keeping first-seen times."""
-        with self._lock:
-            for sid, t in dirty.items():
-                self._dirty[sid] = min(t, self._dirty.get(sid, t))
-            self.changed.set()
 
     def slices_for(self, service_id: str) -> list[EndpointSlice]:
         with self._lock:

@@ -61,6 +61,7 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
         kube = False
     from ..config import AgentConfig
     from ..dataplane.nft import NftFirewall
+    from ..tracker import object_key
     from .cluster import NODE_NAME, ClusterSpec, SyntheticCluster
     from .dataplanes import Sink
 
@@ -76,17 +77,16 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
     response_bytes = 0
     for kind, objects in cluster.listing():
         page = 500 if mode == "paged" else 0
+        seen: set[tuple[str, str]] = set()
         for body in _bodies(objects, page):
             response_bytes += len(body)
             data = json.loads(body)
             del body
-            if page:
-                for obj in data["items"]:
-                    agent.tracker.upsert(kind, obj)
-            else:
-                agent.tracker.replace(kind, data["items"])
+            for obj in data["items"]:  # filed page by page, as sources/kube.py lists
+                seen.add(object_key(obj))
+                agent.tracker.upsert(kind, obj)
             del data
-        agent.tracker.mark_listed(kind)
+        agent.tracker.finish_listing(kind, seen)
     report = agent.reconciler.sync(full=True)
     elapsed = time.perf_counter() - t0
     write_ops = len(report.ops)

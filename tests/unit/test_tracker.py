@@ -55,14 +55,6 @@ def test_first_seen_time_kept_across_changes() -> None:
     assert d["default/a"] == first
 
 
-def test_restore_dirty_keeps_earliest() -> None:
-    t = fresh()
-    t.restore_dirty({"default/a": 5.0})
-    t.restore_dirty({"default/a": 9.0})
-    d, _ = t.take_dirty()
-    assert d == {"default/a": 5.0}
-
-
 def test_invalid_update_keeps_last_good_and_reports() -> None:
     seen: list[tuple[str, str, str, str]] = []
     t = Tracker(NODE, on_problem=lambda *a: seen.append(a))
@@ -163,12 +155,6 @@ def test_node_changes_mark_all_other_nodes_ignored() -> None:
     assert dirty(t) == (set(), False)
     t.delete("Node", "", NODE)
     assert t.node is None and dirty(t) == ({"default/a", "default/b"}, True)
-
-
-def test_mark_all() -> None:
-    t = fresh("a")
-    t.mark_all()
-    assert dirty(t) == ({"default/a"}, True)
 
 
 def test_replace_upserts_and_deletes_unlisted() -> None:
