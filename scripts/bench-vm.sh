@@ -29,9 +29,9 @@ mkdir -p results
 quoted=$(printf ' %q' "$@")
 # Inside the guest the file system is read-only outside results/: no plots there, no bytecode.
 VM_TIMEOUT=${VM_TIMEOUT:-5400} bash scripts/vm-run.sh --rwdir "$ROOT/results" -- \
-    "python -m ipvsproxy.bench --dataplane kernel --progress --out $out$quoted"
+    "python -m ipvsproxy bench --dataplane kernel --progress --out $out$quoted"
 
 if [[ -f results/bench-host.json ]]; then
-    .venv/bin/python -m ipvsproxy.bench --report-only --include results/bench-host.json --include "$out" \
+    .venv/bin/python -m ipvsproxy bench --report-only --include results/bench-host.json --include "$out" \
         --out results/bench.json --plot "${BENCH_PLOT:-docs/img}"
 fi

@@ -7,5 +7,5 @@ rss          agent memory, measured in a fresh process
 references   ipvsadm -R, ip -batch and a naive pyroute2 loop (kernel runs)
 kernel       the end-to-end run inside the IPVS test VM
 report       JSON, targets, text summary, plots
-main         the driver (Options, run)
+main         the driver (Options, run); the command is cli/bench.py (bench never imports cli)
 """
