@@ -512,7 +512,8 @@ class IPVSWire(NetlinkWire):
                     exc.errno, "IPVS is not available: the kernel has no ip_vs module "
                     "(CONFIG_IP_VS); ipvsproxy needs a kernel with IPVS") from None
             raise
-        return _U16.unpack_from(self._buf, a[CTRL_ATTR_FAMILY_ID][0])[0]
+        family_id: int = _U16.unpack_from(self._buf, a[CTRL_ATTR_FAMILY_ID][0])[0]
+        return family_id
 
     # -- simple commands ------------------------------------------------------------------
     def info(self) -> tuple[int, int]:

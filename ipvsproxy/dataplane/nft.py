@@ -35,10 +35,13 @@ import shutil
 import subprocess
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig
 from ..model import DesiredState, VirtualServer, VSKey
+
+if TYPE_CHECKING:
+    from .nft_wire import NftWire
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +353,7 @@ class NftFirewall:
         # How set contents are read back: straight from the kernel over netlink (nft_wire) by
         # default; with a custom `nft` and no reader, from that runner's listing.
         self._reader = elements
-        self._wire: Any = None
+        self._wire: NftWire | None = None
         self._use_wire = nft is None and elements is None
         self.transactions = 0
         self.reads = 0  # whole-table reads (full syncs only)
@@ -532,7 +535,7 @@ class NftFirewall:
                 log.warning("nftables: cannot read sets over netlink (%s); using nft listings", exc)
                 self._use_wire = False
                 return None
-            wire = self._wire
+            wire: NftWire = self._wire
 
             def read(spec: SetSpec) -> set[Elem]:
                 try:
