@@ -69,11 +69,15 @@ def run_nft_cli(doc: dict[str, Any], *, binary: str = "nft", timeout: float = 60
     The document goes in on stdin, so no value ever reaches a command line;
     all commands of a document are one netlink batch (one transaction).
     Returns the parsed output ({} when nft printed nothing). ``terse``
-    (``nft -t``) lists sets without their elements.
+    (``nft -t``) lists sets without their elements. The time allowed grows
+    with the document: a first transaction at 10,000 Services carries
+    ~170,000 elements (about 10 MB), which an emulated VM takes a minute for.
     """
     path = shutil.which(binary) or binary
+    payload = json.dumps(doc)
+    timeout += len(payload) / 100_000  # one more second per 100 kB
     try:
-        proc = subprocess.run([path, "-j", *(["-t"] if terse else []), "-f", "-"], input=json.dumps(doc),
+        proc = subprocess.run([path, "-j", *(["-t"] if terse else []), "-f", "-"], input=payload,
                               capture_output=True,
                               text=True, timeout=timeout, check=False)
     except FileNotFoundError:
