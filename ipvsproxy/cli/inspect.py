@@ -114,11 +114,12 @@ def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
               help="Output format.")
 def schedulers(fmt: str) -> None:
     """The scheduler registry and whether this kernel has each module."""
-    from ..dataplane.netlink import module_available, module_loaded
+    from ..dataplane.netlink import HOST_MODULES as mods
 
     rows = []
     for s in default_registry():
-        state = "loaded" if module_loaded(s.module) else "available" if module_available(s.module) else "missing"
+        state = ("loaded" if mods.loaded(s.module) else "built in" if mods.builtin(s.module)
+                 else "available" if mods.available(s.module) else "missing")
         rows.append({"name": s.name, "module": s.module, "flags": list(s.flags), "kernel": state,
                      "source": "builtin" if s.builtin else "plugin", "description": s.description})
     if fmt == "json":

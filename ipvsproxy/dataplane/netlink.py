@@ -16,7 +16,8 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ..config import AgentConfig
 from ..model import (
@@ -65,36 +66,75 @@ _DEST_CMD = {OpKind.ADD_RS: Cmd.NEW_DEST, OpKind.EDIT_RS: Cmd.SET_DEST, OpKind.D
 _MODULE = re.compile(r"^[a-z0-9_]+$")
 
 
-def module_loaded(name: str) -> bool:
-    return os.path.isdir(f"/sys/module/{name}")
-
-
-def module_available(name: str) -> bool:
-    """Loaded, built in, or present as a module file for the running kernel."""
-    if module_loaded(name):
-        return True
-    release = os.uname().release
-    for index in ("modules.builtin", "modules.dep"):
-        try:
-            with open(f"/lib/modules/{release}/{index}") as f:
-                if any(line.split(":")[0].rsplit("/", 1)[-1].split(".ko")[0] == name for line in f):
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def load_module(name: str) -> bool:
-    """modprobe a module when it is not loaded yet; True when it is there after."""
-    if module_loaded(name):
-        return True
-    if not _MODULE.match(name):
-        return False
+def _modprobe(name: str) -> None:
     try:
         subprocess.run(["modprobe", "-q", name], check=False, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("modprobe %s: %s", name, exc)
-    return module_loaded(name)
+
+
+def _module_name(path: str) -> str:
+    """'kernel/net/netfilter/ipvs/ip_vs_lc.ko.xz' -> 'ip_vs_lc' (the kernel spells - as _)."""
+    return path.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelModules:
+    """Which kernel modules the running kernel has, and loading them.
+
+    A module compiled in (``CONFIG_IP_VS_LC=y``) never shows up as
+    ``/sys/module/<name>`` (only modules with parameters do), so "loaded"
+    alone would call a built-in scheduler unavailable; ``modules.builtin``
+    lists them. The roots and ``modprobe`` are injectable so a test can stand
+    in a kernel with its modules built in.
+    """
+
+    sysfs: str = "/sys/module"
+    lib: str = field(default_factory=lambda: f"/lib/modules/{os.uname().release}")
+    modprobe: Callable[[str], None] = _modprobe
+
+    def loaded(self, name: str) -> bool:
+        return os.path.isdir(os.path.join(self.sysfs, name))
+
+    def _listed(self, name: str, index: str) -> bool:
+        try:
+            with open(os.path.join(self.lib, index)) as f:
+                return any(_module_name(line.split(":")[0].strip()) == name for line in f)
+        except OSError:
+            return False
+
+    def builtin(self, name: str) -> bool:
+        return self._listed(name, "modules.builtin")
+
+    def available(self, name: str) -> bool:
+        """Loaded, built in, or present as a module file for the running kernel."""
+        return self.loaded(name) or self.builtin(name) or self._listed(name, "modules.dep")
+
+    def load(self, name: str) -> bool:
+        """modprobe a module when it is neither loaded nor built in; True when it is there after."""
+        if self.loaded(name) or self.builtin(name):
+            return True
+        if not _MODULE.match(name):
+            return False
+        self.modprobe(name)
+        return self.loaded(name)
+
+
+HOST_MODULES = KernelModules()
+
+
+def module_loaded(name: str) -> bool:
+    return HOST_MODULES.loaded(name)
+
+
+def module_available(name: str) -> bool:
+    """Loaded, built in, or present as a module file for the running kernel."""
+    return HOST_MODULES.available(name)
+
+
+def load_module(name: str) -> bool:
+    """modprobe a module when it is not loaded (or built in) yet; True when it is there after."""
+    return HOST_MODULES.load(name)
 
 
 def write_sysctl(path: str, value: str) -> None:
@@ -184,14 +224,16 @@ def describe_failure(op: Op, err: BaseException) -> str:
 class NetlinkDataplane:
     """Programs the running kernel. Needs root with CAP_NET_ADMIN."""
 
-    def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256) -> None:
+    def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256,
+                 modules: KernelModules | None = None) -> None:
         self.cfg = cfg
         self.read_only = read_only
+        self.modules = modules or HOST_MODULES
         self.counters = Counters()
         self._usable: dict[str, bool] = {}
         self.registry = default_registry()
         if cfg.load_modules and not read_only:
-            load_module("ip_vs")
+            self.modules.load("ip_vs")
         try:
             self.wire = IPVSWire(batch_size=batch_size)
         except IPVSUnavailable:
@@ -212,7 +254,7 @@ class NetlinkDataplane:
         cfg = self.cfg
         if cfg.load_modules:
             for mod in ("ip_vs", f"ip_vs_{cfg.scheduler}", "dummy", "nf_conntrack"):
-                if not load_module(mod):
+                if not self.modules.load(mod):
                     log.warning("kernel module %s is not loaded and could not be loaded", mod)
         for path, value in SYSCTLS.items():
             write_sysctl(path, value)
@@ -276,8 +318,8 @@ class NetlinkDataplane:
         if name not in self._usable:
             sched = self.registry.get(name)
             module = sched.module if sched else f"ip_vs_{name}"
-            ok = load_module(module) if self.cfg.load_modules and not self.read_only else \
-                module_available(module)
+            ok = self.modules.load(module) if self.cfg.load_modules and not self.read_only else \
+                self.modules.available(module)
             self._usable[name] = ok
         return self._usable[name]
 
