@@ -61,7 +61,7 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 source_options = _stack(
-    opt("from-file", "from_files", multiple=True, type=click.Path(),
+    opt("from-file", "from_files", multiple=True, type=click.Path(exists=True),
         help="Read Services/EndpointSlices/Nodes from YAML files or directories instead of the API "
              "(repeatable; re-read when they change)."),
     opt("kubeconfig", default=None, type=click.Path(dir_okay=False),
