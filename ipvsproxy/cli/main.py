@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from ..dataplane.base import DataplaneError
+from ..logfmt import EscapingFormatter, escape
 
 
 class Group(click.Group):
@@ -26,7 +27,7 @@ class Group(click.Group):
         except (DataplaneError, OSError, ValueError, RuntimeError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"ipvsproxy: error: {exc}", err=True)
+            click.echo(f"ipvsproxy: error: {escape(str(exc))}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             ctx.exit(130)
@@ -41,11 +42,9 @@ class Group(click.Group):
 def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
     """ipvsproxy: a Kubernetes service proxy that programs Linux IPVS."""
     ctx.obj = {"debug": debug}
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
 
 
 def register() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from ..agent import Agent
+from ..logfmt import escape
 from . import common
 from .common import make_config, summarize
 from .options import CIDRs, Duration, opt, source_options, translate_options
@@ -43,7 +44,7 @@ def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
         agent = Agent(cfg, dp, dry_run=True)
         report = agent.once()
         for op in report.ops:
-            click.echo(str(op))
+            click.echo(escape(str(op)))
         click.echo(f"# dry run: {summarize(report.ops)}; nothing changed", err=True)
         return
     dp = common.open_dataplane(dataplane, cfg)
