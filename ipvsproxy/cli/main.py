@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..dataplane.base import DataplaneError
+from ..dataplane.base import DataplaneError, InterfaceRefused
 from ..logfmt import EscapingFormatter, escape
 
 
@@ -24,6 +24,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except InterfaceRefused as exc:  # --interface names something not ours: a usage error
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"ipvsproxy: error: {escape(str(exc))}", err=True)
+            ctx.exit(2)
         except (DataplaneError, OSError, ValueError, RuntimeError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import AgentConfig
-from ..model import DesiredState, VirtualServer, VSKey
+from ..model import DesiredState, VirtualServer, VSKey, canonical_ip
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _value_from_json(value: Any, cidr: bool) -> Any:
             ip = ipaddress.ip_address(value)
         except ValueError:
             return value
-        return str(ipaddress.ip_network(ip)) if cidr else str(ip)
+        return str(ipaddress.ip_network(ip)) if cidr else canonical_ip(value)  # spelled as desired state is
     return value
 
 
