@@ -65,6 +65,24 @@ def interface_name_problem(name: str) -> str | None:
     return None
 
 
+def bind_address_problem(flag: str, value: str) -> str | None:
+    """Why `value` is no host:port to listen on ('' = off), or None."""
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    bad = f"--{flag} {value!r} is not host:port (examples: 127.0.0.1:10256, [::1]:10256, '' for off)"
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return bad
+    if host.startswith("[") or ":" in host:
+        try:
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError(host)
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return bad
+    return None
+
+
 def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
@@ -125,7 +143,9 @@ class AgentConfig:
         known = sorted(schedulers)
         if known and self.scheduler not in known:
             out.append(f"--scheduler {self.scheduler!r} is not a known scheduler (known: {', '.join(known)})")
-        problem = interface_name_problem(self.interface)
-        if problem:
-            out.append(problem)
+        for problem in (interface_name_problem(self.interface),
+                        bind_address_problem("healthz-bind-address", self.healthz_bind_address),
+                        bind_address_problem("metrics-bind-address", self.metrics_bind_address)):
+            if problem:
+                out.append(problem)
         return out

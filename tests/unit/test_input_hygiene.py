@@ -78,6 +78,9 @@ def test_dry_run_and_diff_print_one_line_per_operation(tmp_path: Path) -> None:
     (["--tcp-timeout", "500ms"], "--tcp-timeout must be 0"),
     (["--interface", "eth0/../x"], "not a valid interface name"),
     (["--interface", "a-name-that-is-too-long"], "not a valid interface name"),
+    (["--healthz-bind-address", "foo"], "--healthz-bind-address 'foo' is not host:port"),
+    (["--metrics-bind-address", "0.0.0.0:99999"], "--metrics-bind-address '0.0.0.0:99999' is not host:port"),
+    (["--metrics-bind-address", "::1:9100"], "is not host:port"),
 ])
 @pytest.mark.parametrize("command", [["run", "--once"], ["run", "--once", "--dry-run"]])
 def test_nonsensical_flags_are_usage_errors(tmp_path: Path, command: list[str], flags: list[str],
@@ -100,4 +103,7 @@ def test_sensible_flags_have_no_problems() -> None:
     names = default_registry().names()
     assert AgentConfig(node_name="n").problems(names) == []
     assert AgentConfig(node_name="n", sync_period=1, min_sync_period=1, scheduler="mh", tcp_timeout=900,
-                       interface="kube-ipvs0").problems(names) == []
+                       interface="kube-ipvs0", healthz_bind_address="[::1]:10256",
+                       metrics_bind_address=":10249").problems(names) == []
+    assert AgentConfig(node_name="n", healthz_bind_address="", metrics_bind_address="localhost:9100"
+                       ).problems(names) == []
