@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,6 +52,37 @@ def parse_cidrs(values: str | list[str] | tuple[str, ...]) -> tuple[IPNetwork, .
     return tuple(out)
 
 
+# What Linux accepts as an interface name (dev_valid_name): 1-15 bytes, no '/',
+# ':' or whitespace, not '.' or '..'.
+_IFNAME = re.compile(r"^[^/:\s]{1,15}$")
+
+
+def interface_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a Linux interface name, or None."""
+    if not _IFNAME.match(name) or name in (".", "..") or len(name.encode()) > 15:
+        return (f"--interface {name!r} is not a valid interface name "
+                "(1-15 characters, no '/', ':' or whitespace)")
+    return None
+
+
+def bind_address_problem(flag: str, value: str) -> str | None:
+    """Why `value` is no host:port to listen on ('' = off), or None."""
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    bad = f"--{flag} {value!r} is not host:port (examples: 127.0.0.1:10256, [::1]:10256, '' for off)"
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return bad
+    if host.startswith("[") or ":" in host:
+        try:
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError(host)
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return bad
+    return None
+
+
 def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
@@ -87,3 +119,33 @@ class AgentConfig:
             return False
         ip = ipaddress.ip_address(address)
         return any(ip.version == n.version and ip in n for n in self.exclude_cidrs)
+
+    def problems(self, schedulers: Iterable[str] = ()) -> list[str]:
+        """Settings that make no sense together, as usage errors (empty when fine).
+
+        A zero --sync-period re-syncs in a loop, and a zero --min-sync-period
+        lets a burst (or a failing sync's retry, whose backoff is a multiple
+        of it) spin the CPU; --scheduler is checked against `schedulers` (the
+        registry's names) when they are given.
+        """
+        out: list[str] = []
+        if self.sync_period <= 0:
+            out.append("--sync-period must be greater than 0")
+        if self.min_sync_period <= 0:
+            out.append("--min-sync-period must be greater than 0 (it also paces retries after a failure)")
+        elif self.sync_period > 0 and self.min_sync_period > self.sync_period:
+            out.append(f"--min-sync-period ({self.min_sync_period:g}s) must not be longer than "
+                       f"--sync-period ({self.sync_period:g}s)")
+        for flag, value in (("tcp-timeout", self.tcp_timeout), ("tcpfin-timeout", self.tcpfin_timeout),
+                            ("udp-timeout", self.udp_timeout)):
+            if 0 < value < 1 or value != int(value):
+                out.append(f"--{flag} must be 0 (leave the kernel's) or whole seconds, not {value:g}s")
+        known = sorted(schedulers)
+        if known and self.scheduler not in known:
+            out.append(f"--scheduler {self.scheduler!r} is not a known scheduler (known: {', '.join(known)})")
+        for problem in (interface_name_problem(self.interface),
+                        bind_address_problem("healthz-bind-address", self.healthz_bind_address),
+                        bind_address_problem("metrics-bind-address", self.metrics_bind_address)):
+            if problem:
+                out.append(problem)
+        return out

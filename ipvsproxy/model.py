@@ -54,8 +54,20 @@ def family_of(address: str) -> int:
 
 
 def canonical_ip(address: str) -> str:
-    """Normalise an IP address (raises ValueError when it is not one)."""
-    return str(ipaddress.ip_address(address.strip()))
+    """Normalise an IP address the way the kernel reports it (raises ValueError
+    when it is not one).
+
+    IPv6 is spelled by inet_ntop, as IPVS and address dumps come back: Python
+    3.11 writes the IPv4-mapped ``::ffff:10.0.0.1`` as ``::ffff:a00:1``, so a
+    Service holding it never matched the kernel and was bound and unbound on
+    alternate full syncs. A scope (``fe80::1%eth0``) is kept, for the caller
+    to refuse.
+    """
+    ip = ipaddress.ip_address(address.strip())
+    if ip.version == 4:
+        return str(ip)
+    text = socket.inet_ntop(AF_INET6, ip.packed)
+    return f"{text}%{ip.scope_id}" if ip.scope_id else text
 
 
 class VSKey(NamedTuple):

@@ -61,6 +61,10 @@ class DesiredIndex:
 
     Two Services claiming one address:port: the first holds it; the other
     waits and is re-translated when the holder lets go.
+
+    A bound address is reference-counted per key (VIP, protocol, port) held,
+    never per virtual server produced: one Service yielding one key twice
+    holds it once, so deleting the Service lets the address go.
     """
 
     def __init__(self) -> None:
@@ -100,6 +104,8 @@ class DesiredIndex:
             w.discard(sid)
         mine: set[VSKey] = set()
         for vs in servers:
+            if vs.key in mine:  # the same key twice from one Service (externalIP == LB IP, a repeated port):
+                continue  # the first wins, as in translate(), and is counted once, so its address goes with it
             holder = self.owner.get(vs.key)
             if holder is not None and holder < sid:
                 self.waiting.setdefault(vs.key, set()).add(sid)

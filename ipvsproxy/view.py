@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .logfmt import escape
 from .model import F_PERSISTENT, F_SCHED1, F_SCHED2, F_SCHED3, ObservedState, ObservedVS, Protocol
 from .observe.records import Record
 
@@ -106,6 +107,7 @@ def human(n: int, binary: bool = False) -> str:
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    rows = [[escape(c) for c in r] for r in rows]  # a name holding a newline must not make a row of its own
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 

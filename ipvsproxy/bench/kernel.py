@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import AgentConfig
-from ..dataplane.base import DataplaneError
+from ..dataplane.base import INTERFACE_MARK, DataplaneError
 from ..model import DesiredState
 from . import references, scenarios
 from .cluster import NODE_NAME
@@ -159,6 +159,7 @@ def run_references(ctx: Context, desired: DesiredState, naive_objects: int) -> d
     r["table_matches_desired"] = not r["table_problems"]
     refs["ipvsadm_restore"] = r
     subprocess.run(["ip", "link", "add", INTERFACE, "type", "dummy"], capture_output=True, check=True)
+    subprocess.run(["ip", "link", "set", INTERFACE, "alias", INTERFACE_MARK], capture_output=True, check=True)
     refs["ip_batch_addresses"] = {
         "wall_s": references.run_timed(["ip", "-batch", "-"], references.ip_batch(desired.addresses, INTERFACE)),
         "addresses": len(desired.addresses)}

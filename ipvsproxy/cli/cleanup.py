@@ -34,7 +34,8 @@ def _remove_nft_table(cfg: AgentConfig) -> bool:
 
 
 @click.command()
-@opt("interface", default="ipvsproxy0", help="The agent's dummy interface (deleted at the end).")
+@opt("interface", default="ipvsproxy0",
+     help="The agent's dummy interface (deleted at the end; anything but ipvsproxy's dummy is refused).")
 @opt("exclude-cidrs", default="", type=CIDRs(), help="Virtual servers in these ranges are left alone.")
 @opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True)
 def cleanup(interface: str, exclude_cidrs: tuple[object, ...], dataplane: str) -> None:

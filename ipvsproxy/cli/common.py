@@ -13,6 +13,7 @@ import click
 from ..config import AgentConfig, default_node_name
 from ..dataplane.base import Dataplane, DataplaneError
 from ..plan import Op
+from ..schedulers import default_registry
 
 if TYPE_CHECKING:
     from ..dataplane.nft import NftFirewall
@@ -21,13 +22,17 @@ log = logging.getLogger("ipvsproxy")
 
 
 def make_config(**flags: Any) -> AgentConfig:
-    """AgentConfig from the click parameters (names match the fields)."""
+    """AgentConfig from the click parameters (names match the fields); settings
+    that make no sense (AgentConfig.problems) are a usage error (exit 2)."""
     cfg = AgentConfig()
     for name, value in flags.items():
         if name == "node_name":
             value = value or default_node_name()
         if hasattr(cfg, name) and value is not None:
             setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
+    problems = cfg.problems(default_registry().names() if "scheduler" in flags else ())
+    if problems:
+        raise click.UsageError("; ".join(problems))
     return cfg
 
 

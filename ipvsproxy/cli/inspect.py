@@ -10,6 +10,7 @@ import click
 
 from .. import view
 from ..agent import Agent
+from ..logfmt import escape
 from ..observe import records
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
@@ -87,7 +88,7 @@ def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
         report = Agent(cfg, dp, dry_run=True, record_state=False).once()
         dp.close()
     except Exception as exc:
-        click.echo(f"ipvsproxy: error: {exc}", err=True)
+        click.echo(f"ipvsproxy: error: {escape(str(exc))}", err=True)
         ctx.exit(2)
     ops = report.ops
     if fmt == "json":
@@ -102,9 +103,9 @@ def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
         for op in ops:
             groups[str(op.service) if op.service else ("addresses" if op.key is None else "(no Service)")].append(op)
         for name in sorted(groups):
-            click.echo(name)
+            click.echo(escape(name))
             for op in groups[name]:
-                click.echo(f"  {_describe(op)}")
+                click.echo(f"  {escape(_describe(op))}")
         click.echo(("in sync" if not ops else summarize(ops)), err=True)
     ctx.exit(1 if ops else 0)
 
@@ -114,11 +115,12 @@ def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
               help="Output format.")
 def schedulers(fmt: str) -> None:
     """The scheduler registry and whether this kernel has each module."""
-    from ..dataplane.netlink import module_available, module_loaded
+    from ..dataplane.netlink import HOST_MODULES as mods
 
     rows = []
     for s in default_registry():
-        state = "loaded" if module_loaded(s.module) else "available" if module_available(s.module) else "missing"
+        state = ("loaded" if mods.loaded(s.module) else "built in" if mods.builtin(s.module)
+                 else "available" if mods.available(s.module) else "missing")
         rows.append({"name": s.name, "module": s.module, "flags": list(s.flags), "kernel": state,
                      "source": "builtin" if s.builtin else "plugin", "description": s.description})
     if fmt == "json":

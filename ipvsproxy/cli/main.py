@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from ..dataplane.base import DataplaneError
+from ..dataplane.base import DataplaneError, InterfaceRefused
+from ..logfmt import EscapingFormatter, escape
 
 
 class Group(click.Group):
@@ -23,10 +24,15 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except InterfaceRefused as exc:  # --interface names something not ours: a usage error
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"ipvsproxy: error: {escape(str(exc))}", err=True)
+            ctx.exit(2)
         except (DataplaneError, OSError, ValueError, RuntimeError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"ipvsproxy: error: {exc}", err=True)
+            click.echo(f"ipvsproxy: error: {escape(str(exc))}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             ctx.exit(130)
@@ -41,11 +47,9 @@ class Group(click.Group):
 def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
     """ipvsproxy: a Kubernetes service proxy that programs Linux IPVS."""
     ctx.obj = {"debug": debug}
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
 
 
 def register() -> None:

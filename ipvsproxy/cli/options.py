@@ -61,9 +61,10 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 source_options = _stack(
-    opt("from-file", "from_files", multiple=True, type=click.Path(),
+    opt("from-file", "from_files", multiple=True, type=click.Path(exists=True),
         help="Read Services/EndpointSlices/Nodes from YAML files or directories instead of the API "
-             "(repeatable; re-read when they change)."),
+             "(repeatable; re-read when they change; must exist at start; a file that turns empty, "
+             "invalid or missing keeps its last good content)."),
     opt("kubeconfig", default=None, type=click.Path(dir_okay=False),
         help="Kubeconfig to use when not in a cluster (else $KUBECONFIG, ~/.kube/config)."),
     opt("node-name", default=None, help="This node's name.  [default: $NODE_NAME, else the host name]",
@@ -71,7 +72,10 @@ source_options = _stack(
 )
 
 translate_options = _stack(
-    opt("interface", default="ipvsproxy0", help="Dummy interface that holds the Service addresses."),
+    opt("interface", default="ipvsproxy0",
+        help="Dummy interface that holds the Service addresses: created and marked (alias 'managed-by: "
+             "ipvsproxy') when missing; an existing one must be such a dummy (or an unmarked "
+             "ipvsproxy*/kube-ipvs0 dummy, adopted), anything else is refused."),
     opt("scheduler", default="rr", help="Cluster default IPVS scheduler (see `ipvsproxy schedulers`)."),
     opt("exclude-cidrs", default="", type=CIDRs(),
         help="Comma list of CIDRs whose virtual servers are never touched."),

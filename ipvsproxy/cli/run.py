@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from ..agent import Agent
+from ..logfmt import escape
 from . import common
 from .common import make_config, summarize
 from .options import CIDRs, Duration, opt, source_options, translate_options
@@ -17,7 +18,7 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
 @translate_options
 @opt("sync-period", default="30s", type=Duration(), help="Full resync that repairs drift, this often.")
 @opt("min-sync-period", default="1s", type=Duration(),
-     help="At most one sync per interval; bursts of events coalesce.")
+     help="At most one sync per interval; bursts of events coalesce (greater than 0, at most --sync-period).")
 @opt("once", is_flag=True, help="One full sync, then exit (non-zero if it failed).")
 @opt("dry-run", is_flag=True, help="Compute and print the operations; change nothing.")
 @opt("healthz-bind-address", default="127.0.0.1:10256", help="host:port for /healthz ('' = off).")
@@ -43,7 +44,7 @@ def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
         agent = Agent(cfg, dp, dry_run=True)
         report = agent.once()
         for op in report.ops:
-            click.echo(str(op))
+            click.echo(escape(str(op)))
         click.echo(f"# dry run: {summarize(report.ops)}; nothing changed", err=True)
         return
     dp = common.open_dataplane(dataplane, cfg)

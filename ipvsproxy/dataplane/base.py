@@ -14,9 +14,18 @@ from typing import Protocol
 from ..model import ObservedState, ObservedVS, VSKey
 from ..plan import Op
 
+# The mark on the dummy interface ipvsproxy made (its IFLA_IFALIAS, `ip link show` prints it as
+# "alias ..."): the agent binds, unbinds and deletes only on a dummy carrying it (dataplane/netlink.py).
+INTERFACE_MARK = "managed-by: ipvsproxy"
+
 
 class DataplaneError(RuntimeError):
     """The dataplane cannot work at all (message is the one line to show)."""
+
+
+class InterfaceRefused(DataplaneError):
+    """--interface names an interface that is not ipvsproxy's dummy: nothing
+    may be bound, unbound or deleted on it (a usage error: exit 2)."""
 
 
 @dataclass(slots=True)

@@ -11,12 +11,15 @@ names the Service and the object, never as exceptions.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import AgentConfig
 from ..model import (
@@ -34,7 +37,7 @@ from ..model import (
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
 from .addr_wire import AddrRequest, AddrWire
-from .base import Counters, DataplaneError, Failure
+from .base import INTERFACE_MARK, Counters, DataplaneError, Failure, InterfaceRefused
 from .conntrack import ConntrackFlusher
 from .ipvs_wire import (
     Cmd,
@@ -65,36 +68,116 @@ _DEST_CMD = {OpKind.ADD_RS: Cmd.NEW_DEST, OpKind.EDIT_RS: Cmd.SET_DEST, OpKind.D
 _MODULE = re.compile(r"^[a-z0-9_]+$")
 
 
-def module_loaded(name: str) -> bool:
-    return os.path.isdir(f"/sys/module/{name}")
-
-
-def module_available(name: str) -> bool:
-    """Loaded, built in, or present as a module file for the running kernel."""
-    if module_loaded(name):
-        return True
-    release = os.uname().release
-    for index in ("modules.builtin", "modules.dep"):
-        try:
-            with open(f"/lib/modules/{release}/{index}") as f:
-                if any(line.split(":")[0].rsplit("/", 1)[-1].split(".ko")[0] == name for line in f):
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def load_module(name: str) -> bool:
-    """modprobe a module when it is not loaded yet; True when it is there after."""
-    if module_loaded(name):
-        return True
-    if not _MODULE.match(name):
-        return False
+def _modprobe(name: str) -> None:
     try:
         subprocess.run(["modprobe", "-q", name], check=False, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("modprobe %s: %s", name, exc)
-    return module_loaded(name)
+
+
+def _module_name(path: str) -> str:
+    """'kernel/net/netfilter/ipvs/ip_vs_lc.ko.xz' -> 'ip_vs_lc' (the kernel spells - as _)."""
+    return path.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelModules:
+    """Which kernel modules the running kernel has, and loading them.
+
+    A module compiled in (``CONFIG_IP_VS_LC=y``) never shows up as
+    ``/sys/module/<name>`` (only modules with parameters do), so "loaded"
+    alone would call a built-in scheduler unavailable; ``modules.builtin``
+    lists them. The roots and ``modprobe`` are injectable so a test can stand
+    in a kernel with its modules built in.
+    """
+
+    sysfs: str = "/sys/module"
+    lib: str = field(default_factory=lambda: f"/lib/modules/{os.uname().release}")
+    modprobe: Callable[[str], None] = _modprobe
+
+    def loaded(self, name: str) -> bool:
+        return os.path.isdir(os.path.join(self.sysfs, name))
+
+    def _listed(self, name: str, index: str) -> bool:
+        try:
+            with open(os.path.join(self.lib, index)) as f:
+                return any(_module_name(line.split(":")[0].strip()) == name for line in f)
+        except OSError:
+            return False
+
+    def builtin(self, name: str) -> bool:
+        return self._listed(name, "modules.builtin")
+
+    def available(self, name: str) -> bool:
+        """Loaded, built in, or present as a module file for the running kernel."""
+        return self.loaded(name) or self.builtin(name) or self._listed(name, "modules.dep")
+
+    def load(self, name: str) -> bool:
+        """modprobe a module when it is neither loaded nor built in; True when it is there after."""
+        if self.loaded(name) or self.builtin(name):
+            return True
+        if not _MODULE.match(name):
+            return False
+        self.modprobe(name)
+        return self.loaded(name)
+
+
+HOST_MODULES = KernelModules()
+
+
+def module_loaded(name: str) -> bool:
+    return HOST_MODULES.loaded(name)
+
+
+def module_available(name: str) -> bool:
+    """Loaded, built in, or present as a module file for the running kernel."""
+    return HOST_MODULES.available(name)
+
+
+def load_module(name: str) -> bool:
+    """modprobe a module when it is not loaded (or built in) yet; True when it is there after."""
+    return HOST_MODULES.load(name)
+
+
+# Unmarked dummies adopted (and marked) by name: the ones older versions created (ipvsproxy0 by
+# default, any ipvsproxy* by --interface), and kube-proxy's, which holds only Service addresses
+# (docs/operating.md, migrating from kube-proxy).
+_ADOPTABLE = re.compile(r"^(ipvsproxy.*|kube-ipvs0)$")
+
+
+def interface_refusal(name: str, kind: str | None, alias: str | None) -> str | None:
+    """Why ipvsproxy must not touch the existing interface `name` (None: it may).
+
+    Only a dummy that carries the mark, or an unmarked (alias-less) dummy
+    with an adoptable name, is ipvsproxy's: anything else could be a node's
+    NIC (its /32 or /128 unbound takes the node offline) or another tool's
+    dummy (node-local DNS, a CNI) whose addresses are not ours to unbind.
+    """
+    hint = "(ipvsproxy creates and marks its own dummy when the name is free; pick such a name)"
+    if kind != "dummy":
+        what = f"of kind {kind}" if kind else "with no kind (a physical device)"
+        return (f"--interface {name}: refusing to use interface {name} {what}: ipvsproxy binds, unbinds "
+                f"and deletes addresses only on its own dummy interface {hint}")
+    if alias == INTERFACE_MARK or (not alias and _ADOPTABLE.match(name)):
+        return None
+    marked = f"alias {alias!r}" if alias else "no alias"
+    return (f"--interface {name}: refusing to use dummy interface {name}: ipvsproxy did not create it "
+            f"({marked}, not {INTERFACE_MARK!r}); to hand it over: ip link set dev {name} alias "
+            f"'{INTERFACE_MARK}' {hint}")
+
+
+IFA_F_NODAD = 0x02
+
+
+def _kernel_link_local(addr: str, msg: Any) -> bool:
+    """The link-local address the kernel gives an interface that comes up (not
+    ours to unbind). Ours are told apart by IFA_F_NODAD, which every bind
+    sets: skipping every fe80:: address left a link-local Service VIP bound
+    for ever."""
+    if not ipaddress.ip_address(addr).is_link_local:
+        return False
+    flags = msg.get_attr("IFA_FLAGS")
+    return not ((flags if flags is not None else msg["flags"]) & IFA_F_NODAD)
 
 
 def write_sysctl(path: str, value: str) -> None:
@@ -184,14 +267,16 @@ def describe_failure(op: Op, err: BaseException) -> str:
 class NetlinkDataplane:
     """Programs the running kernel. Needs root with CAP_NET_ADMIN."""
 
-    def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256) -> None:
+    def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256,
+                 modules: KernelModules | None = None) -> None:
         self.cfg = cfg
         self.read_only = read_only
+        self.modules = modules or HOST_MODULES
         self.counters = Counters()
         self._usable: dict[str, bool] = {}
         self.registry = default_registry()
         if cfg.load_modules and not read_only:
-            load_module("ip_vs")
+            self.modules.load("ip_vs")
         try:
             self.wire = IPVSWire(batch_size=batch_size)
         except IPVSUnavailable:
@@ -204,15 +289,17 @@ class NetlinkDataplane:
         self.ipr = IPRoute()
         self.addr = AddrWire(batch_size=batch_size)  # binds/unbinds, batched like IPVS messages
         self._ifindex: int | None = None
+        self._alias: str | None = None  # the interface's alias when it was looked up
         self.conntrack = ConntrackFlusher()  # its sockets open on the first UDP/SCTP removal
 
     # ---- setup --------------------------------------------------------------
     def setup(self) -> None:
         """Modules, sysctls, the dummy interface and IPVS timeouts."""
         cfg = self.cfg
+        self.ifindex()  # an --interface that is not ours is refused before anything is changed
         if cfg.load_modules:
             for mod in ("ip_vs", f"ip_vs_{cfg.scheduler}", "dummy", "nf_conntrack"):
-                if not load_module(mod):
+                if not self.modules.load(mod):
                     log.warning("kernel module %s is not loaded and could not be loaded", mod)
         for path, value in SYSCTLS.items():
             write_sysctl(path, value)
@@ -225,23 +312,50 @@ class NetlinkDataplane:
             self.wire.set_config(*timeouts)
 
     def ensure_interface(self) -> int:
+        """Our dummy's index: created and marked when missing, adopted (marked)
+        when it is an unmarked one of ours; raises InterfaceRefused on anything else."""
         idx = self.ifindex()
+        name = self.cfg.interface
         if idx is None:
             try:
-                self.ipr.link("add", ifname=self.cfg.interface, kind="dummy")
+                self.ipr.link("add", ifname=name, kind="dummy")
             except Exception as exc:
                 raise DataplaneError(
-                    f"cannot create dummy interface {self.cfg.interface}: {exc} "
+                    f"cannot create dummy interface {name}: {exc} "
                     "(is the 'dummy' kernel module available?)") from None
+            found = self.ipr.link_lookup(ifname=name)
+            if not found:
+                raise DataplaneError(f"dummy interface {name} vanished right after it was created")
+            try:
+                self.ipr.link("set", index=found[0], ifalias=INTERFACE_MARK)
+            except Exception as exc:
+                self.ipr.link("del", index=found[0])  # an unmarked dummy would be refused next time
+                raise DataplaneError(f"cannot mark dummy interface {name} as ipvsproxy's: {exc}") from None
+            log.info("created dummy interface %s (alias %r)", name, INTERFACE_MARK)
             idx = self.ifindex()
             assert idx is not None
+        elif self._alias != INTERFACE_MARK:
+            self.ipr.link("set", index=idx, ifalias=INTERFACE_MARK)
+            log.info("adopted dummy interface %s (marked with alias %r)", name, INTERFACE_MARK)
+            self._alias = INTERFACE_MARK
         self.ipr.link("set", index=idx, state="up")
         return idx
 
     def ifindex(self) -> int | None:
+        """The index of our interface (None when there is none); raises
+        InterfaceRefused when the name is taken by an interface not ours."""
         if self._ifindex is None:
             found = self.ipr.link_lookup(ifname=self.cfg.interface)
-            self._ifindex = found[0] if found else None
+            if not found:
+                return None
+            link = self.ipr.get_links(found[0])[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            alias = link.get_attr("IFLA_IFALIAS")
+            refusal = interface_refusal(self.cfg.interface, kind, alias)
+            if refusal:
+                raise InterfaceRefused(refusal)
+            self._ifindex, self._alias = found[0], alias
         return self._ifindex
 
     def bound_addresses(self) -> set[str]:
@@ -252,7 +366,7 @@ class NetlinkDataplane:
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_addr(family=family, index=idx):
                 addr = msg.get_attr("IFA_ADDRESS")
-                if addr and not (family == AF_INET6 and addr.startswith("fe80:")):
+                if addr and not (family == AF_INET6 and _kernel_link_local(addr, msg)):
                     out.add(addr)
         return out
 
@@ -276,8 +390,8 @@ class NetlinkDataplane:
         if name not in self._usable:
             sched = self.registry.get(name)
             module = sched.module if sched else f"ip_vs_{name}"
-            ok = load_module(module) if self.cfg.load_modules and not self.read_only else \
-                module_available(module)
+            ok = self.modules.load(module) if self.cfg.load_modules and not self.read_only else \
+                self.modules.available(module)
             self._usable[name] = ok
         return self._usable[name]
 
@@ -369,6 +483,7 @@ class NetlinkDataplane:
                       join_host_port(op.real.address, op.real.port))
 
     def remove_interface(self) -> bool:
+        """Delete our dummy (only ever a dummy ifindex() accepted)."""
         idx = self.ifindex()
         if idx is None:
             return False

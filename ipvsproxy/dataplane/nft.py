@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig
-from ..model import DesiredState, VirtualServer, VSKey
+from ..model import DesiredState, VirtualServer, VSKey, canonical_ip
 
 if TYPE_CHECKING:
     from .nft_wire import NftWire
@@ -297,7 +297,7 @@ def _value_from_json(value: Any, cidr: bool) -> Any:
             ip = ipaddress.ip_address(value)
         except ValueError:
             return value
-        return str(ipaddress.ip_network(ip)) if cidr else str(ip)
+        return str(ipaddress.ip_network(ip)) if cidr else canonical_ip(value)  # spelled as desired state is
     return value
 
 

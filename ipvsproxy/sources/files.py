@@ -83,6 +83,8 @@ def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
         return None, [f"{path}{line}: invalid YAML ({reason}); file skipped"]
     except Exception as exc:  # PyYAML constructors raise plain errors too: `!!int ""`, `2001-02-30`, deep nesting
         return None, [f"{path}: invalid YAML ({type(exc).__name__}: {exc}); file skipped"]
+    if all(doc is None for doc in docs):  # zero bytes, blanks or comments: read mid-rewrite (`> file`)?
+        return None, [f"{path}: empty (no YAML documents); file skipped"]
     found: dict[str, list[Any]] = {}
     for i, doc in enumerate(docs):
         for obj in _items(doc):
@@ -104,8 +106,13 @@ def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
 class ManifestReader:
     """Reads manifests, remembering each file's last good content.
 
-    A file that turns unreadable or invalid keeps contributing what it held
-    last time it was good, so a bad edit never withdraws programmed Services.
+    A file that turns unreadable, invalid or empty, and a named file or
+    directory that goes missing, keeps contributing what it held last time it
+    was good (with a warning), so a bad edit or a rewrite caught half-way
+    (`kubectl get ... -o yaml > cluster.yaml` truncates the file first) never
+    withdraws programmed Services. To withdraw every Service of a file, write
+    an empty List (`kind: List`, `items: []`) or delete the file from its
+    directory; a file deleted from a directory named is a deliberate removal.
     """
 
     def __init__(self, paths: Iterable[str]) -> None:
@@ -114,15 +121,34 @@ class ManifestReader:
 
     def read(self) -> Snapshot:
         snap = Snapshot()
-        for path in expand(self.paths):
-            found, problems = read_file(path)
-            snap.problems += problems
-            if found is None:
-                found = self.last_good.get(path, {})
-            else:
-                self.last_good[path] = found
+
+        def add(found: dict[str, list[Any]]) -> None:
             for kind, objs in found.items():
                 snap.objects[kind] += objs
+
+        for named in map(Path, self.paths):
+            if not named.exists():
+                kept = [c for f, c in self.last_good.items() if f == named or named in f.parents]
+                if kept:
+                    n = sum(len(objs) for c in kept for objs in c.values())
+                    snap.problems.append(f"{named}: missing; keeping its last good content ({n} objects) "
+                                         "until it is back")
+                else:
+                    snap.problems.append(f"{named}: missing; nothing read from it")
+                for c in kept:
+                    add(c)
+                continue
+            for path in expand([str(named)]):
+                found, problems = read_file(path)
+                if found is None and path in self.last_good:
+                    problems = [*problems[:-1], problems[-1] + " (keeping its last good content until it is "
+                                "valid again)"]
+                snap.problems += problems
+                if found is None:
+                    found = self.last_good.get(path, {})
+                else:
+                    self.last_good[path] = found
+                add(found)
         return snap
 
     def load(self, tracker: Tracker) -> list[str]:

@@ -21,6 +21,7 @@ import pytest
 
 from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.addr_wire import AddrRequest, AddrWire
+from ipvsproxy.dataplane.base import INTERFACE_MARK
 from ipvsproxy.dataplane.netlink import NetlinkDataplane
 from ipvsproxy.plan import Op, OpKind
 
@@ -49,6 +50,7 @@ def dev() -> Iterator[int]:
         pytest.skip("needs root (run inside the IPVS test VM)")
     subprocess.run(["ip", "link", "del", DEV], capture_output=True)
     ip("link", "add", DEV, "type", "dummy")
+    ip("link", "set", DEV, "alias", INTERFACE_MARK)  # handed over: NetlinkDataplane uses only marked dummies
     ip("link", "set", DEV, "up")
     try:
         yield socket.if_nametoindex(DEV)

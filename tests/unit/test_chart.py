@@ -544,6 +544,11 @@ BAD_VALUES = {
     "unknown top-level key": ["--set", "metricz.enabled=true"],
     "bad log level": ["--set", "config.logLevel=verbose"],
     "interface name too long": ["--set", "config.interface=averyveryverylongname"],
+    "interface a NIC": ["--set", "config.interface=eth0"],
+    "interface another tool's dummy": ["--set", "config.interface=nodelocaldns"],
+    "interface prefix only in the middle": ["--set", "config.interface=eth0ipvsproxy"],
+    "zero sync period": ["--set", "config.syncPeriod=0s"],
+    "zero min sync period": ["--set-string", "config.minSyncPeriod=0"],
     "boolean as string": ["--set-string", "config.strictARP=yes"],
 }
 
@@ -563,6 +568,7 @@ GOOD_VALUES = {
     "IPv6 bind address": ["--set", "config.metricsBindAddress=[::]:9100"],
     "dual-stack cluster CIDR": ["--set", "config.clusterCIDR=10.244.0.0/16\\,fd00:10:244::/56"],
     "maxUnavailable percent": ["--set", "updateStrategy.rollingUpdate.maxUnavailable=20%"],
+    "another ipvsproxy interface": ["--set", "config.interface=ipvsproxy-b2"],
 }
 
 

@@ -1,0 +1,118 @@
+"""Which interfaces ipvsproxy may use, and the kernel's address spelling
+(issue 14 items 1 and 4; the kernel side is tests/kernel/test_interface_safety.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from ipvsproxy.cli import common
+from ipvsproxy.cli.main import cli, register
+from ipvsproxy.dataplane.base import INTERFACE_MARK, InterfaceRefused
+from ipvsproxy.dataplane.netlink import _kernel_link_local, interface_refusal
+from ipvsproxy.model import canonical_ip
+
+register()
+
+
+@pytest.mark.parametrize(("name", "kind", "alias"), [
+    ("ipvsproxy0", "dummy", INTERFACE_MARK),  # ours
+    ("anything", "dummy", INTERFACE_MARK),  # handed over by the operator
+    ("ipvsproxy0", "dummy", None),  # made by an older version: adopted
+    ("ipvsproxy-b", "dummy", None),
+    ("kube-ipvs0", "dummy", None),  # kube-proxy's, while migrating
+])
+def test_our_dummies_are_accepted(name: str, kind: str, alias: str | None) -> None:
+    assert interface_refusal(name, kind, alias) is None
+
+
+@pytest.mark.parametrize(("name", "kind", "alias", "says"), [
+    ("eth9", None, None, "eth9 with no kind (a physical device)"),
+    ("ipvsproxy0", None, None, "with no kind"),  # a NIC renamed ipvsproxy0 is still a NIC
+    ("h14veth0", "veth", None, "of kind veth"),
+    ("br0", "bridge", INTERFACE_MARK, "of kind bridge"),  # the mark on a non-dummy counts for nothing
+    ("ipvsproxy0", "vxlan", None, "of kind vxlan"),
+    ("nodelocaldns", "dummy", None, "did not create it (no alias"),
+    ("kube-ipvs1", "dummy", None, "did not create it (no alias"),
+    ("ipvsproxy0", "dummy", "node-local dns", "did not create it (alias 'node-local dns'"),
+])
+def test_anything_else_is_refused_naming_it_and_its_kind(name: str, kind: str | None, alias: str | None,
+                                                         says: str) -> None:
+    msg = interface_refusal(name, kind, alias)
+    assert msg is not None and msg.startswith(f"--interface {name}: refusing") and says in msg
+
+
+class RefusingDataplane:
+    """What NetlinkDataplane does on a NIC: the first look at the interface raises."""
+
+    def __init__(self) -> None:
+        self.touched: list[str] = []
+
+    def setup(self) -> None:
+        raise InterfaceRefused(interface_refusal("eth9", None, None) or "")
+
+    def observe(self) -> Any:
+        raise InterfaceRefused(interface_refusal("eth9", None, None) or "")
+
+    def apply(self, ops: Any) -> list[Any]:
+        self.touched.append("apply")
+        return []
+
+    def remove_interface(self) -> bool:
+        self.touched.append("remove_interface")
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("args", [["cleanup", "--interface", "eth9"],
+                                  ["run", "--once", "--interface", "eth9"],
+                                  ["run", "--once", "--dry-run", "--interface", "eth9"]])
+def test_the_cli_turns_a_refusal_into_exit_2(args: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    dp = RefusingDataplane()
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_firewall", lambda kind, cfg: None)
+    f = tmp_path / "c.yaml"
+    f.write_text("apiVersion: v1\nkind: List\nitems: []\n")
+    extra = [] if args[0] == "cleanup" else ["--from-file", str(f), "--state-dir", str(tmp_path),
+                                              "--healthz-bind-address", "", "--metrics-bind-address", ""]
+    r = CliRunner().invoke(cli, [*args, *extra])
+    assert r.exit_code == 2, r.output
+    assert "ipvsproxy: error: --interface eth9: refusing" in r.stderr and "Traceback" not in r.stderr
+    assert dp.touched == []
+
+
+@pytest.mark.parametrize(("given", "kernel"), [
+    ("::ffff:10.0.0.1", "::ffff:10.0.0.1"),
+    ("::ffff:a00:1", "::ffff:10.0.0.1"),  # Python 3.11's own spelling of it
+    ("::FFFF:0A00:0001", "::ffff:10.0.0.1"),
+    ("2001:DB8:0:0::1", "2001:db8::1"),
+    ("fe80::1%eth0", "fe80::1%eth0"),  # the scope is kept, for objects.py to refuse
+    (" 10.0.0.1 ", "10.0.0.1"),
+])
+def test_canonical_ip_spells_addresses_as_the_kernel_does(given: str, kernel: str) -> None:
+    assert canonical_ip(given) == kernel
+
+
+class Msg:
+    def __init__(self, flags: int, attr: int | None) -> None:
+        self.flags, self.attr = flags, attr
+
+    def get_attr(self, name: str) -> int | None:
+        assert name == "IFA_FLAGS"
+        return self.attr
+
+    def __getitem__(self, key: str) -> int:
+        assert key == "flags"
+        return self.flags
+
+
+def test_only_the_kernels_own_link_local_address_is_skipped() -> None:
+    assert _kernel_link_local("fe80::a8c1:abff:fe12:3456", Msg(0x80, 0x80))  # permanent, DAD done: the kernel's
+    assert not _kernel_link_local("fe80::142:1", Msg(0x82, 0x82))  # we bind with IFA_F_NODAD
+    assert not _kernel_link_local("fe80::142:1", Msg(0x02, None))  # no IFA_FLAGS attribute: the header's flags
+    assert not _kernel_link_local("2001:2::1", Msg(0, 0))
