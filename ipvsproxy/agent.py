@@ -133,14 +133,15 @@ class Agent:
     # ---- sources -------------------------------------------------------------
     def load_files(self) -> list[str]:
         """Read --from-file manifests once (for --once, diff)."""
-        return ManifestReader(self.cfg.from_files).load(self.tracker)
+        return ManifestReader(self.cfg.from_files, self.cfg.service_proxy_name).load(self.tracker)
 
     def _kube_source(self) -> KubeSource:
         """The API source, with Events posted through it (never on a dry run:
         --dry-run and diff change nothing, Events included)."""
         from .sources.kube import KubeSource
 
-        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig,
+                                          service_proxy_name=self.cfg.service_proxy_name)
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event
             self.object_events = source.post_object_event
@@ -148,7 +149,8 @@ class Agent:
 
     def start_source(self) -> None:
         if self.cfg.from_files:
-            watcher = FileWatcher(list(self.cfg.from_files), self.tracker)
+            watcher = FileWatcher(list(self.cfg.from_files), self.tracker,
+                                  service_proxy_name=self.cfg.service_proxy_name)
             watcher.start()
             self._stop_source = watcher.stop
         else:

@@ -11,6 +11,7 @@ names the Service and the object, never as exceptions.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -254,6 +255,18 @@ class NetlinkDataplane:
                 addr = msg.get_attr("IFA_ADDRESS")
                 if addr and not (family == AF_INET6 and addr.startswith("fe80:")):
                     out.add(addr)
+        return out
+
+    def local_addresses(self) -> set[str]:
+        """Every address on an interface other than ours (rtnetlink): the node's
+        own, which an external or load-balancer IP must never be bound over."""
+        ours = self.ifindex()
+        out = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_addr(family=family):
+                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")  # LOCAL: not a peer's
+                if addr and msg["index"] != ours and "%" not in addr:
+                    out.add(str(ipaddress.ip_address(addr)))  # spelled as Service IPs are
         return out
 
     # ---- reading --------------------------------------------------------------

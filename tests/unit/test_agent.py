@@ -83,7 +83,7 @@ def test_healthz_and_metrics(running: tuple[Agent, MemoryDataplane, Path]) -> No
     assert code == 200
     assert "ipvsproxy_sync_duration_seconds_count" in text
     assert 'ipvsproxy_operations_total{kind="add-vs"}' in text
-    assert "ipvsproxy_virtual_servers 22.0" in text
+    assert "ipvsproxy_virtual_servers 20.0" in text
     assert "ipvsproxy_invalid_scheduler_total 1.0" in text  # demo/signalling asks for 'fastest'
     assert ('ipvsproxy_service_connections_total{address="198.19.0.10:80",kind="ClusterIP",namespace="demo",'
             'port="http",service="web"} 42.0') in text
