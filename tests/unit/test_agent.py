@@ -77,7 +77,7 @@ def test_manifest_change_reaches_dataplane(running: tuple[Agent, MemoryDataplane
 def test_healthz_and_metrics(running: tuple[Agent, MemoryDataplane, Path]) -> None:
     agent, dp, _ = running
     code, body = get(f"http://127.0.0.1:{port(agent, 0)}/healthz")
-    assert code == 200 and '"healthy": true' in body
+    assert code == 200 and '"nodeEligible": true' in body
     dp.state.services[WEB].stats = {"conns": 42, "inpkts": 7, "outpkts": 6, "inbytes": 900, "outbytes": 800}
     code, text = get(f"http://127.0.0.1:{port(agent, 1)}/metrics")
     assert code == 200

@@ -173,12 +173,14 @@ def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label(
 
 
 def _wait(cond: Any, what: str, timeout: float = 5.0) -> None:
+    """Poll with an Event's timed wait between looks (no sleep)."""
+    import threading
     import time
 
-    end = time.monotonic() + timeout
+    end, tick = time.monotonic() + timeout, threading.Event()
     while not cond():
         assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        tick.wait(0.02)
 
 
 def test_service_proxy_name_flag_reaches_the_sources() -> None:
