@@ -348,7 +348,7 @@ def test_sysctl_init_container() -> None:
 def _probe_target(name: str, probe: str) -> tuple[str | None, int]:
     c = agent(name)
     get = c[probe]["httpGet"]
-    assert get["path"] == "/healthz"
+    assert get["path"] == ("/livez" if probe == "livenessProbe" else "/healthz")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
     return get.get("host"), port
