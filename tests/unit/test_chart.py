@@ -70,7 +70,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The RBAC a service proxy needs (docs/SPEC "Operators' conventions"): exactly this, by default.
+# The RBAC a service proxy needs (docs/operating.md): exactly this, by default.
 EXPECTED_RULES = {
     ("", "services", "list"), ("", "services", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
