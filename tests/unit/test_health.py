@@ -154,8 +154,14 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_threads_stay_bounded(
     finally:
         for s in idle:
             s.close()
-    # once the idle ones are gone, requests are served again
-    poll(lambda: get(f"http://{addr[0]}:{addr[1]}/healthz")[0] == 200, what="served again")
+    # once the idle ones are gone (their threads see the EOF), requests are served again
+    def served() -> bool:
+        try:
+            return get(f"http://{addr[0]}:{addr[1]}/healthz")[0] == 200
+        except OSError:  # still full: closed at once
+            return False
+
+    poll(served, what="served again")
     srv.shutdown()
     srv.server_close()
 
@@ -309,3 +315,26 @@ def test_agent_opens_and_closes_health_check_ports_as_services_come_and_go(tmp_p
         agent.stop()
         t.join(5)
     assert not t.is_alive()
+
+
+def test_agent_tells_healthz_when_its_node_is_leaving() -> None:
+    from ipvsproxy.reconcile import SyncReport
+
+    agent = Agent(AgentConfig(node_name="n1", healthz_bind_address="", metrics_bind_address=""),
+                  MemoryDataplane(), record_state=False)
+    agent._on_report(SyncReport(full=True), None)
+    assert agent.health.node_eligible  # no Node seen yet: eligible, as kube-proxy starts
+    agent.tracker.upsert("Node", node("n1"))
+    agent._on_report(SyncReport(full=True), None)
+    assert agent.health.node_eligible
+    tainted = node("n1")
+    tainted["spec"] = {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
+    agent.tracker.upsert("Node", tainted)
+    agent._on_report(SyncReport(full=True), None)
+    assert not agent.health.node_eligible
+    agent.tracker.upsert("Node", node("n1"))
+    agent._on_report(SyncReport(full=True), None)
+    assert agent.health.node_eligible
+    agent.tracker.delete("Node", "", "n1")
+    agent._on_report(SyncReport(full=True), None)
+    assert not agent.health.node_eligible  # deleted is not coming back
