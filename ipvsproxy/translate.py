@@ -167,7 +167,7 @@ def translate_service(
     slices = list(slices)
     if svc.health_check_node_port:
         out.health = (svc.health_check_node_port, local_ready_endpoints(svc, slices, cfg.node_name))
-    own = set(local_addresses) | set(node.addresses if node is not None else ())
+    node_addrs = node.addresses if node is not None else ()
     # A Service lives only in the families it has a cluster IP for (kube-proxy
     # serviceToServiceMap: no ClusterIP of the proxier's family, no service).
     families = [f for f in (AF_INET, AF_INET6) if any(family_of(ip) == f for ip in svc.cluster_ips)]
@@ -198,7 +198,7 @@ def translate_service(
                     continue
                 port = sp.node_port if kind == "NodePort" else sp.port
                 rs, eps = picked[is_external]
-                bind = kind != "NodePort" and ip not in own
+                bind = kind != "NodePort" and ip not in local_addresses and ip not in node_addrs
                 out.servers.append(
                     VirtualServer(
                         key=VSKey(family, sp.protocol, ip, port),
