@@ -447,3 +447,17 @@ def test_reference_itself_sees_the_rules() -> None:
     assert (NODE_V6, 30080) not in got and (NODE_V4, 30080) in got
     assert table(run([v4only], [], node(internal=[NODE_V4, NODE_V6]))[0]) == {
         key("10.96.0.10"): set(), key(NODE_V4, 30080): set()}
+
+
+def test_every_rule_the_code_cites_is_in_docs_semantics() -> None:
+    """Code and tests cite "docs/semantics.md rule N" (or "rule N" beside it): each N exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "semantics.md").read_text()
+    defined = {int(n) for n in re.findall(r"^\*\*(\d+)\. ", doc, flags=re.M)}
+    assert defined == set(range(1, max(defined) + 1))
+    cited: set[int] = set()
+    for path in [*(root / "ipvsproxy").rglob("*.py"), *(root / "tests").rglob("*.py")]:
+        cited |= {int(n) for n in re.findall(r"semantics\.md\)? rule (\d+)", path.read_text())}
+    assert cited and cited <= defined, cited - defined
