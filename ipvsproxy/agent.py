@@ -21,13 +21,14 @@ from .dataplane.base import Dataplane
 from .model import ServiceRef, VSKey
 from .objects import Service
 from .observe import records
-from .observe.health import Health, healthz_route, serve
+from .observe.health import Health, healthz_route, is_loopback, livez_route, serve
 from .observe.metrics import Metrics, TrafficCollector
+from .observe.servicehealth import ServiceHealthServer
 from .reconcile import Firewall, Reconciler, Runner, SyncReport
 from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
 from .tracker import Tracker
-from .translate import Config
+from .translate import Config, node_addresses
 
 if TYPE_CHECKING:
     from .sources.kube import KubeSource
@@ -79,6 +80,8 @@ class Agent:
         self._stop_source: Callable[[], None] | None = None
         self.stats_dataplane = stats_dataplane
         self.source_kinds = ("Service", "EndpointSlice", "Node")
+        self.service_health: ServiceHealthServer | None = None  # health-check node ports (run() only)
+        self._node_seen = False
 
     # ---- problem reporting -------------------------------------------------
     def _object_problem(self, kind: str, namespace: str, name: str, message: str) -> None:
@@ -103,6 +106,12 @@ class Agent:
             self.health.failure(str(error))
             return
         self.health.success()
+        node = self.tracker.node
+        self._node_seen = self._node_seen or node is not None
+        # A deleted Node is no more eligible than one being deleted (KEP-3836).
+        self.health.node_eligible = node.eligible if node is not None else not self._node_seen
+        if self.service_health is not None:
+            self.service_health.update(self.reconciler.health_checks)
         desired = self.reconciler.index.state
         self.metrics.virtual_servers.set(len(desired.services))
         self.metrics.real_servers.set(sum(len(vs.reals) for vs in desired.services.values()))
@@ -133,14 +142,15 @@ class Agent:
     # ---- sources -------------------------------------------------------------
     def load_files(self) -> list[str]:
         """Read --from-file manifests once (for --once, diff)."""
-        return ManifestReader(self.cfg.from_files).load(self.tracker)
+        return ManifestReader(self.cfg.from_files, self.cfg.service_proxy_name).load(self.tracker)
 
     def _kube_source(self) -> KubeSource:
         """The API source, with Events posted through it (never on a dry run:
         --dry-run and diff change nothing, Events included)."""
         from .sources.kube import KubeSource
 
-        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig,
+                                          service_proxy_name=self.cfg.service_proxy_name)
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event
             self.object_events = source.post_object_event
@@ -148,7 +158,8 @@ class Agent:
 
     def start_source(self) -> None:
         if self.cfg.from_files:
-            watcher = FileWatcher(list(self.cfg.from_files), self.tracker)
+            watcher = FileWatcher(list(self.cfg.from_files), self.tracker,
+                                  service_proxy_name=self.cfg.service_proxy_name)
             watcher.start()
             self._stop_source = watcher.stop
         else:
@@ -173,18 +184,42 @@ class Agent:
             self.source.flush()  # Events are posted in the background
         return report
 
+    def _health_check_addresses(self) -> list[str]:
+        """Where health-check node ports listen: every address, or the node's
+        addresses --nodeport-addresses selects (as kube-proxy)."""
+        if not self.cfg.nodeport_addresses:
+            return []
+        return node_addresses(self.tracker.node, self.cfg.nodeport_addresses)
+
+    def _health_check_failed(self, sid: str, port: int, message: str) -> None:
+        svc = self.tracker.services.get(sid)
+        if svc is not None and self.events is not None:
+            try:
+                self.events(svc, "FailedToStartServiceHealthcheck", message)
+            except Exception as exc:  # Events are best effort
+                log.warning("could not post FailedToStartServiceHealthcheck Event on Service %s: %s", sid, exc)
+
+    def start_service_health(self) -> None:
+        self.service_health = ServiceHealthServer(
+            self._health_check_addresses, self.health.healthy, on_listen_failure=self._health_check_failed)
+        self.service_health.start()
+
     def serve_http(self) -> None:
         cfg = self.cfg
         if cfg.healthz_bind_address:
-            self._servers.append(serve(cfg.healthz_bind_address, {"/healthz": healthz_route(self.health),
-                                                                  "/livez": healthz_route(self.health)}))
+            # Sync errors name Services and addresses: said only on a loopback bind.
+            detail = is_loopback(cfg.healthz_bind_address.rpartition(":")[0])
+            self._servers.append(serve(cfg.healthz_bind_address, {
+                "/healthz": healthz_route(self.health, detail=detail),
+                "/livez": livez_route(self.health, detail=detail)}))
         if cfg.metrics_bind_address:
             if self.stats_dataplane is not None:
                 stats_dp = self.stats_dataplane()
                 self.metrics.registry.register(TrafficCollector(stats_dp.observe, self.name_of))
+            detail = is_loopback(cfg.metrics_bind_address.rpartition(":")[0])
             self._servers.append(serve(cfg.metrics_bind_address, {
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.text()),
-                "/healthz": healthz_route(self.health),
+                "/healthz": healthz_route(self.health, detail=detail),
             }))
 
     def run(self, install_signals: bool = True) -> None:
@@ -195,6 +230,7 @@ class Agent:
             signal.signal(signal.SIGINT, self._signal_stop)
             signal.signal(signal.SIGHUP, self._signal_resync)
         self.serve_http()
+        self.start_service_health()
         self.start_source()
         self.runner.ready = lambda: self.tracker.ready(self.source_kinds)
         thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
@@ -223,5 +259,7 @@ class Agent:
             s.shutdown()
             s.server_close()
         self._servers.clear()
+        if self.service_health is not None:
+            self.service_health.stop()
         self._write_record(force=True)
         self.dp.close()

@@ -100,6 +100,7 @@ class AgentConfig:
     min_sync_period: float = 1.0
     exclude_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()
+    service_proxy_name: str = ""  # "": the Services without a service-proxy-name label
     healthz_bind_address: str = "127.0.0.1:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     tcp_timeout: float = 0.0

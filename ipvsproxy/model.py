@@ -176,6 +176,14 @@ class VirtualServer:
     # are the Service's loadBalancerSourceRanges (LoadBalancer addresses only).
     local: bool = False
     source_ranges: tuple[str, ...] = ()
+    # Whether the address is bound to the dummy interface: never a NodePort's,
+    # nor an address the node already has on another interface (the reconciler
+    # would otherwise unbind it one day). docs/semantics.md rule 5.
+    bind: bool = True
+    # externalTrafficPolicy Local with no local endpoint: the real servers are
+    # the cluster's, for traffic that starts on this node (pods, the host);
+    # traffic from elsewhere is dropped by the packet filter (rule 2).
+    local_origin_only: bool = False
     endpoints: Mapping[str, EndpointInfo] = field(default_factory=lambda: NO_ENDPOINTS, compare=False, hash=False)
 
     @property

@@ -21,6 +21,11 @@ from .schedulers import ANNOTATION, FLAGS_ANNOTATION
 DEFAULT_AFFINITY_TIMEOUT = 10800
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+# A Service carrying this label belongs to another proxy (kube-proxy's informers
+# select "!service.kubernetes.io/service-proxy-name"); docs/semantics.md rule 3.
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+# The Cluster Autoscaler's taint on a node it is about to delete (KEP-3836).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 
 class InvalidObject(ValueError):
@@ -52,6 +57,7 @@ class Service:
     scheduler_flags: str | None = None
     source_ranges: tuple[str, ...] = ()
     uid: str = ""
+    health_check_node_port: int = 0  # served only for LoadBalancer + externalTrafficPolicy Local
 
     @property
     def id(self) -> str:
@@ -67,6 +73,7 @@ class Endpoint:
     node: str = ""
     zones: tuple[str, ...] | None = None  # topology hints; None = no hints
     target: str = ""
+    nodes: tuple[str, ...] | None = None  # hints.forNodes (PreferSameNode); None = no hints
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,29 @@ class Node:
     name: str
     addresses: tuple[str, ...] = ()  # InternalIP and ExternalIP, canonical
     zone: str = ""
+    # False while the node is being deleted or carries the autoscaler's
+    # ToBeDeleted taint: /healthz then tells load balancers to go (KEP-3836).
+    eligible: bool = True
+
+
+def proxy_name_selector(proxy_name: str = "") -> str:
+    """The label selector for the Services this proxy owns: those without a
+    service-proxy-name label, or (``--service-proxy-name NAME``) exactly those
+    labelled NAME."""
+    if proxy_name:
+        return f"{SERVICE_PROXY_NAME_LABEL}={proxy_name}"
+    return f"!{SERVICE_PROXY_NAME_LABEL}"
+
+
+def selected_by_proxy_name(obj: Any, proxy_name: str = "") -> bool:
+    """Whether a raw Service belongs to this proxy (what the selector of
+    :func:`proxy_name_selector` selects, for sources that cannot ask the API)."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    labels = labels if isinstance(labels, Mapping) else {}
+    if proxy_name:
+        return labels.get(SERVICE_PROXY_NAME_LABEL) == proxy_name
+    return SERVICE_PROXY_NAME_LABEL not in labels
 
 
 def describe(obj: Any) -> str:
@@ -213,23 +243,34 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
     ]
     ann = _mapping(meta.get("annotations"))
     sched, flags = ann.get(ANNOTATION), ann.get(FLAGS_ANNOTATION)
+    external_ips = _ips(spec.get("externalIPs"), f"{where} externalIPs", problems)
+    # kube-proxy's ExternalPolicyLocal (pkg/api/v1/service/util.go): NodePort and
+    # LoadBalancer Services, and any Service with externalIPs (a ClusterIP one too).
+    external_local = spec.get("externalTrafficPolicy") == "Local" and (
+        stype in ("NodePort", "LoadBalancer") or bool(external_ips))
+    hcnp = 0
+    if stype == "LoadBalancer" and external_local:  # NeedsHealthCheck
+        raw_hc = spec.get("healthCheckNodePort")
+        hcnp = _port(raw_hc) or 0
+        if raw_hc is not None and not hcnp:
+            problems.append(f"{where}: invalid healthCheckNodePort {raw_hc!r}; no health check served")
     svc = Service(
         namespace=ns,
         name=_shared(name),  # the EndpointSlices' service-name label shares it
         type=stype,
         cluster_ips=cluster_ips,
-        external_ips=_ips(spec.get("externalIPs"), f"{where} externalIPs", problems),
+        external_ips=external_ips,
         lb_ips=_ips(lb_raw, f"{where} loadBalancer ingress", problems),
         ports=tuple(ports),
         affinity_timeout=timeout,
         internal_local=spec.get("internalTrafficPolicy") == "Local",
-        # kube-proxy's ExternalPolicyLocal: only NodePort and LoadBalancer Services have one.
-        external_local=stype in ("NodePort", "LoadBalancer") and spec.get("externalTrafficPolicy") == "Local",
+        external_local=external_local,
         headless=headless,
         scheduler=sched if isinstance(sched, str) else None,
         scheduler_flags=flags if isinstance(flags, str) else None,
         source_ranges=tuple(str(r) for r in _list(spec.get("loadBalancerSourceRanges"))),
         uid=str(meta.get("uid") or ""),
+        health_check_node_port=hcnp,
     )
     return svc, problems
 
@@ -283,22 +324,26 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
         conds = _mapping(e.get("conditions"))
         ready = _condition(conds, "ready", True, where, problems)
         hints = e.get("hints")
-        zones = None
+        zones = nodes = None
         if isinstance(hints, Mapping):
-            # An empty (or nameless) forZones list is no hint at all, as in kube-proxy.
+            # An empty (or nameless) forZones/forNodes list is no hint at all, as in kube-proxy.
             names = (_mapping(z).get("name") for z in _list(hints.get("forZones")))
             zones = tuple(_shared(n) for n in names if isinstance(n, str) and n) or None
+            names = (_mapping(z).get("name") for z in _list(hints.get("forNodes")))
+            nodes = tuple(_shared(n) for n in names if isinstance(n, str) and n) or None
         ref = _mapping(e.get("targetRef"))
         target = f"{ref.get('kind', '')}/{ref['name']}" if ref.get("name") else ""
         endpoints.append(
             Endpoint(
                 address=addrs[0],
                 ready=ready,
-                serving=_condition(conds, "serving", ready, where, problems),
+                # An unset serving condition is true (kube-proxy: nil = true), not "= ready".
+                serving=_condition(conds, "serving", True, where, problems),
                 terminating=_condition(conds, "terminating", False, where, problems),
                 node=_shared(e.get("nodeName")),
                 zones=zones,
                 target=target,
+                nodes=nodes,
             )
         )
     return EndpointSlice(ns, name, service, family, tuple(ports), tuple(endpoints)), problems
@@ -346,7 +391,8 @@ def parse_endpoints(obj: Any) -> tuple[list[EndpointSlice], list[str]]:
 
 
 def parse_node(obj: Any) -> tuple[Node, list[str]]:
-    """A Node record: its name, InternalIP/ExternalIP addresses and zone."""
+    """A Node record: its name, InternalIP/ExternalIP addresses, zone, and
+    whether load balancers may use it (not being deleted, no ToBeDeleted taint)."""
     _, name, meta = _meta(obj, namespaced=False)
     problems: list[str] = []
     raw = [
@@ -356,4 +402,6 @@ def parse_node(obj: Any) -> tuple[Node, list[str]]:
     ]
     addrs = _ips(raw, f"Node {name} addresses", problems)
     zone = _mapping(meta.get("labels")).get(ZONE_LABEL) or ""
-    return Node(name, addrs, str(zone)), problems
+    taints = (_mapping(t).get("key") for t in _list(_mapping(obj.get("spec")).get("taints")))
+    eligible = not meta.get("deletionTimestamp") and TO_BE_DELETED_TAINT not in taints
+    return Node(name, addrs, str(zone), eligible), problems

@@ -75,7 +75,7 @@ class DesiredIndex:
         self.bind_refs: dict[str, int] = {}
 
     def _bindable(self, vs: VirtualServer) -> bool:
-        return vs.service is not None and vs.service.kind != "NodePort"
+        return vs.bind and vs.service is not None and vs.service.kind != "NodePort"
 
     def _ref(self, vs: VirtualServer, delta: int) -> None:
         if not self._bindable(vs):
@@ -162,6 +162,12 @@ class Reconciler:
         self.pending_seen: dict[str, float] = {}
         self.invalid_schedulers = 0
         self.syncs = 0
+        # The node's own addresses (every interface but the dummy one), re-read
+        # on full syncs: an external address among them is never bound (rule 5).
+        self.local_addresses: frozenset[str] = frozenset()
+        # Service id -> (healthCheckNodePort, local ready endpoints), for the
+        # health-check node ports (rule 1); only Services that have one.
+        self.health_checks: dict[str, tuple[int, int]] = {}
 
     # ---- translation ------------------------------------------------------
     def _translate(self, sid: str) -> tuple[set[VSKey], set[str]]:
@@ -170,11 +176,15 @@ class Reconciler:
         if svc is not None:
             t = translate_service(
                 svc, self.tracker.slices_for(sid), self.tracker.node, self.cfg, self.registry,
-                self.dp.scheduler_usable,
+                self.dp.scheduler_usable, self.local_addresses,
             )
             self._report_scheduler(svc, t.scheduler_problem)
         else:
             self.sched_problems.pop(sid, None)
+        if t.health is not None:
+            self.health_checks[sid] = t.health
+        else:
+            self.health_checks.pop(sid, None)
         touched, freed_for, problems = self.index.update(sid, t.servers)
         for p in t.problems + problems:
             log.warning("%s", p)
@@ -211,6 +221,8 @@ class Reconciler:
     # ---- syncing ----------------------------------------------------------
     def compute(self, full: bool = False) -> tuple[list[Op], bool, dict[str, float], int]:
         """Translate pending changes and plan; nothing is applied."""
+        if full or self.need_full:
+            self._read_local_addresses()
         dirty, _ = self.tracker.take_dirty()
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
@@ -231,6 +243,14 @@ class Reconciler:
                    excluded=self.excluded, drain=drain)
         self.cache.services = {}  # planned: only the addresses are kept (see __init__)
         return ops, full, dict(self.pending_seen), len(dirty)
+
+    def _read_local_addresses(self) -> None:
+        """Re-read the node's own addresses; when they changed, every Service
+        is re-translated (which of its addresses to bind may have changed)."""
+        local = frozenset(self.dp.local_addresses())
+        if local != self.local_addresses:
+            self.local_addresses = local
+            self.tracker.mark_all()
 
     def sync(self, full: bool = False) -> SyncReport:
         """One sync; raises SyncError (after applying what it could) on failures."""

@@ -1,6 +1,7 @@
 """Kubernetes Services + EndpointSlices + this Node -> desired IPVS state.
 
-Pure functions implementing SPEC.md "Translation rules". Work is per Service
+Pure functions implementing the translation rules of docs/semantics.md (each
+one follows kube-proxy; the page names the source). Work is per Service
 (:func:`translate_service`) so the reconciler can redo only the Services that
 changed; :func:`translate` does a whole cluster (used by --once, diff, tests).
 """
@@ -8,7 +9,7 @@ changed; :func:`translate` does a whole cluster (used by --once, diff, tests).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .model import (
@@ -45,6 +46,9 @@ class Translation:
     addresses: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     scheduler_problem: str | None = None
+    # (healthCheckNodePort, local ready endpoints) for a LoadBalancer Service
+    # with externalTrafficPolicy Local and a health-check node port (rule 1).
+    health: tuple[int, int] | None = None
 
 
 def node_addresses(node: Node | None, cidrs: Sequence[IPNetwork]) -> list[str]:
@@ -71,46 +75,69 @@ class _Candidate:
 def _candidates(slices: Iterable[EndpointSlice], sp: ServicePort, family: int) -> list[_Candidate]:
     """Endpoints for one Service port and family; named ports resolve per slice.
 
-    EndpointSlices win over legacy Endpoints when a Service has both.
+    EndpointSlices win over legacy Endpoints when a Service has both. One
+    address:port in two slices (an endpoint moving between slices, or a pod IP
+    reused while the old pod terminates) counts once: the non-terminating copy
+    wins whatever the slice order (kube-proxy endpointslicecache.go addEndpoints).
     """
     slices = list(slices)
     if any(not s.legacy for s in slices):
         slices = [s for s in slices if not s.legacy]
-    seen: set[tuple[str, int]] = set()
-    out = []
-    for s in slices:
+    chosen: dict[tuple[str, int], _Candidate] = {}
+    for s in sorted(slices, key=lambda s: s.name):
         if s.family != family:
             continue
         port = next((p.port for p in s.ports if p.name == sp.name and p.protocol == sp.protocol), None)
         if port is None:
             continue
         for ep in s.endpoints:
-            if (ep.address, port) not in seen:
-                seen.add((ep.address, port))
-                out.append(_Candidate(ep, port))
-    return out
+            prior = chosen.get((ep.address, port))
+            if prior is None or (prior.ep.terminating and not ep.terminating):
+                chosen[(ep.address, port)] = _Candidate(ep, port)
+    return list(chosen.values())
 
 
 def _select(cands: list[_Candidate], node: Node | None, local: bool, node_name: str) -> list[_Candidate]:
-    """kube-proxy's endpoint selection for one traffic policy.
+    """kube-proxy's endpoint selection for one traffic policy (topology.go
+    CategorizeEndpoints).
 
-    Ready endpoints (narrowed to this node for Local, or to this zone by
-    topology hints for Cluster); with none ready, serving+terminating ones.
+    Ready endpoints (narrowed to this node for Local; for Cluster, to this
+    node by hints.forNodes when every ready endpoint has node hints and one
+    names this node, else to this zone by hints.forZones likewise); with none
+    ready, serving+terminating ones.
     """
     if local:
         cands = [c for c in cands if c.ep.node == node_name]
     ready = [c for c in cands if c.ep.ready]
     if ready:
-        if not local and node is not None and node.zone and all(c.ep.zones is not None for c in ready):
-            zoned = [c for c in ready if node.zone in (c.ep.zones or ())]
-            if zoned:
-                return zoned
+        if not local:
+            if all(c.ep.nodes is not None for c in ready):
+                same_node = [c for c in ready if node_name in (c.ep.nodes or ())]
+                if same_node:
+                    return same_node
+            if node is not None and node.zone and all(c.ep.zones is not None for c in ready):
+                zoned = [c for c in ready if node.zone in (c.ep.zones or ())]
+                if zoned:
+                    return zoned
         return ready
     return [c for c in cands if c.ep.serving and c.ep.terminating]
 
 
 def _reals(chosen: list[_Candidate]) -> tuple[tuple[Real, ...], EndpointMap]:
     return tuple(sorted(Real(c.ep.address, c.port) for c in chosen)), EndpointMap(c.ep for c in chosen)
+
+
+def local_ready_endpoints(svc: Service, slices: Iterable[EndpointSlice], node_name: str) -> int:
+    """Distinct addresses of this node's ready endpoints behind any Service
+    port: the count a health-check node port reports (kube-proxy
+    EndpointsMap.LocalReadyEndpoints; terminating ones do not count)."""
+    addrs: set[str] = set()
+    slices = list(slices)
+    for sp in svc.ports:
+        for family in (AF_INET, AF_INET6):
+            addrs.update(c.ep.address for c in _candidates(slices, sp, family)
+                         if c.ep.ready and c.ep.node == node_name)
+    return len(addrs)
 
 
 def translate_service(
@@ -120,33 +147,58 @@ def translate_service(
     cfg: Config,
     registry: Registry,
     usable: Callable[[str], bool] | None = None,
+    local_addresses: Collection[str] = (),
 ) -> Translation:
-    """All virtual servers for one Service."""
+    """All virtual servers for one Service.
+
+    `local_addresses` are the node's own addresses on interfaces other than
+    the dummy one (the Node object's are added): an external or
+    load-balancer address among them gets its virtual servers but is never
+    bound (nor, later, unbound).
+    """
     out = Translation()
-    if svc.type == "ExternalName" or svc.headless:
+    # kube-proxy ShouldSkipService: ExternalName, and no cluster IP ("" or None),
+    # skip the whole Service, NodePorts and externalIPs included.
+    if svc.type == "ExternalName" or svc.headless or not svc.cluster_ips:
         return out
     choice = registry.choose(svc.scheduler, svc.scheduler_flags, cfg.scheduler, usable)
     if choice.problem:
         out.scheduler_problem = f"Service {svc.id}: {choice.problem}; using {choice.scheduler!r}"
     slices = list(slices)
+    if svc.health_check_node_port:
+        out.health = (svc.health_check_node_port, local_ready_endpoints(svc, slices, cfg.node_name))
+    node_addrs = node.addresses if node is not None else ()
+    # A Service lives only in the families it has a cluster IP for (kube-proxy
+    # serviceToServiceMap: no ClusterIP of the proxier's family, no service).
+    families = [f for f in (AF_INET, AF_INET6) if any(family_of(ip) == f for ip in svc.cluster_ips)]
+    for ip in (*svc.external_ips, *svc.lb_ips):
+        if family_of(ip) not in families:
+            out.problems.append(f"Service {svc.id}: {ip} is not of the Service's IP families; ignored")
     np_addrs = node_addresses(node, cfg.nodeport_cidrs) if svc.type in ("NodePort", "LoadBalancer") else []
     for sp in svc.ports:
-        for family in (AF_INET, AF_INET6):
+        for family in families:
             cands = _candidates(slices, sp, family)
-            picked = {
-                local: _reals(_select(cands, node, local, cfg.node_name))
-                for local in {svc.internal_local, svc.external_local}
-            }
-            vips = [(ip, "ClusterIP", svc.internal_local, True) for ip in svc.cluster_ips]
-            vips += [(ip, "ExternalIP", svc.external_local, True) for ip in svc.external_ips]
-            vips += [(ip, "LoadBalancer", svc.external_local, True) for ip in svc.lb_ips]
+            cluster = _select(cands, node, False, cfg.node_name)
+            local = _select(cands, node, True, cfg.node_name)
+            internal = local if svc.internal_local else cluster
+            # externalTrafficPolicy Local with no local endpoint: the cluster's
+            # endpoints, for traffic from this node only (kube-proxy IPVS
+            # syncEndpoint, PR 97081); the packet filter drops the rest.
+            fallback = svc.external_local and not local and bool(cluster)
+            external = (local or cluster) if svc.external_local else cluster
+            inner = _reals(internal)  # one map shared by every address that uses the same endpoints
+            picked = {False: inner, True: inner if external is internal else _reals(external)}
+            vips = [(ip, "ClusterIP", False) for ip in svc.cluster_ips]
+            vips += [(ip, "ExternalIP", True) for ip in svc.external_ips]
+            vips += [(ip, "LoadBalancer", True) for ip in svc.lb_ips]
             if sp.node_port:
-                vips += [(ip, "NodePort", svc.external_local, False) for ip in np_addrs]
-            for ip, kind, local, bind in vips:
+                vips += [(ip, "NodePort", True) for ip in np_addrs]
+            for ip, kind, is_external in vips:
                 if family_of(ip) != family:
                     continue
                 port = sp.node_port if kind == "NodePort" else sp.port
-                rs, eps = picked[local]
+                rs, eps = picked[is_external]
+                bind = kind != "NodePort" and ip not in local_addresses and ip not in node_addrs
                 out.servers.append(
                     VirtualServer(
                         key=VSKey(family, sp.protocol, ip, port),
@@ -155,9 +207,11 @@ def translate_service(
                         timeout=svc.affinity_timeout,
                         reals=rs,
                         service=ServiceRef(svc.namespace, svc.name, sp.name, kind),
-                        local=local,
+                        local=svc.external_local if is_external else svc.internal_local,
                         source_ranges=svc.source_ranges if kind == "LoadBalancer" else (),
                         endpoints=eps,
+                        bind=bind,
+                        local_origin_only=is_external and fallback,
                     )
                 )
                 if bind:
@@ -172,6 +226,7 @@ def translate(
     cfg: Config,
     registry: Registry,
     usable: Callable[[str], bool] | None = None,
+    local_addresses: Collection[str] = (),
 ) -> tuple[DesiredState, list[str]]:
     """The whole node's desired state, and every problem met on the way.
 
@@ -184,7 +239,7 @@ def translate(
     desired = DesiredState()
     problems: list[str] = []
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
-        t = translate_service(svc, by_service.get(svc.id, ()), node, cfg, registry, usable)
+        t = translate_service(svc, by_service.get(svc.id, ()), node, cfg, registry, usable, local_addresses)
         problems += t.problems
         if t.scheduler_problem:
             problems.append(t.scheduler_problem)

@@ -72,6 +72,9 @@ class Timed:
     def scheduler_usable(self, name: str) -> bool:
         return self.inner.scheduler_usable(name)
 
+    def local_addresses(self) -> set[str]:
+        return self.inner.local_addresses()
+
     def remove_interface(self) -> bool:
         return self.inner.remove_interface()
 
@@ -125,6 +128,9 @@ class Sink:
 
     def scheduler_usable(self, name: str) -> bool:
         return True
+
+    def local_addresses(self) -> set[str]:
+        return set()
 
     def remove_interface(self) -> bool:
         return False

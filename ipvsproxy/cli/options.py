@@ -1,6 +1,6 @@
 """Click option types and the option sets shared by run, diff and list.
 
-Every option reads IPVSPROXY_<FLAG> from the environment (SPEC.md), so the
+Every option reads IPVSPROXY_<FLAG> from the environment (docs/configuration.md), so the
 DaemonSet can be configured either way; docs/configuration.md is generated
 from these declarations.
 """
@@ -69,6 +69,9 @@ source_options = _stack(
         help="Kubeconfig to use when not in a cluster (else $KUBECONFIG, ~/.kube/config)."),
     opt("node-name", default=None, help="This node's name.  [default: $NODE_NAME, else the host name]",
         show_default=False),
+    opt("service-proxy-name", default="",
+        help="Proxy only the Services labelled service.kubernetes.io/service-proxy-name=NAME "
+             "(default: only those without the label, as kube-proxy).", metavar="NAME"),
 )
 
 translate_options = _stack(

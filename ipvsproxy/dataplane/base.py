@@ -64,6 +64,10 @@ class Dataplane(Protocol):
     def scheduler_usable(self, name: str) -> bool:
         """Whether the scheduler's kernel module is present (loading it if needed)."""
 
+    def local_addresses(self) -> set[str]:
+        """The node's own addresses: every address on any interface other than
+        our dummy one (an external address among them is never bound)."""
+
     def remove_interface(self) -> bool:
         """Delete our dummy interface (cleanup); True when it existed."""
 

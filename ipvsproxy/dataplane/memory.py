@@ -30,6 +30,7 @@ class MemoryDataplane:
         self.schedulers = schedulers
         self.fail = fail
         self.interface = False
+        self.local: set[str] = set()  # the node's own addresses (other interfaces), as a test sets them
 
     def setup(self) -> None:
         self.interface = True
@@ -63,6 +64,9 @@ class MemoryDataplane:
 
     def scheduler_usable(self, name: str) -> bool:
         return self.schedulers is None or name in self.schedulers
+
+    def local_addresses(self) -> set[str]:
+        return set(self.local)
 
     def remove_interface(self) -> bool:
         had, self.interface = self.interface, False

@@ -370,6 +370,18 @@ class NetlinkDataplane:
                     out.add(addr)
         return out
 
+    def local_addresses(self) -> set[str]:
+        """Every address on an interface other than ours (rtnetlink): the node's
+        own, which an external or load-balancer IP must never be bound over."""
+        ours = self.ifindex()
+        out = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_addr(family=family):
+                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")  # LOCAL: not a peer's
+                if addr and msg["index"] != ours and "%" not in addr:
+                    out.add(str(ipaddress.ip_address(addr)))  # spelled as Service IPs are
+        return out
+
     # ---- reading --------------------------------------------------------------
     def observe(self) -> ObservedState:
         self.counters.dumps += 1

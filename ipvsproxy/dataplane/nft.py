@@ -17,7 +17,13 @@ same job with nftables (docs/nftables.md prints the rule set):
   before IPVS (and the node's own sockets) see it: a filter chain at priority
   0 runs before IPVS's LOCAL_IN hook (priority 98);
 * loadBalancerSourceRanges: packets to a LoadBalancer address:port from a
-  source outside its ranges are dropped.
+  source outside its ranges are dropped;
+* externalTrafficPolicy Local with no local endpoint: the NodePort, external
+  and load-balancer virtual servers get the cluster's endpoints so that pods
+  and the host on this node can still use them (docs/semantics.md rule 2);
+  new connections to them from elsewhere (neither a local address nor a
+  --cluster-cidr source) are dropped, as kube-proxy's iptables and nftables
+  modes drop them (the health-check node port keeps load balancers away).
 
 The rules never change at run time; only set elements do. Every sync sends
 the difference between the desired elements and the known kernel contents as
@@ -192,6 +198,7 @@ def _set_specs() -> list[SetSpec]:
                     comment="endpoint . proto . port . endpoint"),
             SetSpec(f"fw{v}", key, comment="LoadBalancer addresses with source ranges"),
             SetSpec(f"fw_allow{v}", (*key, addr), interval=True, comment="allowed LB sources", cidr=3),
+            SetSpec(f"nolocal{v}", key, comment="externalTrafficPolicy Local, no local endpoint"),
         ]
     return out
 
@@ -218,6 +225,13 @@ def _rule_specs() -> list[RuleSpec]:
             RuleSpec("input", f"source-ranges-v{v}", (
                 _match(_dst_key(v), f"@fw{v}"),
                 _match({"concat": [*_dst_key(v)["concat"], _payload(ip, "saddr")]}, f"@fw_allow{v}", "!="),
+                {"drop": None})),
+            # Local policy without a local endpoint: only this node's own traffic
+            # (pods: the cluster CIDRs; the host: a local source address).
+            RuleSpec("input", f"no-local-endpoint-v{v}", (
+                _CT_NEW, _match(_dst_key(v), f"@nolocal{v}"),
+                _match(_payload(ip, "saddr"), f"@cluster{v}", "!="),
+                _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local", "!="),
                 {"drop": None})),
             RuleSpec("input", f"vip-tcp-v{v}", (
                 _CT_NEW, _match(_payload(ip, "daddr"), f"@vips{v}"), _match(_meta("l4proto"), "tcp"),
@@ -364,11 +378,12 @@ class NftFirewall:
         self._warned: set[str] = set()
         self._has_cluster = {4: False, 6: False}
         self._static: list[tuple[str, Elem]] = []
-        if not cfg.masquerade_all:
-            for net in _collapse(cfg.cluster_cidrs):
-                v = 6 if ":" in net else 4
-                self._static.append((f"cluster{v}", (net,)))
-                self._has_cluster[v] = True
+        # The cluster CIDRs are filled with --masquerade-all too: the masq sets
+        # stay empty then, and no-local-endpoint needs to know the pods.
+        for net in _collapse(cfg.cluster_cidrs):
+            v = 6 if ":" in net else 4
+            self._static.append((f"cluster{v}", (net,)))
+            self._has_cluster[v] = True
         # What the desired state asks for: element -> how many contributions.
         self._counts: dict[str, dict[Elem, int]] = {name: {} for name in SET_NAMES}
         for name, elem in self._static:
@@ -401,8 +416,10 @@ class NftFirewall:
         key = (addr, proto, port)
         kind = vs.service.kind if vs.service is not None else "ClusterIP"
         out: list[tuple[str, Elem]] = [(f"services{v}", key)]
-        if kind != "NodePort":
+        if kind != "NodePort" and vs.bind:  # a node's own address is no VIP: its other ports stay open
             out.append((f"vips{v}", (addr,)))
+        if vs.local_origin_only:
+            out.append((f"nolocal{v}", key))
         if not vs.local:
             if self.cfg.masquerade_all:
                 out.append((f"masq_any{v}", key))

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..objects import describe
+from ..objects import describe, selected_by_proxy_name
 from ..tracker import Tracker
 
 # libyaml's loader when PyYAML has it: 2.5x faster on a large manifest (and tens of seconds per
@@ -115,8 +115,9 @@ class ManifestReader:
     directory; a file deleted from a directory named is a deliberate removal.
     """
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    def __init__(self, paths: Iterable[str], service_proxy_name: str = "") -> None:
         self.paths = list(paths)
+        self.service_proxy_name = service_proxy_name
         self.last_good: dict[Path, dict[str, list[Any]]] = {}
 
     def read(self) -> Snapshot:
@@ -124,6 +125,8 @@ class ManifestReader:
 
         def add(found: dict[str, list[Any]]) -> None:
             for kind, objs in found.items():
+                if kind == "Service":  # another proxy's Services are not ours (as the API's label selector)
+                    objs = [o for o in objs if selected_by_proxy_name(o, self.service_proxy_name)]
                 snap.objects[kind] += objs
 
         for named in map(Path, self.paths):
@@ -176,9 +179,9 @@ class FileWatcher:
     """Re-reads the manifests whenever a file's mtime, size or the file set changes."""
 
     def __init__(self, paths: list[str], tracker: Tracker, interval: float = 1.0,
-                 on_reload: Callable[[], None] | None = None) -> None:
+                 on_reload: Callable[[], None] | None = None, service_proxy_name: str = "") -> None:
         self.paths, self.tracker, self.interval, self.on_reload = paths, tracker, interval, on_reload
-        self.reader = ManifestReader(paths)
+        self.reader = ManifestReader(paths, service_proxy_name)
         self._stop = threading.Event()
         self._seen = _fingerprint(paths)
         self.thread = threading.Thread(target=self._loop, name="file-watch", daemon=True)

@@ -77,13 +77,13 @@ def test_manifest_change_reaches_dataplane(running: tuple[Agent, MemoryDataplane
 def test_healthz_and_metrics(running: tuple[Agent, MemoryDataplane, Path]) -> None:
     agent, dp, _ = running
     code, body = get(f"http://127.0.0.1:{port(agent, 0)}/healthz")
-    assert code == 200 and '"healthy": true' in body
+    assert code == 200 and '"nodeEligible": true' in body
     dp.state.services[WEB].stats = {"conns": 42, "inpkts": 7, "outpkts": 6, "inbytes": 900, "outbytes": 800}
     code, text = get(f"http://127.0.0.1:{port(agent, 1)}/metrics")
     assert code == 200
     assert "ipvsproxy_sync_duration_seconds_count" in text
     assert 'ipvsproxy_operations_total{kind="add-vs"}' in text
-    assert "ipvsproxy_virtual_servers 22.0" in text
+    assert "ipvsproxy_virtual_servers 20.0" in text
     assert "ipvsproxy_invalid_scheduler_total 1.0" in text  # demo/signalling asks for 'fastest'
     assert ('ipvsproxy_service_connections_total{address="198.19.0.10:80",kind="ClusterIP",namespace="demo",'
             'port="http",service="web"} 42.0') in text

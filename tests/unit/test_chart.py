@@ -70,7 +70,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The RBAC a service proxy needs (docs/SPEC "Operators' conventions"): exactly this, by default.
+# The RBAC a service proxy needs (docs/operating.md): exactly this, by default.
 EXPECTED_RULES = {
     ("", "services", "list"), ("", "services", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
@@ -348,7 +348,7 @@ def test_sysctl_init_container() -> None:
 def _probe_target(name: str, probe: str) -> tuple[str | None, int]:
     c = agent(name)
     get = c[probe]["httpGet"]
-    assert get["path"] == "/healthz"
+    assert get["path"] == ("/livez" if probe == "livenessProbe" else "/healthz")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
     return get.get("host"), port

@@ -31,10 +31,10 @@ EXPECTED: dict[str, dict[tuple[str, int, int], set[tuple[str, int]]]] = {
     "demo/web-sh": {("198.19.0.12", 80, 6): _r(11, 12, 13)},
     "demo/sticky": {("198.19.0.13", 80, 6): _r(11, 12)},
     "demo/dns": {("198.19.0.53", 53, UDP): _r(11, 12, port=5353), ("198.19.0.53", 53, 6): _r(11, 12)},
-    "demo/shop": {("198.19.0.30", 80, 6): _r(12, 13), (NODE_V4, 30080, 6): _r(12, 13),
-                  (NODE_V6, 30080, 6): set()},
+    # IPv4-only Services: no NodePort on the node's IPv6 address (docs/semantics.md rule 6)
+    "demo/shop": {("198.19.0.30", 80, 6): _r(12, 13), (NODE_V4, 30080, 6): _r(12, 13)},
     "demo/edge": {("198.19.0.40", 443, 6): _r(12, 13), ("198.18.201.1", 443, 6): _r(12),
-                  ("198.18.200.1", 443, 6): _r(12), (NODE_V4, 30443, 6): _r(12), (NODE_V6, 30443, 6): set()},
+                  ("198.18.200.1", 443, 6): _r(12), (NODE_V4, 30443, 6): _r(12)},
     "demo/web6": {("198.19.0.60", 80, 6): _r(11), ("2001:2::60", 80, 6): {("2001:2::1:11", 8080),
                                                                           ("2001:2::1:12", 8080)}},
     "demo/legacy": {("198.19.0.70", 80, 6): _r(11, 12)},
@@ -76,7 +76,7 @@ def test_each_service(translated: tuple[DesiredState, list[str], Tracker], sid: 
 def test_whole_table_and_bound_addresses(translated: tuple[DesiredState, list[str], Tracker]) -> None:
     desired, _, _ = translated
     want = {key(a, p, proto) for per in EXPECTED.values() for (a, p, proto) in per}
-    assert set(desired.services) == want and len(want) == 22
+    assert set(desired.services) == want and len(want) == 20
     assert_family_consistent(desired)
     assert desired.addresses == {
         a for per in EXPECTED.values() for (a, _, _) in per if a not in (NODE_V4, NODE_V6)}
@@ -108,7 +108,7 @@ def test_cli_dry_run_prints_the_plan() -> None:
     assert result.exit_code == 0, (result.output, result.exception)
     lines = result.stdout.splitlines()
     add_vs = [line for line in lines if line.startswith("add-vs ")]
-    assert len(add_vs) == 22
+    assert len(add_vs) == 20
     assert "add-vs TCP 198.19.0.12:80 sh flags=0x8 (demo/web-sh:http)" in lines
     assert "add-vs TCP 198.19.0.13:80 rr persistent=60s (demo/sticky:http)" in lines
     assert "add-vs TCP [2001:2::60]:80 rr (demo/web6:http)" in lines

@@ -346,7 +346,7 @@ def test_500s_on_list_and_watch_are_retried_with_backoff(
     caplog.clear()
     assert api.wait_for_watches(3)  # before the faults, which would keep them shut
     api.fail_next(2, status=503, path_contains="/api/v1/services?allowWatchBookmarks")
-    api.fail_next(4, status=500, path_contains="/api/v1/services?limit")
+    api.fail_next(4, status=500, path_contains="/api/v1/services?labelSelector")  # lists only
     drop(api)
     api.create(service("d", cluster_ip="10.96.0.4"))
     api.compact()
@@ -367,7 +367,7 @@ def test_500s_on_list_and_watch_are_retried_with_backoff(
 
 def test_retry_after_is_honoured(api: FakeApiServer, live: Callable[..., Live]) -> None:
     populate(api, ["a"])
-    api.fail_next(1, status=429, path_contains="/api/v1/services?limit", retry_after=1)
+    api.fail_next(1, status=429, path_contains="/api/v1/services?labelSelector", retry_after=1)
     started = time.monotonic()
     lv = live()
     programmed(lv, ["a"])

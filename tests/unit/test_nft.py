@@ -10,6 +10,7 @@ document it was sent.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -198,7 +199,7 @@ def test_first_sync_creates_table_chains_sets_rules_and_elements_in_one_transact
     tx = nft.transactions[0]
     assert tx[0] == {"add": {"table": {"family": "inet", "name": "ipvsproxy"}}}
     added = [(verb, kind) for c in tx for verb, obj in c.items() for kind in obj]
-    assert added.count(("add", "set")) == len(SET_NAMES) == 16
+    assert added.count(("add", "set")) == len(SET_NAMES) == 18
     assert added.count(("add", "chain")) == len(CHAINS) == 4
     assert added.count(("add", "rule")) == len(RULES)
     # sets come before the rules that use them
@@ -313,7 +314,7 @@ def test_masquerade_modes(nft: FakeNft) -> None:
     # --masquerade-all: every Service from any source; the cluster CIDRs play no part
     want = NftFirewall(cfg(masquerade_all=True), nft=nft).desired_elements(state(*BASE, ext))
     assert want["masq_any4"] == want["services4"] and want["masq_any6"] == want["services6"]
-    assert want["masq4"] == want["cluster4"] == set()
+    assert want["masq4"] == set() and want["cluster4"] == {("10.244.0.0/16",)}  # known pods: rule 2
     # no cluster CIDR: external kinds from anywhere, ClusterIPs not at all (kube-proxy's behaviour)
     want = NftFirewall(cfg(cluster_cidrs=()), nft=nft).desired_elements(state(*BASE, ext))
     assert want["masq_any4"] == {("192.168.1.10", TCP, 30080), ("203.0.113.5", TCP, 80)}
@@ -326,6 +327,29 @@ def test_masquerade_modes(nft: FakeNft) -> None:
     want = NftFirewall(cfg(cluster_cidrs=parse_cidrs("10.0.0.0/8,10.244.0.0/16")), nft=nft).desired_elements(
         state(*BASE))
     assert want["cluster4"] == {("10.0.0.0/8",)}
+
+
+def test_local_policy_without_local_endpoint_is_for_local_origin_only(nft: FakeNft) -> None:
+    """docs/semantics.md rule 2: the fallback virtual servers go in nolocal4/6,
+    which the input chain drops unless the source is a pod or the node."""
+    lb = dataclasses.replace(svc("198.51.100.8", 80, "LoadBalancer", local=True), local_origin_only=True)
+    np6 = dataclasses.replace(svc("fd00:1::1", 30081, "NodePort", local=True), local_origin_only=True)
+    want = NftFirewall(cfg(), nft=nft).desired_elements(state(*BASE, lb, np6))
+    assert want["nolocal4"] == {("198.51.100.8", TCP, 80)} and want["nolocal6"] == {("fd00:1::1", TCP, 30081)}
+    rule = next(r for r in RULES if r.name == "no-local-endpoint-v4")
+    assert rule.chain == "input" and {"drop": None} in rule.expr
+    text = json.dumps(rule.expr)
+    assert "@nolocal4" in text and "@cluster4" in text and '"fib"' in text
+
+
+def test_a_node_address_is_never_a_vip(nft: FakeNft) -> None:
+    """docs/semantics.md rule 5: an external IP that is the node's own address
+    is not in vips4, so the VIP port filter never closes the node's other ports."""
+    own = dataclasses.replace(svc("192.168.1.10", 80, "ExternalIP"), bind=False)
+    fw = NftFirewall(cfg(), nft=nft)
+    want = fw.desired_elements(DesiredState.of([*BASE, own], {"10.96.0.10", "fd00:96::10"}))
+    assert ("192.168.1.10", TCP, 80) in want["services4"]
+    assert ("192.168.1.10",) not in want["vips4"]
 
 
 def test_load_balancer_source_ranges(nft: FakeNft) -> None:

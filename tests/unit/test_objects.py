@@ -165,9 +165,10 @@ def test_slice_record() -> None:
     )
 
 
-def test_serving_defaults_to_ready() -> None:
+def test_unset_serving_is_true_as_kube_proxy_reads_it() -> None:
+    """docs/semantics.md rule 10: kube-proxy reads a nil serving condition as true."""
     sl, _ = parse_endpointslice(slice_(endpoints=[endpoint("10.1.0.1", ready=False)]))
-    assert not sl.endpoints[0].serving and not sl.endpoints[0].terminating
+    assert sl.endpoints[0].serving and not sl.endpoints[0].terminating
 
 
 def test_quoted_boolean_conditions_are_read_as_booleans() -> None:

@@ -1,4 +1,4 @@
-"""Translation rules of SPEC.md, one by one: Services + EndpointSlices + Node -> virtual servers."""
+"""Translation rules of docs/semantics.md, one by one: Services + EndpointSlices + Node -> virtual servers."""
 
 from __future__ import annotations
 
@@ -217,22 +217,25 @@ def test_lb_source_ranges_only_on_lb_addresses() -> None:
 
 
 def test_nodeport_on_internal_and_external_ips_not_hostname_and_not_bound() -> None:
-    svc = service(type="NodePort", ports=[port("http", 80, node_port=30080)])
+    svc = service(type="NodePort", ports=[port("http", 80, node_port=30080)],
+                  cluster_ips=["10.96.0.10", "fd00::10"])
     nd = node(internal=["192.0.2.1", "fd00:2::1"], external=["198.51.100.1"], hostname="node-1")
     v6 = slice_(endpoints=["fd01::1"], family="IPv6")
     desired, _ = run([svc], [slice_(endpoints=EPS), v6], nd)
     assert table(desired) == {
         key("10.96.0.10"): R2,
+        key("fd00::10"): {("fd01::1", 8080)},
         key("192.0.2.1", 30080): R2,
         key("198.51.100.1", 30080): R2,
         key("fd00:2::1", 30080): {("fd01::1", 8080)},
     }
     assert desired.services[key("192.0.2.1", 30080)].service.kind == "NodePort"  # type: ignore[union-attr]
-    assert desired.addresses == {"10.96.0.10"}
+    assert desired.addresses == {"10.96.0.10", "fd00::10"}
 
 
 def test_nodeport_filtered_by_nodeport_cidrs() -> None:
-    svc = service(type="NodePort", ports=[port("http", 80, node_port=30080)])
+    svc = service(type="NodePort", ports=[port("http", 80, node_port=30080)],
+                  cluster_ips=["10.96.0.10", "fd00::10"])
     nd = node(internal=["192.0.2.1", "fd00:2::1"], external=["198.51.100.1"])
     desired, _ = run([svc], [slice_(endpoints=EPS)], nd,
                      nodeport_cidrs=[ipaddress.ip_network("192.0.2.0/24")])
@@ -550,10 +553,16 @@ def test_whole_translate_is_deterministic_over_input_order() -> None:
         assert d == base
 
 
-def test_external_traffic_policy_ignored_for_cluster_ip_type() -> None:
-    """As kube-proxy (ExternalPolicyLocal): only NodePort and LoadBalancer Services have one."""
+def test_external_traffic_policy_applies_to_external_ips_of_a_cluster_ip_type() -> None:
+    """docs/semantics.md rule 4, as kube-proxy (ExternalPolicyLocal): a ClusterIP
+    Service with externalIPs has an external traffic policy too."""
     svc = service(external_ips=["192.0.2.10"], etp="Local")
     sl = slice_(endpoints=[endpoint("10.1.0.1", node=NODE), endpoint("10.1.0.2", node="n2")])
     desired, _ = run([svc], [sl], node())
-    assert reals(desired.services[key("192.0.2.10")]) == R2
-    assert not desired.services[key("192.0.2.10")].local
+    assert reals(desired.services[key("192.0.2.10")]) == {("10.1.0.1", 8080)}
+    assert desired.services[key("192.0.2.10")].local
+    assert reals(desired.services[key("10.96.0.10")]) == R2  # the ClusterIP keeps policy Cluster
+    assert not desired.services[key("10.96.0.10")].local
+    # without externalIPs a ClusterIP Service has no external policy at all
+    plain, _ = parse_service(service(etp="Local"))
+    assert not plain.external_local

@@ -94,9 +94,9 @@ host network too: a wildcard bind is probed at the pod IP (the node's IP, the de
 specific bind address (127.0.0.1, ::1, a node IP) is probed at that address.
 */}}
 {{- define "ipvsproxy.healthzProbe" -}}
-{{- $hp := include "ipvsproxy.splitHostPort" .Values.config.healthzBindAddress | fromJson -}}
+{{- $hp := include "ipvsproxy.splitHostPort" .root.Values.config.healthzBindAddress | fromJson -}}
 httpGet:
-  path: /healthz
+  path: {{ .path }}
   port: healthz
   scheme: HTTP
   {{- if not (has $hp.host (list "" "0.0.0.0" "::")) }}
