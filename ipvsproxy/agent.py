@@ -90,7 +90,8 @@ class Agent:
                 log.warning("could not post InvalidObject Event on %s %s/%s: %s", kind, namespace, name, exc)
 
     def _service_problem(self, svc: Service, reason: str, message: str) -> None:
-        self.metrics.invalid_scheduler.inc()
+        if reason == "InvalidScheduler":
+            self.metrics.invalid_scheduler.inc()
         if self.events is not None:
             try:
                 self.events(svc, reason, message)
@@ -107,6 +108,7 @@ class Agent:
         self.metrics.virtual_servers.set(len(desired.services))
         self.metrics.real_servers.set(sum(len(vs.reals) for vs in desired.services.values()))
         self.metrics.draining.set(self.reconciler.draining)
+        self.metrics.services_failing.set(self.reconciler.failing)
         if report.ops:
             self._record_dirty = True
         self._write_record()

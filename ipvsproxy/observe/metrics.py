@@ -65,6 +65,12 @@ class Metrics:
                                  registry=r)
         self.invalid_scheduler = Counter("ipvsproxy_invalid_scheduler",
                                          "Services that asked for an unusable scheduler", registry=r)
+        self.service_errors = Counter(
+            "ipvsproxy_service_programming_errors",
+            "Failed attempts to program one Service (the kernel refused some of its operations)", registry=r)
+        self.services_failing = Gauge(
+            "ipvsproxy_services_failing", "Services the kernel refuses now, being retried with backoff",
+            registry=r)
         self.virtual_servers = Gauge("ipvsproxy_virtual_servers", "Virtual servers ipvsproxy wants",
                                      registry=r)
         self.real_servers = Gauge("ipvsproxy_real_servers", "Real servers ipvsproxy wants", registry=r)
@@ -84,6 +90,7 @@ class Metrics:
                 self.operations.labels(op.kind.value).inc()
         for f in report.failures:
             self.op_errors.labels(f.op.kind.value).inc()
+        self.service_errors.inc(len(report.service_failures))
         for lat in report.latencies:
             self.programming.observe(lat)
         self.last_success.set_to_current_time()
