@@ -183,7 +183,9 @@ class Agent:
         if cfg.metrics_bind_address:
             if self.stats_dataplane is not None:
                 stats_dp = self.stats_dataplane()
-                self.metrics.registry.register(TrafficCollector(stats_dp.observe, self.name_of))
+                self.metrics.registry.register(TrafficCollector(
+                    stats_dp.service_stats, self.name_of, max_age=cfg.metrics_stats_interval,
+                    per_address=cfg.metrics_per_address))
             self._servers.append(serve(cfg.metrics_bind_address, {
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.text()),
                 "/healthz": healthz_route(self.health),

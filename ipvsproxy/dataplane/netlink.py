@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from ..config import AgentConfig
 from ..model import (
     AF_INET6,
+    F_OWNED,
     F_PERSISTENT,
     ObservedReal,
     ObservedState,
@@ -270,6 +271,15 @@ class NetlinkDataplane:
         for key in keys:
             entry = self.wire.service(svc_of(key))
             out[key] = None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
+        return out
+
+    def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
+        """One services-only IPVS dump: no real servers, no addresses (what /metrics needs)."""
+        self.counters.dumps += 1
+        out: dict[VSKey, tuple[bool, Mapping[str, int]]] = {}
+        for entry in self.wire.services():
+            s = entry.svc
+            out[VSKey(s.family, s.protocol, s.address, s.port)] = (bool(s.flags & F_OWNED), _stats(entry.stats))
         return out
 
     def scheduler_usable(self, name: str) -> bool:
