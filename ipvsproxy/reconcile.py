@@ -252,13 +252,11 @@ class Reconciler:
             keys |= {k for k in self.index.state.services if k.address in addresses}
         return keys
 
-    def _units_of(self, op: Op) -> list[str]:
+    def _units_of(self, op: Op, by_address: dict[str, set[str]]) -> list[str]:
         """Whom a failed operation is held against: its Service, else the object itself."""
         if op.kind is OpKind.BIND or op.kind is OpKind.UNBIND:
             address = op.address or ""
-            sids = sorted({vs.service.service_id for k, vs in self.index.state.services.items()
-                           if k.address == address and vs.service is not None})
-            return sids or [address]
+            return sorted(by_address.get(address, ())) or [address]
         if op.service is not None:
             return [op.service.service_id]
         if op.key is not None:
@@ -269,8 +267,14 @@ class Reconciler:
         """Record refused operations per Service: backoff, one warning (and Event)
         per change of the problem; forget the Services whose retry went through."""
         grouped: dict[str, tuple[list[str], set[VSKey], set[str]]] = {}
+        by_address: dict[str, set[str]] = {}  # Services on each failed address (one walk, not one per op)
+        failed_addresses = {f.op.address for f in report.failures if f.op.address}
+        if failed_addresses:
+            for k, vs in self.index.state.services.items():
+                if k.address in failed_addresses and vs.service is not None:
+                    by_address.setdefault(k.address, set()).add(vs.service.service_id)
         for f in report.failures:
-            for unit in self._units_of(f.op):
+            for unit in self._units_of(f.op, by_address):
                 msgs, keys, addresses = grouped.setdefault(unit, ([], set(), set()))
                 msgs.append(f.message)
                 if f.op.kind is OpKind.BIND or f.op.kind is OpKind.UNBIND:
