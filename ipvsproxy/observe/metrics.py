@@ -48,6 +48,7 @@ class TrafficCollector(Collector):
         self._lock = threading.Lock()
         self._rows: dict[tuple[str, ...], list[int]] | None = None
         self._read_at = 0.0
+        self._families: tuple[dict[tuple[str, ...], list[int]], list[Metric]] | None = None
         self.dumps = 0  # kernel readings so far
 
     def rows(self) -> dict[tuple[str, ...], list[int]]:
@@ -73,13 +74,20 @@ class TrafficCollector(Collector):
             return rows
 
     def collect(self) -> Iterator[Metric]:
-        conns = CounterMetricFamily("ipvsproxy_service_connections", "Connections scheduled", labels=self.labels)
-        pkts = CounterMetricFamily("ipvsproxy_service_packets", "Packets", labels=self.labels + ["direction"])
-        octets = CounterMetricFamily("ipvsproxy_service_bytes", "Bytes", labels=self.labels + ["direction"])
         try:
             rows = self.rows()
         except Exception:  # a failed scrape must not break /metrics
             return
+        with self._lock:
+            if self._families is None or self._families[0] is not rows:  # built once per reading
+                self._families = (rows, self._build(rows))
+            families = self._families[1]
+        yield from families
+
+    def _build(self, rows: dict[tuple[str, ...], list[int]]) -> list[Metric]:
+        conns = CounterMetricFamily("ipvsproxy_service_connections", "Connections scheduled", labels=self.labels)
+        pkts = CounterMetricFamily("ipvsproxy_service_packets", "Packets", labels=self.labels + ["direction"])
+        octets = CounterMetricFamily("ipvsproxy_service_bytes", "Bytes", labels=self.labels + ["direction"])
         for lv, (c, inp, outp, inb, outb) in rows.items():
             labels = list(lv)
             conns.add_metric(labels, c)
@@ -87,7 +95,7 @@ class TrafficCollector(Collector):
             pkts.add_metric(labels + ["out"], outp)
             octets.add_metric(labels + ["in"], inb)
             octets.add_metric(labels + ["out"], outb)
-        yield from (conns, pkts, octets)
+        return [conns, pkts, octets]
 
 
 class Metrics:
