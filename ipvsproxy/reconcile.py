@@ -220,10 +220,15 @@ class Reconciler:
             self.pending_seen.setdefault(sid, t)
         translated = self.retranslate(dirty)
         now = self.clock()
-        self._attempted = self.retries.released(now, dirty)
-        held_keys, held_addresses = self.retries.held(now, dirty)
-        scope = translated | self._retry_scope(self._attempted)
         full = full or self.need_full
+        released = self.retries.released(now, dirty)
+        held_keys, held_addresses = self.retries.held(now, dirty)
+        scope = translated | self._retry_scope(released)
+        # Only what this sync really re-plans counts as retried (and is forgotten if it goes
+        # through): everything in a full sync; else a changed Service, or one with virtual
+        # servers to re-plan (an address no Service claims waits for the next full sync).
+        self._attempted = released if full else [f for f in released
+                                                  if f.unit in dirty or self._retry_scope([f])]
         self.changed_keys = None if full else translated
         if full:
             self.cache = self.dp.observe()

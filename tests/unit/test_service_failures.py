@@ -184,3 +184,19 @@ def test_node_stays_healthy_and_the_failure_is_counted(tmp_path: Path) -> None:
     assert "ipvsproxy_invalid_scheduler_total 0.0" in text  # not counted as a scheduler problem
     assert posted == [("ns/s3", "ProgrammingFailed")]
     assert isinstance(runner, Runner) and len(dp.state.services) == 4
+
+
+def test_an_address_no_service_claims_is_retried_by_full_syncs_only() -> None:
+    tracker, dp, rec, clock, events = setup(2)
+    dp.fail = lambda op: "Cannot assign requested address" if op.address == "198.19.9.9" else None
+    dp.state.addresses.add("198.19.9.9")  # stale: bound by an earlier run, wanted by nobody
+    r = rec.sync()
+    assert r.service_failures == {"198.19.9.9": "unbind 198.19.9.9: Cannot assign requested address"}
+    assert events == []  # no Service to post an Event on
+    clock.t += 5.0  # due: but no incremental sync re-plans an address without virtual servers
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.7.7"]))
+    r = rec.sync()
+    assert not r.full and r.recovered == [] and rec.failing == 1
+    dp.fail = None
+    r = rec.sync(full=True)
+    assert r.recovered == ["198.19.9.9"] and "198.19.9.9" not in dp.state.addresses and rec.failing == 0
