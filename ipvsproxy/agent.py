@@ -93,7 +93,8 @@ class Agent:
                 log.warning("could not post InvalidObject Event on %s %s/%s: %s", kind, namespace, name, exc)
 
     def _service_problem(self, svc: Service, reason: str, message: str) -> None:
-        self.metrics.invalid_scheduler.inc()
+        if reason == "InvalidScheduler":
+            self.metrics.invalid_scheduler.inc()
         if self.events is not None:
             try:
                 self.events(svc, reason, message)
@@ -116,6 +117,7 @@ class Agent:
         self.metrics.virtual_servers.set(len(desired.services))
         self.metrics.real_servers.set(sum(len(vs.reals) for vs in desired.services.values()))
         self.metrics.draining.set(self.reconciler.draining)
+        self.metrics.services_failing.set(self.reconciler.failing)
         if report.ops:
             self._record_dirty = True
         self._write_record()
@@ -215,7 +217,9 @@ class Agent:
         if cfg.metrics_bind_address:
             if self.stats_dataplane is not None:
                 stats_dp = self.stats_dataplane()
-                self.metrics.registry.register(TrafficCollector(stats_dp.observe, self.name_of))
+                self.metrics.registry.register(TrafficCollector(
+                    stats_dp.service_stats, self.name_of, max_age=cfg.metrics_stats_interval,
+                    per_address=cfg.metrics_per_address))
             detail = is_loopback(cfg.metrics_bind_address.rpartition(":")[0])
             self._servers.append(serve(cfg.metrics_bind_address, {
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.text()),

@@ -109,6 +109,8 @@ class AgentConfig:
     strict_arp: bool = False
     drain_grace_period: float = 30.0
     load_modules: bool = True
+    metrics_stats_interval: float = 10.0  # reuse one IPVS reading for /metrics this long
+    metrics_per_address: bool = False  # ipvsproxy_service_* per virtual server instead of per Service port
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
     nftables: bool = True

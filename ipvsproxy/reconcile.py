@@ -3,10 +3,13 @@
 A sync re-translates only the Services the tracker marked dirty, keeps the
 desired state as an index (which Service holds which virtual server), and
 plans only the virtual servers that changed against fresh kernel data for
-just those. A full sync (start-up, every --sync-period, SIGHUP, after any
-failure) dumps the whole kernel table and repairs drift. The :class:`Runner`
-adds timing: bursts coalesce to at most one sync per --min-sync-period,
-failures retry with backoff, draining real servers are re-checked.
+just those. A full sync (start-up, every --sync-period, SIGHUP, after a sync
+that raised) dumps the whole kernel table and repairs drift. Operations the
+kernel refuses are accounted per Service (retry.py): that Service is retried
+with backoff and reported, the sync itself succeeds and the next one stays
+incremental. The :class:`Runner` adds timing: bursts coalesce to at most one
+sync per --min-sync-period, failures retry with backoff, draining real servers
+are re-checked.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .dataplane.base import Dataplane, Failure
 from .model import DesiredState, ObservedState, VirtualServer, VSKey
 from .objects import Service
 from .plan import DrainKey, DrainPolicy, Op, OpKind, apply_op, pending_drains, plan
+from .retry import Backoff, Failing, RetrySchedule
 from .schedulers import Registry
 from .tracker import Tracker
 from .translate import Config, Translation, translate_service
@@ -54,6 +58,8 @@ class SyncReport:
     duration: float = 0.0
     latencies: list[float] = field(default_factory=list)  # event seen -> kernel updated
     firewall_changes: int = 0
+    service_failures: dict[str, str] = field(default_factory=dict)  # Service id (or object) -> why
+    recovered: list[str] = field(default_factory=list)  # Services that went through after failing
 
 
 class DesiredIndex:
@@ -142,8 +148,11 @@ class Reconciler:
         on_problem: ProblemSink | None = None,
         dry_run: bool = False,
         firewall: Firewall | None = None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.firewall = firewall
+        self.clock = clock
         self.changed_keys: set[VSKey] | None = None  # what the last compute() re-translated (None: full)
         self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
         self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
@@ -156,7 +165,8 @@ class Reconciler:
         # scope fresh from the kernel anyway.
         self.cache = ObservedState()
         self.need_full = True
-        self.retry_keys: set[VSKey] = set()
+        self.retries = RetrySchedule(backoff)
+        self._attempted: list[Failing] = []  # retries released into the current sync
         self.drain_started: dict[DrainKey, float] = {}
         self.sched_problems: dict[str, str] = {}
         self.pending_seen: dict[str, float] = {}
@@ -227,10 +237,17 @@ class Reconciler:
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
         translated = self.retranslate(dirty)
-        scope = translated | self.retry_keys
+        now = self.clock()
         full = full or self.need_full
+        released = self.retries.released(now, dirty)
+        held_keys, held_addresses = self.retries.held(now, dirty)
+        scope = translated | self._retry_scope(released)
+        # Only what this sync really re-plans counts as retried (and is forgotten if it goes
+        # through): everything in a full sync; else a changed Service, or one with virtual
+        # servers to re-plan (an address no Service claims waits for the next full sync).
+        self._attempted = released if full else [f for f in released
+                                                  if f.unit in dirty or self._retry_scope([f])]
         self.changed_keys = None if full else translated
-        now = time.monotonic()
         if full:
             self.cache = self.dp.observe()
             for dk in pending_drains(self.index.state, self.cache):
@@ -241,6 +258,8 @@ class Reconciler:
         drain = DrainPolicy(self.grace, now, self.drain_started)
         ops = plan(self.index.state, self.cache, scope=None if full else scope,
                    excluded=self.excluded, drain=drain)
+        if held_keys or held_addresses:  # Services in backoff wait for their turn, even in a full sync
+            ops = [op for op in ops if op.key not in held_keys and op.address not in held_addresses]
         self.cache.services = {}  # planned: only the addresses are kept (see __init__)
         return ops, full, dict(self.pending_seen), len(dirty)
 
@@ -252,8 +271,78 @@ class Reconciler:
             self.local_addresses = local
             self.tracker.mark_all()
 
+    def _retry_scope(self, released: Iterable[Failing]) -> set[VSKey]:
+        """The virtual servers to re-plan for retries that are due: those whose
+        operations failed, and those sitting on an address that failed to bind."""
+        keys: set[VSKey] = set()
+        addresses: set[str] = set()
+        for f in released:
+            keys |= f.keys
+            addresses |= f.addresses
+        if addresses:
+            keys |= {k for k in self.index.state.services if k.address in addresses}
+        return keys
+
+    def _units_of(self, op: Op, by_address: dict[str, set[str]]) -> list[str]:
+        """Whom a failed operation is held against: its Service, else the object itself."""
+        if op.kind is OpKind.BIND or op.kind is OpKind.UNBIND:
+            address = op.address or ""
+            return sorted(by_address.get(address, ())) or [address]
+        if op.service is not None:
+            return [op.service.service_id]
+        if op.key is not None:
+            return [self.index.owner.get(op.key) or str(op.key)]
+        return [str(op)]
+
+    def _account(self, report: SyncReport, now: float) -> None:
+        """Record refused operations per Service: backoff, one warning (and Event)
+        per change of the problem; forget the Services whose retry went through."""
+        grouped: dict[str, tuple[list[str], set[VSKey], set[str]]] = {}
+        by_address: dict[str, set[str]] = {}  # Services on each failed address (one walk, not one per op)
+        failed_addresses = {f.op.address for f in report.failures if f.op.address}
+        if failed_addresses:
+            for k, vs in self.index.state.services.items():
+                if k.address in failed_addresses and vs.service is not None:
+                    by_address.setdefault(k.address, set()).add(vs.service.service_id)
+        for f in report.failures:
+            for unit in self._units_of(f.op, by_address):
+                msgs, keys, addresses = grouped.setdefault(unit, ([], set(), set()))
+                msgs.append(f.message)
+                if f.op.kind is OpKind.BIND or f.op.kind is OpKind.UNBIND:
+                    addresses.add(f.op.address or "")
+                elif f.op.key is not None:
+                    keys.add(f.op.key)
+        for retried in self._attempted:
+            if retried.unit not in grouped and self.retries.succeeded(retried.unit) is not None:
+                report.recovered.append(retried.unit)
+                log.info("%s: programmed after %d failed attempt(s)", retried.unit, retried.attempts)
+        self._attempted = []
+        for unit, (msgs, keys, addresses) in grouped.items():
+            message = msgs[0] if len(msgs) == 1 else f"{msgs[0]} (and {len(msgs) - 1} more)"
+            old = self.retries.failing.get(unit)
+            rec = self.retries.failed(unit, message, keys, addresses, now)
+            report.service_failures[unit] = message
+            text = f"kernel refused {message}; attempt {rec.attempts}, next in {rec.due - now:.0f}s"
+            log.error("%s: %s", unit, text)
+            if old is not None and old.message == message:
+                continue  # one Event per change of the problem, not one per attempt
+            svc = self.tracker.services.get(unit)
+            if svc is not None and self.on_problem is not None:
+                self.on_problem(svc, "ProgrammingFailed", text)
+
+    @property
+    def failing(self) -> int:
+        """How many Services (or unowned objects) the kernel is refusing now."""
+        return len(self.retries)
+
+    def next_retry(self) -> float | None:
+        """When the earliest per-Service retry is due (on the reconciler's clock)."""
+        return self.retries.next_due()
+
     def sync(self, full: bool = False) -> SyncReport:
-        """One sync; raises SyncError (after applying what it could) on failures."""
+        """One sync. Operations the kernel refuses are accounted per Service and
+        do not fail it; raises (after applying what it could) when the dataplane
+        or the firewall fails as a whole, and the next sync is then a full one."""
         start = time.monotonic()
         self.syncs += 1
         try:
@@ -271,15 +360,14 @@ class Reconciler:
             self.need_full = True
             raise
         failed = {id(f.op) for f in report.failures}
-        now = time.monotonic()
+        now = self.clock()
         for op in ops:
             if id(op) in failed:
                 continue
             if op.kind is OpKind.BIND or op.kind is OpKind.UNBIND:
                 apply_op(self.cache, op)  # the bound addresses stay current between full dumps
             self._track_drain(op, now)
-        for f in report.failures:
-            log.error("%s", f.message)
+        self._account(report, now)
         if self.firewall is not None and (ops or full or report.services_translated):
             try:
                 report.firewall_changes = self.firewall.sync(self.index.state, self.changed_keys)
@@ -287,12 +375,7 @@ class Reconciler:
                 self.need_full = True
                 raise SyncError(f"nftables: {exc}") from exc
         report.duration = time.monotonic() - start
-        if report.failures:
-            self.need_full = True
-            self.retry_keys = {f.op.key for f in report.failures if f.op.key is not None}
-            raise SyncError(f"{len(report.failures)} of {len(ops)} operations failed; will retry")
         self.need_full = False
-        self.retry_keys = set()
         done = time.monotonic()
         report.latencies = [done - t for t in seen.values()]
         self.pending_seen.clear()
@@ -374,6 +457,9 @@ class Runner:
                 due.append(last_sync + self.drain_check)
             if self.failures:
                 due.append(last_sync + backoff)
+            retry = self.rec.next_retry()
+            if retry is not None:  # a Service the kernel refused is due for another try
+                due.append(retry)
             if self.rec.syncs == 0:
                 due.append(now)
             wait_for = min(due) - now

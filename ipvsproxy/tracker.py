@@ -174,6 +174,12 @@ class Tracker:
             return {("default", self.node.name)}
         return set()
 
+    def mark_all(self) -> None:
+        """Everything needs re-translation (e.g. the node's own addresses changed)."""
+        with self._lock:
+            self._all_dirty = self._all_dirty or time.monotonic()
+            self.changed.set()
+
     # ---- reads (from the reconciler) --------------------------------------
     def ready(self, kinds: Iterable[str] = ("Service", "EndpointSlice", "Node")) -> bool:
         """The first sync waits until every kind has been listed once."""

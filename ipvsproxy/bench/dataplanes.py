@@ -13,7 +13,7 @@ the table is not counted as the agent's memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..dataplane.base import Counters, Dataplane, Failure
@@ -118,6 +118,9 @@ class Sink:
 
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         return dict.fromkeys(keys)
+
+    def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
+        return {}
 
     def apply(self, ops: Sequence[Op]) -> list[Failure]:
         for op in ops:

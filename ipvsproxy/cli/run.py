@@ -23,6 +23,10 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
 @opt("dry-run", is_flag=True, help="Compute and print the operations; change nothing.")
 @opt("healthz-bind-address", default="127.0.0.1:10256", help="host:port for /healthz ('' = off).")
 @opt("metrics-bind-address", default="127.0.0.1:10249", help="host:port for /metrics ('' = off).")
+@opt("metrics-stats-interval", default="10s", type=Duration(),
+     help="Reuse one reading of the kernel's IPVS counters for /metrics this long (0s = read per scrape).")
+@opt("metrics-per-address", is_flag=True,
+     help="ipvsproxy_service_* series per virtual server (kind, address labels) instead of per Service port.")
 @opt("tcp-timeout", default="0s", type=Duration(), help="IPVS TCP idle timeout (0 = leave the kernel's).")
 @opt("tcpfin-timeout", default="0s", type=Duration(), help="IPVS TCP FIN_WAIT timeout (0 = leave).")
 @opt("udp-timeout", default="0s", type=Duration(), help="IPVS UDP timeout (0 = leave the kernel's).")

@@ -7,7 +7,7 @@ in-memory model is what makes the core testable on a machine without IPVS.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,6 +57,9 @@ class Dataplane(Protocol):
 
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         """Fresh data for some virtual servers only (None: not in the kernel)."""
+
+    def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
+        """Every virtual server's (owned, kernel counters), without real servers: what /metrics reads."""
 
     def apply(self, ops: Sequence[Op]) -> list[Failure]:
         """Carry out operations in order; failures are returned, never raised."""

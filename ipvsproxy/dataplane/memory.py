@@ -8,7 +8,7 @@ apply_op models; every behaviour here also has a kernel test in tests/kernel.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..model import ObservedState, ObservedVS, VSKey
 from ..plan import Op, OpKind, apply_op
@@ -45,6 +45,10 @@ class MemoryDataplane:
             vs = self.state.services.get(key)
             out[key] = copy.deepcopy(vs) if vs is not None else None
         return out
+
+    def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
+        self.counters.dumps += 1
+        return {k: (vs.owned, dict(vs.stats)) for k, vs in self.state.services.items()}
 
     def apply(self, ops: Sequence[Op]) -> list[Failure]:
         failures = []

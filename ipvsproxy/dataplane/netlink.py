@@ -24,6 +24,7 @@ from typing import Any
 from ..config import AgentConfig
 from ..model import (
     AF_INET6,
+    F_OWNED,
     F_PERSISTENT,
     ObservedReal,
     ObservedState,
@@ -38,7 +39,7 @@ from ..plan import Op, OpKind
 from ..schedulers import default_registry
 from .addr_wire import AddrRequest, AddrWire
 from .base import INTERFACE_MARK, Counters, DataplaneError, Failure, InterfaceRefused
-from .conntrack import ConntrackFlusher
+from .conntrack import ConntrackCleaner, Removal
 from .ipvs_wire import (
     Cmd,
     Dest,
@@ -290,7 +291,7 @@ class NetlinkDataplane:
         self.addr = AddrWire(batch_size=batch_size)  # binds/unbinds, batched like IPVS messages
         self._ifindex: int | None = None
         self._alias: str | None = None  # the interface's alias when it was looked up
-        self.conntrack = ConntrackFlusher()  # its sockets open on the first UDP/SCTP removal
+        self.conntrack = ConntrackCleaner()  # its socket and worker thread start on the first UDP/SCTP removal
 
     # ---- setup --------------------------------------------------------------
     def setup(self) -> None:
@@ -398,6 +399,15 @@ class NetlinkDataplane:
             out[key] = None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
         return out
 
+    def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
+        """One services-only IPVS dump: no real servers, no addresses (what /metrics needs)."""
+        self.counters.dumps += 1
+        out: dict[VSKey, tuple[bool, Mapping[str, int]]] = {}
+        for entry in self.wire.services():
+            s = entry.svc
+            out[VSKey(s.family, s.protocol, s.address, s.port)] = (bool(s.flags & F_OWNED), _stats(entry.stats))
+        return out
+
     def scheduler_usable(self, name: str) -> bool:
         if name not in self._usable:
             sched = self.registry.get(name)
@@ -433,13 +443,21 @@ class NetlinkDataplane:
         self._addresses(binds, failures)
         reqs = [(op, self._requests(op)) for op in ipvs]
         results = self.wire.execute([r for _, r in reqs if r is not None])
+        removed: list[Removal] = []
         for (op, _), err in zip(reqs, results, strict=True):
             if err is not None and not self._harmless(op, err):
                 failures.append(Failure(op, describe_failure(op, err)))
                 continue
             self.counters.ops[op.kind.value] += 1
-            if op.kind is OpKind.DEL_RS and op.key is not None and op.key.protocol != Protocol.TCP:
-                self.flush_conntrack(op)
+            if op.key is not None and op.key.protocol != Protocol.TCP:
+                if op.kind is OpKind.DEL_RS and op.real is not None:
+                    removed.append(Removal(op.key, op.real))
+                elif op.kind is OpKind.DEL_VS:
+                    removed.append(Removal(op.key))
+        # Stale UDP/SCTP flows to what went: deleted in the background, one pass for the lot,
+        # so the sync (every other Service's update) never waits for a conntrack table walk.
+        if removed:
+            self.conntrack.submit(removed)
         self._addresses(unbinds, failures)
         now = self._sent()
         self.counters.messages += now[0] - sent[0]
@@ -478,21 +496,6 @@ class NetlinkDataplane:
                 if err.errno == errno.ENODEV:
                     self._ifindex = None  # the interface went away behind our back: look it up again
                 failures.append(Failure(op, describe_failure(op, err)))
-
-    def flush_conntrack(self, op: Op) -> None:
-        """Forget NAT'd UDP/SCTP flows to a removed real server, so no datagram
-        follows a stale conntrack entry to a dead pod."""
-        if op.key is None or op.real is None:
-            return
-        try:
-            n = self.conntrack.flush(op.key, op.real)
-        except Exception as exc:  # best effort: IPVS expires these anyway (expire_nodest_conn)
-            log.warning("conntrack flush for %s -> %s: %s", op.key, join_host_port(op.real.address, op.real.port),
-                        exc)
-            return
-        if n:
-            log.debug("flushed %d conntrack entries of %s -> %s", n, op.key,
-                      join_host_port(op.real.address, op.real.port))
 
     def remove_interface(self) -> bool:
         """Delete our dummy (only ever a dummy ifindex() accepted)."""

@@ -57,6 +57,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "legacy-endpoints": {"rbac": {"legacyEndpoints": True}},
     "existing-serviceaccount": {"serviceAccount": {"create": False, "name": "proxy"}, "rbac": {"create": False}},
     "privileged": {"securityContext": {"privileged": True}},
+    "opt-in-capabilities": {"securityContext": {"sysModule": True, "netRaw": True}},
     "extra": {
         "image": {"repository": "registry.example.com/net/ipvsproxy", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
@@ -75,8 +76,7 @@ EXPECTED_RULES = {
     ("", "services", "list"), ("", "services", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
     ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "watch"),
-    ("", "events", "create"), ("", "events", "patch"),
-    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+    ("", "events", "create"),  # core/v1 Events, created only (sources/kube.py): no patch, no events.k8s.io
 }
 
 CONFIG_KEYS = {
@@ -303,12 +303,28 @@ def test_never_privileged_unless_asked(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_capabilities_exactly_what_the_agent_uses(name: str) -> None:
-    load_modules = VALUE_SETS[name].get("config", {}).get("loadModules", True)
-    expected = {"NET_ADMIN", "NET_RAW"} | ({"SYS_MODULE"} if load_modules else set())
+    """The long-running container: NET_ADMIN only, unless asked (issue 14 item 10). SYS_MODULE
+    goes to whoever loads the modules: the init container, or the agent when there is none."""
+    values = VALUE_SETS[name]
+    load_modules = values.get("config", {}).get("loadModules", True)
+    sc = values.get("securityContext", {})
+    inits = pod_spec(name).get("initContainers", [])
+    agent_loads = load_modules and (sc.get("sysModule", False) or not inits)
+    expected = {"NET_ADMIN"} | ({"SYS_MODULE"} if agent_loads else set()) | ({"NET_RAW"} if sc.get("netRaw") else set())
     assert caps(agent(name)) == expected
-    for init in pod_spec(name).get("initContainers", []):
-        assert caps(init) <= expected, init["name"]
+    assert ("--no-load-modules" in agent(name)["args"]) == (not agent_loads)
+    for init in inits:
+        assert caps(init) <= {"NET_ADMIN", "SYS_MODULE"}, init["name"]
         assert ("SYS_MODULE" in caps(init)) == load_modules
+
+
+def test_default_agent_drops_sys_module_and_net_raw() -> None:
+    assert caps(agent("default")) == {"NET_ADMIN"}
+    (init,) = pod_spec("default")["initContainers"]
+    assert "SYS_MODULE" in caps(init) and "modprobe" in init["command"][-1]  # the init loads the modules
+    assert "--no-load-modules" in agent("default")["args"]
+    assert caps(agent("opt-in-capabilities")) == {"NET_ADMIN", "NET_RAW", "SYS_MODULE"}
+    assert "--no-load-modules" not in agent("opt-in-capabilities")["args"]
 
 
 def test_root_with_read_only_root_filesystem() -> None:
@@ -378,6 +394,7 @@ def test_command_and_default_args() -> None:
         "--healthz-bind-address": "0.0.0.0:10256", "--metrics-bind-address": "127.0.0.1:10249",
         "--tcp-timeout": "0s", "--tcpfin-timeout": "0s", "--udp-timeout": "0s",
         "--drain-grace-period": "30s", "--state-dir": "/run/ipvsproxy",
+        "--no-load-modules": None,  # the init container loaded them; the agent has no SYS_MODULE
     }
 
 
@@ -400,15 +417,16 @@ def test_custom_args_pass_through() -> None:
     assert flags["--no-nftables"] is None
     assert flags["--drain-grace-period"] == "2m"
     assert c["args"][-1] == "--node-name=$(NODE_NAME)"
-    assert "--no-load-modules" not in flags
+    assert "--no-load-modules" in flags  # the init container loads them (sysctlInit is on)
 
 
 def test_boolean_flags_only_when_set() -> None:
     default = flag_values(agent()["args"])
-    for flag in ("--strict-arp", "--masquerade-all", "--no-nftables", "--no-load-modules", "--cluster-cidr",
+    for flag in ("--strict-arp", "--masquerade-all", "--no-nftables", "--cluster-cidr",
                  "--exclude-cidrs", "--nodeport-addresses"):
         assert flag not in default
     assert "--no-load-modules" in agent("no-modules")["args"]
+    assert "--no-load-modules" not in agent("opt-in-capabilities")["args"]
 
 
 def _parse_with_cli(argv: list[str]) -> dict[str, Any]:
@@ -440,7 +458,7 @@ def test_default_command_line_parses_with_the_cli() -> None:
     assert params["scheduler"] == "rr"
     assert params["sync_period"] == 30.0
     assert params["healthz_bind_address"] == "0.0.0.0:10256"
-    assert params["load_modules"] is True
+    assert params["load_modules"] is False  # the init container loads them
     assert params["log_level"] == "info"
 
 

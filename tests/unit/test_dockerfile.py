@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -68,14 +69,89 @@ def copied_sources() -> list[str]:
     return sources
 
 
-def test_base_image_is_slim_python() -> None:
+LOCK = ROOT / "requirements.lock"
+
+
+def apt_packages() -> dict[str, str]:
+    """name -> version of every package the Dockerfile installs with apt-get ("" if unpinned)."""
+    out: dict[str, str] = {}
+    for rest in only("RUN"):
+        for cmd in rest.split("&&"):
+            words = cmd.split()
+            if words[:2] == ["apt-get", "install"]:
+                for w in words[2:]:
+                    if not w.startswith("-"):
+                        name, _, version = w.partition("=")
+                        out[name] = version
+    return out
+
+
+def test_base_is_debian_bookworm_with_a_pinned_python() -> None:
+    """Built from pinned Debian bookworm packages (issue 14 item 10): the base image is
+    debian:bookworm-slim (a digest may be passed as BASE_IMAGE) and Python is Debian's,
+    at an exact version that satisfies python_requires."""
     froms = only("FROM")
-    assert len(froms) == 1, froms
-    assert re.fullmatch(r"python:3\.1[1-9]-slim(-[a-z]+)?", froms[0]), froms[0]
+    assert froms == ["${BASE_IMAGE}"], froms
+    (arg,) = [a for a in only("ARG") if a.startswith("BASE_IMAGE=")]
+    assert re.fullmatch(r"BASE_IMAGE=debian:bookworm-slim(@sha256:[0-9a-f]{64})?", arg), arg
+    pkgs = apt_packages()
+    pythons = [name for name in pkgs if re.fullmatch(r"python3\.\d+", name)]
+    assert len(pythons) == 1, pythons
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     required = cfg["options"]["python_requires"].removeprefix(">=")
-    assert tuple(map(int, froms[0].split(":")[1].split("-")[0].split("."))) >= tuple(map(int, required.split(".")))
+    assert tuple(map(int, pythons[0][len("python"):].split("."))) >= tuple(map(int, required.split(".")))
+    assert pkgs[pythons[0]].startswith(pythons[0][len("python"):] + ".")
+    assert f"{pythons[0]}-venv" in pkgs
+
+
+def test_every_apt_package_is_pinned_to_a_version() -> None:
+    pkgs = apt_packages()
+    assert pkgs, "no apt-get install found"
+    unpinned = sorted(name for name, version in pkgs.items() if not version)
+    assert not unpinned, f"apt packages without =version: {unpinned}"
+
+
+def lock_entries() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: canonical name -> (version, hashes)."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    text = LOCK.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req, *opts = line.split()
+        name, sep, version = req.partition("==")
+        assert sep, f"requirements.lock: {req} is not pinned with =="
+        hashes = [o.removeprefix("--hash=") for o in opts if o.startswith("--hash=")]
+        out[re.sub(r"[-_.]+", "-", name).lower()] = (version, hashes)
+    return out
+
+
+def test_python_dependencies_come_from_the_hashed_lock_file() -> None:
+    runs = " ".join(only("RUN"))
+    assert "requirements.lock" in copied_sources()
+    assert re.search(r"pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements\.lock", runs)
+    # the package itself adds nothing unhashed: no dependencies, no isolated build environment
+    assert re.search(r"pip install --no-cache-dir --no-deps --no-build-isolation \.(\s|$)", runs)
+    entries = lock_entries()
+    for name, (_version, hashes) in entries.items():
+        assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), name
+
+
+def test_lock_file_covers_what_setup_cfg_and_the_build_need() -> None:
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    wanted = [Requirement(r) for r in cfg["options"]["install_requires"].split("\n") if r.strip()]
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    wanted += [Requirement(r) for r in build]
+    entries = lock_entries()
+    for req in wanted:
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in entries, f"requirements.lock lacks {req} (regenerate it: see its header)"
+        assert req.specifier.contains(entries[name][0]), f"requirements.lock pins {name}=={entries[name][0]}: {req}"
 
 
 def test_entrypoint_is_the_console_script() -> None:
@@ -134,9 +210,9 @@ def test_dockerignore_keeps_what_is_copied() -> None:
 
 def test_installs_the_package_and_kernel_tools() -> None:
     runs = " ".join(only("RUN"))
-    assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs)
+    assert re.search(r"pip install --no-cache-dir --no-deps --no-build-isolation \.(\s|$)", runs)
     for pkg in ("iproute2", "ipvsadm", "kmod", "nftables", "conntrack"):
-        assert re.search(rf"\b{pkg}\b", runs), pkg
+        assert pkg in apt_packages(), pkg
     assert "--no-install-recommends" in runs
     assert "rm -rf /var/lib/apt/lists/*" in runs
 

@@ -107,9 +107,19 @@ httpGet:
 {{/*
 Capabilities of the agent container: exactly what it uses.
 */}}
+{{- define "ipvsproxy.agentLoadsModules" -}}
+{{- /* The init container loads the modules when it runs; the agent only when asked to, or
+when there is no init container (sysctlInit off, or privileged). */ -}}
+{{- $init := and .Values.sysctlInit.enabled (not .Values.securityContext.privileged) -}}
+{{- if and .Values.config.loadModules (or .Values.securityContext.sysModule (not $init)) }}true{{ end }}
+{{- end }}
+
 {{- define "ipvsproxy.capabilities" -}}
-{{- $caps := list "NET_ADMIN" "NET_RAW" }}
-{{- if .Values.config.loadModules }}
+{{- $caps := list "NET_ADMIN" }}
+{{- if .Values.securityContext.netRaw }}
+{{- $caps = append $caps "NET_RAW" }}
+{{- end }}
+{{- if include "ipvsproxy.agentLoadsModules" . }}
 {{- $caps = append $caps "SYS_MODULE" }}
 {{- end }}
 {{- concat $caps .Values.securityContext.extraCapabilities | uniq | toJson }}
@@ -148,7 +158,7 @@ Arguments of `ipvsproxy run`, one flag per config key.
 - --no-nftables
 {{- end }}
 - {{ printf "--drain-grace-period=%s" ($c.drainGracePeriod) | quote }}
-{{- if not $c.loadModules }}
+{{- if not (include "ipvsproxy.agentLoadsModules" .) }}
 - --no-load-modules
 {{- end }}
 - {{ printf "--state-dir=%s" ($c.stateDir) | quote }}
