@@ -53,7 +53,7 @@ def _value(kind: str, raw: bytes) -> Any:
     if kind == "ipv4_addr":
         return socket.inet_ntop(socket.AF_INET, raw)
     if kind == "ipv6_addr":
-        return str(ipaddress.IPv6Address(raw))  # the spelling the companion counts (Python's)
+        return socket.inet_ntop(socket.AF_INET6, raw)  # the kernel's spelling, as model.canonical_ip writes it
     if kind == "inet_proto":
         return raw[0]
     if kind == "inet_service":

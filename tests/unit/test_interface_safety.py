@@ -60,6 +60,9 @@ class RefusingDataplane:
         self.touched.append("apply")
         return []
 
+    def local_addresses(self) -> set[str]:
+        raise InterfaceRefused(interface_refusal("eth9", None, None) or "")
+
     def remove_interface(self) -> bool:
         self.touched.append("remove_interface")
         return True
