@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import json
 import logging
 import queue
@@ -65,11 +66,74 @@ class Transient(Exception):
     """A failure worth retrying (connection lost, 5xx, 429, bad stream)."""
 
 
+class EndpointsSource(enum.Enum):
+    """Where endpoints come from: the newest API generation the server serves, unless told."""
+
+    V1 = "v1"  # discovery.k8s.io/v1 EndpointSlices (Kubernetes 1.21+)
+    V1BETA1 = "v1beta1"  # discovery.k8s.io/v1beta1 EndpointSlices (1.17-1.24)
+    ENDPOINTS = "endpoints"  # core/v1 Endpoints (every cluster)
+
+    @classmethod
+    def parse(cls, text: str) -> EndpointsSource | None:
+        """'auto' (None: ask API discovery) or one of the values; ValueError otherwise."""
+        if text == "auto":
+            return None
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(f"invalid endpoints source {text!r} (auto, v1, v1beta1 or endpoints)") from None
+
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+def from_v1beta1(obj: Any) -> Any:
+    """A discovery.k8s.io/v1beta1 EndpointSlice read as v1: an endpoint's node is
+    `nodeName` when set (1.20+, behind a feature gate until 1.21), else its
+    `topology["kubernetes.io/hostname"]` (what kube-proxy 1.20 compared with its
+    node). v1beta1 has no serving/terminating conditions or hints to carry over."""
+    eps = obj.get("endpoints") if isinstance(obj, dict) else None
+    for e in eps if isinstance(eps, list) else ():
+        if isinstance(e, dict) and not e.get("nodeName"):
+            topo = e.get("topology")
+            host = topo.get(HOSTNAME_LABEL) if isinstance(topo, dict) else None
+            if isinstance(host, str) and host:
+                e["nodeName"] = host
+    return obj
+
+
 @dataclass(frozen=True, slots=True)
 class Resource:
+    """One collection to list and watch: the tracker kind its objects are filed
+    as, the API path, and how an object is read (v1beta1 slices are converted)."""
+
     kind: str
-    lister: Callable[..., Any]
+    path: str
     field_selector: str | None = None
+    api_version: str = "v1"
+    convert: Callable[[Any], Any] | None = None
+
+
+def endpoints_resource(source: EndpointsSource) -> Resource:
+    if source is EndpointsSource.V1:
+        return Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", api_version="discovery.k8s.io/v1")
+    if source is EndpointsSource.V1BETA1:
+        return Resource("EndpointSlice", "/apis/discovery.k8s.io/v1beta1/endpointslices",
+                        api_version="discovery.k8s.io/v1beta1", convert=from_v1beta1)
+    return Resource("Endpoints", "/api/v1/endpoints")
+
+
+def choose_endpoints_source(apis: Any) -> EndpointsSource:
+    """The newest endpoints API an /apis discovery document lists."""
+    groups = apis.get("groups") if isinstance(apis, dict) else None
+    versions: set[str] = set()
+    for g in groups if isinstance(groups, list) else ():
+        if isinstance(g, dict) and g.get("name") == "discovery.k8s.io":
+            versions = {str(v.get("version")) for v in g.get("versions") or () if isinstance(v, dict)}
+    for source in (EndpointsSource.V1, EndpointsSource.V1BETA1):
+        if source.value in versions:
+            return source
+    return EndpointsSource.ENDPOINTS
 
 
 @dataclass(slots=True)
@@ -133,20 +197,20 @@ class KubeSource:
         max_backoff: float | None = None,
         initial_backoff: float | None = None,
         page_size: int | None = None,
+        endpoints_source: EndpointsSource | None = None,
     ) -> None:
         self.tracker, self.node_name = tracker, node_name
         self.api = api_client or load_client(kubeconfig)
         self.core = client.CoreV1Api(self.api)
-        self.discovery = client.DiscoveryV1Api(self.api)
         self.watch_timeout = WATCH_TIMEOUT if watch_timeout is None else watch_timeout
         self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
         self.initial_backoff = INITIAL_BACKOFF if initial_backoff is None else initial_backoff
         self.page_size = PAGE_SIZE if page_size is None else page_size
-        self.resources = (
-            Resource("Service", self.core.list_service_for_all_namespaces),
-            Resource("EndpointSlice", self.discovery.list_endpoint_slice_for_all_namespaces),
-            Resource("Node", self.core.list_node, f"metadata.name={node_name}"),
-        )
+        self.services = Resource("Service", "/api/v1/services")
+        self.nodes = Resource("Node", "/api/v1/nodes", f"metadata.name={node_name}")
+        # None until API discovery has chosen (at the first list), unless given
+        self.endpoints_source = endpoints_source
+        self.endpoints = endpoints_resource(endpoints_source) if endpoints_source else None
         self.resource_versions: dict[str, str] = {}  # kind -> last resourceVersion seen
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -158,18 +222,51 @@ class KubeSource:
         self._warned: dict[tuple[str, str, str, str], str] = {}  # (kind, ns, name, message) -> rv
         self._stats_lock = threading.Lock()
         self.stats = {"lists": 0, "pages": 0, "watches": 0, "relists_410": 0, "reconnects": 0,
-                      "errors": 0, "events": 0, "events_posted": 0}
+                      "errors": 0, "events": 0, "events_posted": 0, "bookmarks": 0,
+                      "expired_continues": 0}
 
     def _count(self, name: str) -> None:
         with self._stats_lock:  # three watch threads and the Event poster share the counters
             self.stats[name] += 1
 
     # ---- one request each ------------------------------------------------------
-    def _file(self, kind: str, obj: Any) -> None:
+    def _get(self, path: str, query: dict[str, Any], timeout: Any) -> Any:
+        """A raw GET (the urllib3 response, body unread); ApiException on a non-2xx status."""
+        method, url, headers, body, post = self.api.param_serialize(
+            "GET", path, query_params=[(k, v) for k, v in query.items() if v is not None],
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        resp = self.api.call_api(method, url, headers, body, post, _request_timeout=timeout)
+        if not 200 <= resp.status <= 299:
+            resp.read()
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return resp.response
+
+    def discover_endpoints(self) -> Resource:
+        """The endpoints collection to follow: the one given, else the newest API
+        generation the server lists in discovery (v1, v1beta1, then core/v1 Endpoints)."""
+        if self.endpoints is not None:
+            return self.endpoints
+        resp = self._get("/apis", {}, 30)
+        try:
+            data = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        source = choose_endpoints_source(data)
+        log.info("endpoints from %s (chosen by API discovery; --endpoints-source overrides)",
+                 endpoints_resource(source).path)
+        self.endpoints_source, self.endpoints = source, endpoints_resource(source)
+        return self.endpoints
+
+    @property
+    def resources(self) -> tuple[Resource, ...]:
+        eps = (self.endpoints,) if self.endpoints is not None else ()
+        return (self.services, *eps, self.nodes)
+
+    def _file(self, res: Resource, obj: Any) -> None:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         self._local.rv = str(meta.get("resourceVersion") or "") if isinstance(meta, dict) else ""
         try:
-            self.tracker.upsert(kind, obj)
+            self.tracker.upsert(res.kind, res.convert(obj) if res.convert else obj)
         finally:
             self._local.rv = ""
 
@@ -179,19 +276,22 @@ class KubeSource:
         seen: set[tuple[str, str]] = set()
         rv: str | None = None
         token: str | None = None
+        paged = self.page_size > 0
         while True:
-            kw: dict[str, Any] = {"_preload_content": False, "_request_timeout": 60}
-            if self.page_size > 0:
-                kw["limit"] = self.page_size
-            if res.field_selector:
-                kw["field_selector"] = res.field_selector
-            if token:
-                kw["_continue"] = token
+            query: dict[str, Any] = {"continue": token, "fieldSelector": res.field_selector,
+                                     "limit": self.page_size if paged else None}
             try:
-                resp = res.lister(**kw)
+                resp = self._get(res.path, query, 60)
             except ApiException as exc:
-                if token and exc.status == 410:  # the continue token expired: list again from the start
-                    raise Transient(f"list {res.kind}: continue token expired") from None
+                if token and exc.status == 410:
+                    # The continue token expired (etcd compacted past the list's snapshot). Like
+                    # client-go's pager, list everything in one request: paging again from the start
+                    # can expire again, and again, and never complete.
+                    log.info("list %s: continue token expired after %d objects; listing all in one request",
+                             res.kind, len(seen))
+                    self._count("expired_continues")
+                    seen, rv, token, paged = set(), None, None, False
+                    continue
                 raise
             try:
                 data = json.loads(resp.data)
@@ -205,25 +305,24 @@ class KubeSource:
                 rv = str(meta.get("resourceVersion") or "")
             for obj in data.get("items") or []:
                 seen.add(object_key(obj))
-                self._file(res.kind, obj)
+                self._file(res, obj)
             del data
             token = meta.get("continue") or None
             if not token:
                 break
         self.tracker.finish_listing(res.kind, seen)
+        if res.kind == "Endpoints":  # core/v1 Endpoints stand in for slices: the first sync may go
+            self.tracker.mark_listed("EndpointSlice")
         self._count("lists")
         self.resource_versions[res.kind] = rv = rv or ""
         return rv
 
     def _stream(self, res: Resource, rv: str) -> Iterator[dict[str, Any]]:
-        kw: dict[str, Any] = {
-            "watch": True, "resource_version": rv, "allow_watch_bookmarks": True,
-            "timeout_seconds": self.watch_timeout, "_preload_content": False,
-            "_request_timeout": (10, self.watch_timeout + 30),
+        query: dict[str, Any] = {  # in the order the generated client sends them
+            "allowWatchBookmarks": "true", "fieldSelector": res.field_selector, "resourceVersion": rv,
+            "timeoutSeconds": self.watch_timeout, "watch": "true",
         }
-        if res.field_selector:
-            kw["field_selector"] = res.field_selector
-        resp = res.lister(**kw)
+        resp = self._get(res.path, query, (10, self.watch_timeout + 30))
         self._responses.add(resp)
         self._count("watches")
         ended = False
@@ -263,11 +362,13 @@ class KubeSource:
             rv = str(meta.get("resourceVersion") or "") or cur.rv
             if etype in ("ADDED", "MODIFIED"):
                 self._count("events")
-                self._file(res.kind, obj)
+                self._file(res, obj)
             elif etype == "DELETED":
                 self._count("events")
                 self.tracker.delete(res.kind, str(meta.get("namespace") or "default"), str(meta.get("name")))
-            elif etype != "BOOKMARK":
+            elif etype == "BOOKMARK":
+                self._count("bookmarks")
+            else:
                 log.debug("watch %s: event type %r ignored", res.kind, etype)
             cur.rv, cur.progress = rv, True
             self.resource_versions[res.kind] = rv
@@ -282,18 +383,28 @@ class KubeSource:
 
     def list_all(self) -> None:
         """List every kind once (for --once); retries transient failures a few times."""
-        for res in self.resources:
+        for role in self.kinds:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(5),
                 wait=self._wait, reraise=True,
             ):
                 with attempt:
-                    self._list(res)
+                    self._list(self._resource(role))
 
-    def _cycle(self, res: Resource, cur: _Cursor) -> None:
+    def _resource(self, role: str) -> Resource:
+        """The collection behind one of `kinds` (endpoints: chosen by discovery the first time)."""
+        if role == "Service":
+            return self.services
+        if role == "Node":
+            return self.nodes
+        return self.discover_endpoints()
+
+    def _cycle(self, res: Resource | str, cur: _Cursor) -> None:
         """List if needed, then watch until the stream ends. Raises what should
         be retried with backoff; returns when the next watch may start at once."""
         fresh = cur.rv is None
+        if isinstance(res, str):
+            res = self._resource(res)
         if fresh:
             cur.rv = self._list(res)
         cur.progress = False
@@ -313,22 +424,22 @@ class KubeSource:
                 return
             raise
 
-    def _follow(self, res: Resource) -> None:
+    def _follow(self, role: str) -> None:
         cur = _Cursor()
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_transient), wait=self._wait,
-            stop=tenacity.stop_never, sleep=self._sleep, before_sleep=self._log_retry(res.kind),
+            stop=tenacity.stop_never, sleep=self._sleep, before_sleep=self._log_retry(role),
         )
         while not self._stop.is_set():
             try:
-                retrying(self._cycle, res, cur)
+                retrying(self._cycle, role, cur)
             except Stopped:
                 return
             except Exception as exc:  # not transient (e.g. 403): say so, wait, try again
                 if self._stop.is_set():
                     return
                 self._count("errors")
-                log.error("watch %s: %s; retrying in %.0fs", res.kind, exc, self.max_backoff)
+                log.error("watch %s: %s; retrying in %.0fs", role, exc, self.max_backoff)
                 self._stop.wait(self.max_backoff)
 
     def _sleep(self, seconds: float) -> None:
@@ -346,8 +457,8 @@ class KubeSource:
         return before_sleep
 
     def start(self) -> None:
-        for res in self.resources:
-            t = threading.Thread(target=self._follow, args=(res,), name=f"watch-{res.kind}", daemon=True)
+        for role in self.kinds:
+            t = threading.Thread(target=self._follow, args=(role,), name=f"watch-{role}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -381,7 +492,8 @@ class KubeSource:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         cluster_scoped = kind == "Node"
         ns = "default" if cluster_scoped else namespace
-        involved: dict[str, Any] = {"apiVersion": "v1" if kind != "EndpointSlice" else "discovery.k8s.io/v1",
+        slice_version = self.endpoints.api_version if self.endpoints else "discovery.k8s.io/v1"
+        involved: dict[str, Any] = {"apiVersion": "v1" if kind != "EndpointSlice" else slice_version,
                                     "kind": kind, "name": name}
         if not cluster_scoped:
             involved["namespace"] = namespace
