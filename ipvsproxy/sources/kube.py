@@ -38,7 +38,6 @@ from typing import Any
 import tenacity
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from ..objects import Service
 from ..tracker import Tracker, object_key
@@ -46,7 +45,10 @@ from ..tracker import Tracker, object_key
 log = logging.getLogger(__name__)
 
 # Defaults, read when a KubeSource is made (tests shrink them).
-WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (it adds jitter itself)
+WATCH_TIMEOUT = 300  # shortest watch asked for: each asks for this x uniform(1, 2) (client-go: 5-10 minutes)
+WATCH_IDLE_TIMEOUT = 60.0  # a watch stream silent this long is cut and resumed (a hung server is noticed)
+SHORT_WATCH = 1.0  # a watch that ends cleanly this soon with no event is an error (client-go's "very short watch")
+MAX_LINE = 16 << 20  # longest watch line (one event) read; longer ones cut the stream
 PAGE_SIZE = 500  # objects per list page
 INITIAL_BACKOFF = 0.2  # first retry after a failure, doubling up to MAX_BACKOFF
 MAX_BACKOFF = 30.0
@@ -64,6 +66,24 @@ class Stopped(Exception):
 
 class Transient(Exception):
     """A failure worth retrying (connection lost, 5xx, 429, bad stream)."""
+
+
+class Idle(Exception):
+    """A watch stream was silent for the idle timeout: resume at once on a new one."""
+
+
+def _read_timeout(exc: BaseException) -> bool:
+    """A socket read timed out (urllib3 wraps it in ReadTimeoutError or ProtocolError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("ReadTimeoutError", "TimeoutError") or isinstance(e, TimeoutError):
+            return True
+        args = getattr(e, "args", ())
+        nested = next((a for a in args if isinstance(a, BaseException)), None)
+        e = e.__cause__ or e.__context__ or nested
+    return False
 
 
 class EndpointsSource(enum.Enum):
@@ -143,6 +163,7 @@ class _Cursor:
 
     rv: str | None = None
     progress: bool = False
+    expired: bool = False  # the last watch got a 410: the next list reads etcd, not the watch cache
 
 
 def load_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -198,6 +219,7 @@ class KubeSource:
         initial_backoff: float | None = None,
         page_size: int | None = None,
         endpoints_source: EndpointsSource | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.tracker, self.node_name = tracker, node_name
         self.api = api_client or load_client(kubeconfig)
@@ -206,6 +228,8 @@ class KubeSource:
         self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
         self.initial_backoff = INITIAL_BACKOFF if initial_backoff is None else initial_backoff
         self.page_size = PAGE_SIZE if page_size is None else page_size
+        self.idle_timeout = WATCH_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        self.short_watch, self.max_line = SHORT_WATCH, MAX_LINE
         self.services = Resource("Service", "/api/v1/services")
         self.nodes = Resource("Node", "/api/v1/nodes", f"metadata.name={node_name}")
         # None until API discovery has chosen (at the first list), unless given
@@ -223,7 +247,7 @@ class KubeSource:
         self._stats_lock = threading.Lock()
         self.stats = {"lists": 0, "pages": 0, "watches": 0, "relists_410": 0, "reconnects": 0,
                       "errors": 0, "events": 0, "events_posted": 0, "bookmarks": 0,
-                      "expired_continues": 0}
+                      "expired_continues": 0, "idle_timeouts": 0}
 
     def _count(self, name: str) -> None:
         with self._stats_lock:  # three watch threads and the Event poster share the counters
@@ -270,16 +294,21 @@ class KubeSource:
         finally:
             self._local.rv = ""
 
-    def _list(self, res: Resource) -> str:
+    def _list(self, res: Resource, from_cache: bool = True) -> str:
         """List one kind page by page, filing each page as it comes; returns the
-        listing's resourceVersion (the first page's: later changes replay on the watch)."""
+        listing's resourceVersion (the first page's: later changes replay on the watch).
+
+        from_cache: resourceVersion=0, which the API server answers from its watch cache
+        (where client-go's reflector lists), not with a quorum read of etcd; a relist
+        after a 410 reads etcd, since the cache may be what is behind."""
         seen: set[tuple[str, str]] = set()
         rv: str | None = None
         token: str | None = None
         paged = self.page_size > 0
         while True:
             query: dict[str, Any] = {"continue": token, "fieldSelector": res.field_selector,
-                                     "limit": self.page_size if paged else None}
+                                     "limit": self.page_size if paged else None,
+                                     "resourceVersion": "0" if from_cache and not token else None}
             try:
                 resp = self._get(res.path, query, 60)
             except ApiException as exc:
@@ -317,28 +346,62 @@ class KubeSource:
         self.resource_versions[res.kind] = rv = rv or ""
         return rv
 
+    def _lines(self, resp: Any, kind: str) -> Iterator[bytes]:
+        """The stream's lines; one longer than MAX_LINE (a server sending no newline) is an
+        error rather than a buffer that grows without end."""
+        buf = bytearray()
+        for chunk in resp.stream(65536, decode_content=False):
+            start = len(buf)
+            buf.extend(chunk)
+            cut = buf.find(b"\n", start)
+            while cut != -1:
+                yield bytes(buf[:cut])
+                del buf[:cut + 1]
+                cut = buf.find(b"\n")
+            if len(buf) > self.max_line:
+                raise Transient(f"watch {kind}: a line longer than {self.max_line} bytes; stream cut")
+        if buf.strip():
+            yield bytes(buf)
+
     def _stream(self, res: Resource, rv: str) -> Iterator[dict[str, Any]]:
+        # like client-go's reflector, each watch asks for its own length in [timeout, 2 x timeout),
+        # so nodes started together do not reconnect in lockstep
+        timeout = int(self.watch_timeout * random.uniform(1.0, 2.0))
         query: dict[str, Any] = {  # in the order the generated client sends them
             "allowWatchBookmarks": "true", "fieldSelector": res.field_selector, "resourceVersion": rv,
-            "timeoutSeconds": self.watch_timeout, "watch": "true",
+            "timeoutSeconds": timeout, "watch": "true",
         }
-        resp = self._get(res.path, query, (10, self.watch_timeout + 30))
+        resp = self._get(res.path, query, (10, self.idle_timeout))
         self._responses.add(resp)
         self._count("watches")
         ended = False
+        started = time.monotonic()
+        events = 0
         try:
-            for line in iter_resp_lines(resp):
-                if self._stop.is_set():
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    raise Transient(f"watch {res.kind}: undecodable line") from None
-                if isinstance(event, dict):
-                    yield event
+            try:
+                for line in self._lines(resp, res.kind):
+                    if self._stop.is_set():
+                        return
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise Transient(f"watch {res.kind}: undecodable line") from None
+                    if isinstance(event, dict):
+                        events += 1
+                        yield event
+            except Exception as exc:
+                if not _read_timeout(exc) or self._stop.is_set():
+                    raise
+                # silent for idle_timeout: idle, or a hung server; either way resume on a new stream
+                log.debug("watch %s: nothing for %.0fs; resuming on a new stream", res.kind, self.idle_timeout)
+                self._count("idle_timeouts")
+                raise Idle from None
             ended = True
+            if not events and time.monotonic() - started < self.short_watch:
+                raise Transient(f"watch {res.kind}: ended after {time.monotonic() - started:.2f}s "
+                                "with no event (a very short watch)")
         finally:
             self._responses.discard(resp)
             if not ended:  # left mid-stream: the rest is unread, so the connection cannot be reused
@@ -406,17 +469,20 @@ class KubeSource:
         if isinstance(res, str):
             res = self._resource(res)
         if fresh:
-            cur.rv = self._list(res)
+            cur.rv = self._list(res, from_cache=not cur.expired)
+            cur.expired = False
         cur.progress = False
         try:
             self._watch(res, cur)
         except Exception as exc:
             if _gone(exc):
                 self._count("relists_410")
-                cur.rv = None
+                cur.rv, cur.expired = None, True
                 if fresh and not cur.progress:  # 410 again straight after a list: back off
                     raise Transient(f"watch {res.kind}: 410 right after listing: {exc}") from None
                 log.info("watch %s: %s; relisting", res.kind, exc)
+                return
+            if isinstance(exc, Idle):
                 return
             if cur.progress and _transient(exc) and not self._stop.is_set():
                 log.info("watch %s broke (%s); resuming from resourceVersion %s", res.kind, exc, cur.rv)
@@ -463,14 +529,21 @@ class KubeSource:
             self._threads.append(t)
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the watches (open streams are cut) and post what Events are queued."""
+        """Stop the watches (open streams are cut) and post what Events are queued, all
+        within `timeout` in total: a thread stuck in a request to an API server that is
+        gone (a list or connect that will time out much later) is a daemon, left behind,
+        so SIGTERM ends the agent well inside a pod's grace period."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         for resp in list(self._responses):
             with contextlib.suppress(Exception):  # already closed is fine
                 resp.shutdown() if hasattr(resp, "shutdown") else resp.close()
         self.flush(timeout)
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            log.info("stopped; %s still waiting on the API server (left behind)", ", ".join(stuck))
 
     # ---- events --------------------------------------------------------------------
     def post_event(self, svc: Service, reason: str, message: str) -> None:

@@ -118,25 +118,29 @@ def test_apiserver_restart_mid_watch(cluster: Cluster, live: Callable[..., Live]
 
 
 def test_expired_continue_token_still_gives_a_complete_list(
-        cluster: Cluster, live: Callable[..., Live], monkeypatch: pytest.MonkeyPatch) -> None:
+        live: Callable[..., Live], monkeypatch: pytest.MonkeyPatch) -> None:
     """Every continued page finds etcd compacted past the list's snapshot (410 Expired):
-    like client-go's pager, the source falls back to one full, unpaged list."""
-    api = Api(cluster, "t-continue")
-    api.many([lambda i=i: api.create_service(f"s{i}", f"10.96.4.{i}") for i in range(1, 31)])
-    monkeypatch.setattr(kube, "PAGE_SIZE", 10)
-    real_get = KubeSource._get
-    expired = []
+    like client-go's pager, the source falls back to one full, unpaged list. (The watch
+    cache answers resourceVersion=0 lists whole, so this server reads etcd: it pages.)"""
+    with Cluster(watch_cache=False) as c:
+        c.request("POST", "/api/v1/nodes", node(NODE, NODE_IP))
+        api = Api(c, "t-continue")
+        api.many([lambda i=i: api.create_service(f"s{i}", f"10.96.4.{i}") for i in range(1, 31)])
+        monkeypatch.setattr(kube, "PAGE_SIZE", 10)
+        real_get = KubeSource._get
+        expired: list[str] = []
 
-    def get(self: KubeSource, path: str, query: dict[str, Any], timeout: Any) -> Any:
-        if path == "/api/v1/services" and query.get("continue"):
-            api.create_service(f"bump{len(expired)}", f"10.96.4.{200 + len(expired)}")  # a newer revision
-            cluster.compact()
-            expired.append(path)
-        return real_get(self, path, query, timeout)
+        def get(self: KubeSource, path: str, query: dict[str, Any], timeout: Any) -> Any:
+            if path == "/api/v1/services" and query.get("continue"):
+                api.create_service(f"bump{len(expired)}", f"10.96.4.{200 + len(expired)}")  # a newer revision
+                c.compact()
+                expired.append(path)
+            return real_get(self, path, query, timeout)
 
-    monkeypatch.setattr(KubeSource, "_get", get)
-    lv = live()
-    wait_until(lambda: len(lv.dp.table("10.96.4.")) >= 30, timeout=30, what="every Service listed")
-    assert expired, "no continued page was requested"
-    assert lv.source.stats["expired_continues"] >= 1
-    assert {k.address for k in lv.dp.table("10.96.4.")} >= {f"10.96.4.{i}" for i in range(1, 31)}
+        monkeypatch.setattr(KubeSource, "_get", get)
+        lv = live(c)
+        wait_until(lambda: len(lv.dp.table("10.96.4.")) >= 30, timeout=30, what="every Service listed")
+        assert expired, "no continued page was requested"
+        assert lv.source.stats["expired_continues"] >= 1
+        assert {k.address for k in lv.dp.table("10.96.4.")} >= {f"10.96.4.{i}" for i in range(1, 31)}
+        lv.stop()
