@@ -138,9 +138,11 @@ class Agent:
     def _kube_source(self) -> KubeSource:
         """The API source, with Events posted through it (never on a dry run:
         --dry-run and diff change nothing, Events included)."""
-        from .sources.kube import KubeSource
+        from .sources.kube import EndpointsSource, KubeSource
 
-        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig)
+        source = self.source = KubeSource(
+            self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig, api_server=self.cfg.api_server,
+            endpoints_source=EndpointsSource.parse(self.cfg.endpoints_source))
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event
             self.object_events = source.post_object_event

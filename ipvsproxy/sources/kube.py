@@ -27,17 +27,20 @@ import datetime
 import enum
 import json
 import logging
+import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import tenacity
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import incluster_config as incluster
 
 from ..objects import Service
 from ..tracker import Tracker, object_key
@@ -166,22 +169,80 @@ class _Cursor:
     expired: bool = False  # the last watch got a 410: the next list reads etcd, not the watch cache
 
 
-def load_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """In-cluster config, else --kubeconfig / $KUBECONFIG / ~/.kube/config."""
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # token + ca.crt in a pod
+
+
+def split_api_server(url: str) -> tuple[str, str, str]:
+    """'https://HOST:PORT' (or HOST:PORT, HOST) -> (scheme, host, port); ValueError if unusable."""
+    text = url.strip()
+    parts = urllib.parse.urlsplit(text if "://" in text else "https://" + text)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"invalid API server address {url!r}: bad port") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"invalid API server address {url!r} (example: https://192.0.2.10:6443)")
+    return parts.scheme, parts.hostname, str(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """How the API server is reached: the client, and whether its address is the
+    in-cluster one (the `kubernetes` Service's ClusterIP, which only a service proxy
+    makes reachable: on a node where that is ipvsproxy, it may not be yet)."""
+
+    api: client.ApiClient
+    cluster_ip: bool = False
+
+
+def load_api(kubeconfig: str | None = None, api_server: str | None = None) -> ApiConfig:
+    """--kubeconfig (its server replaced by --api-server when given); else in-cluster
+    credentials with --api-server's address, or the ClusterIP from the environment;
+    else $KUBECONFIG / ~/.kube/config."""
+    cfg = client.Configuration()
     if kubeconfig is None:
+        environ: Mapping[str, str] = os.environ
+        if api_server:
+            scheme, host, port = split_api_server(api_server)
+            if scheme != "https":
+                raise RuntimeError(f"--api-server {api_server}: in a cluster the service-account token "
+                                   "is only sent over https")
+            environ = {incluster.SERVICE_HOST_ENV_NAME: host, incluster.SERVICE_PORT_ENV_NAME: port}
+        loader = incluster.InClusterConfigLoader(
+            token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
+            cert_filename=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), environ=environ)
         try:
-            config.load_incluster_config()
-            return client.ApiClient()
+            loader.load_and_set(cfg)
+            return ApiConfig(client.ApiClient(cfg), cluster_ip=not api_server)
         except config.ConfigException:
             pass
     try:
-        cfg = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     except (config.ConfigException, OSError, TypeError) as exc:
         raise RuntimeError(
             f"no Kubernetes API configuration: {exc} (run in a cluster, pass --kubeconfig, "
             "or use --from-file)") from None
-    return client.ApiClient(cfg)
+    if api_server:
+        scheme, host, port = split_api_server(api_server)
+        cfg.host = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+    return ApiConfig(client.ApiClient(cfg))
+
+
+def load_client(kubeconfig: str | None = None, api_server: str | None = None) -> client.ApiClient:
+    return load_api(kubeconfig, api_server).api
+
+
+def _connect_failure(exc: BaseException) -> bool:
+    """The TCP connection itself failed (refused, no route, timed out connecting)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("NewConnectionError", "ConnectTimeoutError") or isinstance(e, ConnectionRefusedError):
+            return True
+        reason = getattr(e, "reason", None)
+        e = reason if isinstance(reason, BaseException) else (e.__cause__ or e.__context__)
+    return False
 
 
 def _transient(exc: BaseException) -> bool:
@@ -213,6 +274,7 @@ class KubeSource:
         node_name: str,
         *,
         kubeconfig: str | None = None,
+        api_server: str | None = None,
         api_client: client.ApiClient | None = None,
         watch_timeout: int | None = None,
         max_backoff: float | None = None,
@@ -222,7 +284,9 @@ class KubeSource:
         idle_timeout: float | None = None,
     ) -> None:
         self.tracker, self.node_name = tracker, node_name
-        self.api = api_client or load_client(kubeconfig)
+        loaded = ApiConfig(api_client) if api_client is not None else load_api(kubeconfig, api_server)
+        self.api, self.via_cluster_ip = loaded.api, loaded.cluster_ip
+        self._route_hint = False  # the "set --api-server" line was logged
         self.core = client.CoreV1Api(self.api)
         self.watch_timeout = WATCH_TIMEOUT if watch_timeout is None else watch_timeout
         self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
@@ -505,6 +569,9 @@ class KubeSource:
                 if self._stop.is_set():
                     return
                 self._count("errors")
+                if isinstance(exc, ApiException) and exc.status == 404 and role == "EndpointSlice":
+                    exc = RuntimeError(f"the API server does not serve {self._resource(role).path} "
+                                       "(see --endpoints-source)")
                 log.error("watch %s: %s; retrying in %.0fs", role, exc, self.max_backoff)
                 self._stop.wait(self.max_backoff)
 
@@ -512,12 +579,26 @@ class KubeSource:
         if self._stop.wait(seconds):
             raise Stopped
 
+    def _unreachable(self, exc: BaseException | None) -> None:
+        """The in-cluster address cannot be connected to: say once what to set."""
+        if not self.via_cluster_ip or exc is None or not _connect_failure(exc):
+            return
+        with self._stats_lock:
+            if self._route_hint:
+                return
+            self._route_hint = True
+        log.error("cannot connect to the API server at %s, the in-cluster address (the kubernetes Service's "
+                  "ClusterIP, reachable only once a service proxy has programmed it on this node): set "
+                  "--api-server=https://HOST:PORT to the API server's own address (chart values "
+                  "apiServer.host and apiServer.port)", self.api.configuration.host)
+
     def _log_retry(self, kind: str) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             if self._stop.is_set():
                 return
             self._count("errors")
             exc = state.outcome.exception() if state.outcome else None
+            self._unreachable(exc)
             log.warning("watch %s failed (%s); retry %d in %.2fs", kind, exc, state.attempt_number,
                         state.next_action.sleep if state.next_action else 0)
         return before_sleep
