@@ -102,7 +102,11 @@ class Agent:
         if report is None:
             self.health.failure(str(error))
             return
-        self.health.success()
+        blocked = self.source.blocked() if self.source is not None else None
+        if blocked:  # synced, but on what was seen before the API refused us: /healthz says why
+            self.health.failure(blocked)
+        else:
+            self.health.success()
         desired = self.reconciler.index.state
         self.metrics.virtual_servers.set(len(desired.services))
         self.metrics.real_servers.set(sum(len(vs.reals) for vs in desired.services.values()))
@@ -143,6 +147,7 @@ class Agent:
         source = self.source = KubeSource(
             self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig, api_server=self.cfg.api_server,
             endpoints_source=EndpointsSource.parse(self.cfg.endpoints_source))
+        source.on_blocked = self.health.failure  # /healthz names what the API refuses
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event
             self.object_events = source.post_object_event

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -245,6 +246,29 @@ def _connect_failure(exc: BaseException) -> bool:
     return False
 
 
+_FORBIDDEN = re.compile(r'cannot (\S+) resource "([^"]+)"(?: in API group "([^"]*)")?')
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or /healthz: an API error's status and its Status message."""
+    if isinstance(exc, ApiException):
+        message = ""
+        try:
+            body = json.loads(exc.body) if exc.body else None
+            message = str(body.get("message") or "") if isinstance(body, dict) else ""
+        except ValueError:
+            message = str(exc.body or "")[:200]
+        text = f"{exc.status} {exc.reason or ''}".strip() + (f": {message}" if message else "")
+        if exc.status == 403:
+            m = _FORBIDDEN.search(message)
+            if m:
+                verb, resource, group = m.group(1), m.group(2), m.group(3) or ""
+                text += (f" (the agent's ClusterRole needs verb {verb!r} on resource {resource!r}"
+                         f"{f' in API group {group!r}' if group else ''})")
+        return text
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status is None or exc.status in (0, 408, 429) or exc.status >= 500
@@ -287,6 +311,8 @@ class KubeSource:
         loaded = ApiConfig(api_client) if api_client is not None else load_api(kubeconfig, api_server)
         self.api, self.via_cluster_ip = loaded.api, loaded.cluster_ip
         self._route_hint = False  # the "set --api-server" line was logged
+        self._blocked: dict[str, str] = {}  # role -> why it cannot list/watch (e.g. 403), until it can
+        self.on_blocked: Callable[[str], None] | None = None  # told each new reason (the agent's /healthz)
         self.core = client.CoreV1Api(self.api)
         self.watch_timeout = WATCH_TIMEOUT if watch_timeout is None else watch_timeout
         self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
@@ -404,6 +430,7 @@ class KubeSource:
             if not token:
                 break
         self.tracker.finish_listing(res.kind, seen)
+        self._unblock(self._role(res))
         if res.kind == "Endpoints":  # core/v1 Endpoints stand in for slices: the first sync may go
             self.tracker.mark_listed("EndpointSlice")
         self._count("lists")
@@ -436,6 +463,7 @@ class KubeSource:
             "timeoutSeconds": timeout, "watch": "true",
         }
         resp = self._get(res.path, query, (10, self.idle_timeout))
+        self._unblock(self._role(res))
         self._responses.add(resp)
         self._count("watches")
         ended = False
@@ -518,6 +546,10 @@ class KubeSource:
                 with attempt:
                     self._list(self._resource(role))
 
+    @staticmethod
+    def _role(res: Resource) -> str:
+        return "EndpointSlice" if res.kind == "Endpoints" else res.kind
+
     def _resource(self, role: str) -> Resource:
         """The collection behind one of `kinds` (endpoints: chosen by discovery the first time)."""
         if role == "Service":
@@ -565,15 +597,39 @@ class KubeSource:
                 retrying(self._cycle, role, cur)
             except Stopped:
                 return
-            except Exception as exc:  # not transient (e.g. 403): say so, wait, try again
+            except Exception as exc:  # not transient (e.g. 403): say so once, wait, try again
                 if self._stop.is_set():
                     return
                 self._count("errors")
                 if isinstance(exc, ApiException) and exc.status == 404 and role == "EndpointSlice":
-                    exc = RuntimeError(f"the API server does not serve {self._resource(role).path} "
-                                       "(see --endpoints-source)")
-                log.error("watch %s: %s; retrying in %.0fs", role, exc, self.max_backoff)
+                    why = f"the API server does not serve {self._resource(role).path} (see --endpoints-source)"
+                else:
+                    why = describe(exc)
+                self._block(role, f"watch {role}: {why}")
                 self._stop.wait(self.max_backoff)
+
+    def _block(self, role: str, why: str) -> None:
+        """A kind cannot be followed: one ERROR line per new reason (not one per retry)."""
+        with self._stats_lock:
+            new = self._blocked.get(role) != why
+            self._blocked[role] = why
+        if new:
+            log.error("%s; retrying every %.0fs", why, self.max_backoff)
+            if self.on_blocked is not None:
+                self.on_blocked(why)
+        else:
+            log.debug("%s (still)", why)
+
+    def _unblock(self, role: str) -> None:
+        with self._stats_lock:
+            was = self._blocked.pop(role, None)
+        if was is not None:
+            log.info("watch %s: works again (was: %s)", role, was)
+
+    def blocked(self) -> str | None:
+        """Why a kind cannot be followed (the first), or None: the agent's view is then stale."""
+        with self._stats_lock:
+            return next(iter(self._blocked.values()), None)
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
@@ -599,7 +655,8 @@ class KubeSource:
             self._count("errors")
             exc = state.outcome.exception() if state.outcome else None
             self._unreachable(exc)
-            log.warning("watch %s failed (%s); retry %d in %.2fs", kind, exc, state.attempt_number,
+            log.warning("watch %s failed (%s); retry %d in %.2fs", kind,
+                        describe(exc) if exc else "?", state.attempt_number,
                         state.next_action.sleep if state.next_action else 0)
         return before_sleep
 

@@ -165,6 +165,10 @@ class Cluster:
         (self.dir / "tokens.csv").write_text(
             f'{ADMIN_TOKEN},admin,1,"system:masters"\n'
             f'{NODE_TOKEN},system:node:n1,2,"system:nodes"\n')
+        # every request's user, verb and resource (not bodies): what an identity really uses
+        (self.dir / "audit-policy.yaml").write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n"
+            "rules:\n- level: Metadata\n")
         self._start_etcd()
         self.start_apiserver()
         self.relay = Relay(self.port)
@@ -206,6 +210,8 @@ class Cluster:
             "--service-cluster-ip-range=10.96.0.0/16", "--etcd-compaction-interval=0",
             f"--watch-cache={'true' if self.watch_cache else 'false'}",
             "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass",
+            f"--audit-policy-file={d / 'audit-policy.yaml'}", f"--audit-log-path={d / 'audit.log'}",
+            "--audit-log-format=json",
             "--profiling=false", "--logtostderr=true", "--v=0", *self.extra_args,
         ]
         log = open(d / "apiserver.log", "ab")  # noqa: SIM115 - the process keeps it
@@ -260,6 +266,16 @@ class Cluster:
             return (self.dir / name).read_text(errors="replace")[-n:]
         except OSError:
             return "(no log)"
+
+    def audit(self, user: str) -> list[dict[str, Any]]:
+        """The audit log's entries for one user (verb, objectRef, responseStatus ...)."""
+        out = []
+        with contextlib.suppress(OSError), open(self.dir / "audit.log") as f:
+            for line in f:
+                entry = json.loads(line)
+                if entry.get("user", {}).get("username") == user:
+                    out.append(entry)
+        return out
 
     # ---- etcd ------------------------------------------------------------------------------------
     def etcd_revision(self) -> int:

