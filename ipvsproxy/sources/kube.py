@@ -1,20 +1,37 @@
-"""The Kubernetes API source: list + watch Services, EndpointSlices and this Node.
+"""The Kubernetes API source: list + watch Services, endpoints and this Node.
 
-Uses the official client, but asks for raw responses (`_preload_content=False`)
-and reads them with json: the client's model objects cost ~3x the memory of
-plain dicts and ~7x the time (../shared/anchors.md), and the tracker keeps
-only compact records anyway. Lists are paged (`limit` + `continue`), and each
-page goes into the tracker as it arrives, so a 10,000-Service listing never
-sits in memory as one response.
+Uses the official client's transport (configuration, TLS, tokens) but makes raw
+GETs by path and reads the JSON itself: the client's model objects cost ~3x the
+memory of plain dicts and ~7x the time (measured at 10,000 Services), the
+tracker keeps only compact records anyway, and one code path then serves every
+endpoints API generation: discovery.k8s.io/v1 EndpointSlices, v1beta1 ones
+(Kubernetes 1.17-1.24; read as v1) or core/v1 Endpoints, the newest the server
+lists in API discovery unless --endpoints-source says otherwise.
 
-Each kind runs its own list-then-watch loop. The resourceVersion of every
-event and bookmark is remembered at once, so a watch that breaks resumes
-where it stopped (no replay, no relist); a 410 Gone (in the stream or as the
-HTTP status) relists, and the tracker drops what the listing no longer has,
-so deletions missed meanwhile are caught. Connection losses, 5xx and 429
-retry with exponential backoff and jitter (Retry-After honoured) while the
-kernel keeps serving the last good state; a watch that made progress before
-it broke reconnects at once.
+Each kind runs its own list-then-watch loop, held to client-go's reflector:
+- the first list asks for resourceVersion=0, which the API server answers from
+  its watch cache instead of a quorum read of etcd; a relist after a 410 reads
+  etcd, paged (`limit` + `continue`, each page filed as it arrives), and a
+  continue token that expires mid-list falls back to one unpaged list;
+- the resourceVersion of every event and bookmark is remembered at once, so a
+  watch that breaks resumes where it stopped (no replay, no relist); a 410 Gone
+  (in the stream or as the HTTP status) relists, and the tracker drops what the
+  listing no longer has, so deletions missed meanwhile are caught;
+- each watch asks for its own length, 1-2x WATCH_TIMEOUT (5-10 minutes), so
+  nodes do not reconnect in lockstep; a stream silent for WATCH_IDLE_TIMEOUT is
+  cut and resumed (a hung server is noticed); a watch that ends at once with no
+  event is an error; one line longer than MAX_LINE cuts the stream;
+- connection losses, 5xx and 429 retry with exponential backoff and jitter
+  (Retry-After honoured) while the kernel keeps serving the last good state; a
+  refusal (403, 404) is one ERROR line per reason, retried, and reported to
+  /healthz through `blocked()` until it clears;
+- stop() returns within its timeout even while requests hang (threads are
+  daemons), so SIGTERM ends the agent well within a pod's grace period.
+
+Without --kubeconfig the agent uses in-cluster credentials, addressed to
+--api-server when given: the in-cluster address is the `kubernetes` Service's
+ClusterIP, which a node without kube-proxy reaches only once ipvsproxy itself
+has programmed it; when it cannot be connected to, one line says what to set.
 
 Warning Events are posted from a background thread (a slow API server never
 holds up a sync), at most once per object version and message.
@@ -135,6 +152,7 @@ class Resource:
     path: str
     field_selector: str | None = None
     api_version: str = "v1"
+    label_selector: str | None = None
     convert: Callable[[Any], Any] | None = None
 
 
@@ -397,6 +415,7 @@ class KubeSource:
         paged = self.page_size > 0
         while True:
             query: dict[str, Any] = {"continue": token, "fieldSelector": res.field_selector,
+                                     "labelSelector": res.label_selector,
                                      "limit": self.page_size if paged else None,
                                      "resourceVersion": "0" if from_cache and not token else None}
             try:
@@ -459,7 +478,8 @@ class KubeSource:
         # so nodes started together do not reconnect in lockstep
         timeout = int(self.watch_timeout * random.uniform(1.0, 2.0))
         query: dict[str, Any] = {  # in the order the generated client sends them
-            "allowWatchBookmarks": "true", "fieldSelector": res.field_selector, "resourceVersion": rv,
+            "allowWatchBookmarks": "true", "fieldSelector": res.field_selector,
+            "labelSelector": res.label_selector, "resourceVersion": rv,
             "timeoutSeconds": timeout, "watch": "true",
         }
         resp = self._get(res.path, query, (10, self.idle_timeout))
