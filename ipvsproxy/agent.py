@@ -107,6 +107,9 @@ class Agent:
             self.health.failure(str(error))
             return
         self.health.success()
+        # Synced, but perhaps on what was seen before the API refused us (RBAC): /healthz says
+        # why (503, for load balancers); /livez does not, since a restart would not help.
+        self.health.blocked = self.source.blocked() if self.source is not None else None
         node = self.tracker.node
         self._node_seen = self._node_seen or node is not None
         # A deleted Node is no more eligible than one being deleted (KEP-3836).
@@ -149,10 +152,13 @@ class Agent:
     def _kube_source(self) -> KubeSource:
         """The API source, with Events posted through it (never on a dry run:
         --dry-run and diff change nothing, Events included)."""
-        from .sources.kube import KubeSource
+        from .sources.kube import EndpointsSource, KubeSource
 
-        source = self.source = KubeSource(self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig,
-                                          service_proxy_name=self.cfg.service_proxy_name)
+        source = self.source = KubeSource(
+            self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig, api_server=self.cfg.api_server,
+            endpoints_source=EndpointsSource.parse(self.cfg.endpoints_source),
+            service_proxy_name=self.cfg.service_proxy_name)
+        source.on_blocked = self.health.set_blocked  # /healthz names what the API refuses
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event
             self.object_events = source.post_object_event

@@ -94,6 +94,8 @@ class AgentConfig:
     node_name: str = field(default_factory=default_node_name)
     from_files: tuple[str, ...] = ()
     kubeconfig: str | None = None
+    api_server: str | None = None  # https://HOST:PORT: the API server without the kubernetes Service
+    endpoints_source: str = "auto"  # auto (API discovery), v1, v1beta1 or endpoints
     interface: str = "ipvsproxy0"
     scheduler: str = "rr"
     sync_period: float = 30.0

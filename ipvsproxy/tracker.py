@@ -174,6 +174,13 @@ class Tracker:
             return {("default", self.node.name)}
         return set()
 
+    def mark_listed(self, kind: str) -> None:
+        """Count `kind` as listed without filing anything under it (core/v1 Endpoints
+        stand in for EndpointSlices when the cluster serves no slices)."""
+        with self._lock:
+            self.listed.add(kind)
+            self.changed.set()
+
     def mark_all(self) -> None:
         """Everything needs re-translation (e.g. the node's own addresses changed)."""
         with self._lock:

@@ -4,6 +4,8 @@
 #     ipvsadm, iproute2, kmod, nftables, conntrack, curl. Skipped when all are already installed.
 #   - .venv (python3 from PATH) with the project in editable mode, its test extras, and virtme-ng.
 #   - helm, kubectl, kubernetes-validate and hadolint for the chart tests (scripts/install-helm.sh).
+#   - real Kubernetes v1.20.2 binaries + etcd for the integration tests (scripts/install-kubernetes.sh:
+#     a cache under /var/cache/ipvsproxy, from ../shared's prebuilt copy when present, else built).
 # Quiet unless something fails; fails loudly.
 set -euo pipefail
 
@@ -62,4 +64,6 @@ log "installing the project (editable, [test]) and virtme-ng into .venv"
 run_quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' "$VIRTME_NG"
 log "installing helm, kubectl, kubernetes-validate, hadolint (chart tests)"
 run_quiet bash scripts/install-helm.sh
+log "installing Kubernetes v1.20.2 binaries and etcd (integration tests; cached)"
+run_quiet bash scripts/install-kubernetes.sh
 log "ready: $(.venv/bin/python -V 2>&1), vng $(.venv/bin/vng --version 2>/dev/null | awk '{print $NF}'), kernel $(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)"

@@ -4,11 +4,13 @@
 #   setup    scripts/setup.sh (apt packages, .venv)            skipped with SKIP_SETUP=1 or inside the VM
 #   ruff     ruff check ipvsproxy tests
 #   mypy     mypy ipvsproxy
-#   unit     pytest (host; pyproject's addopts deselect kernel tests)
+#   unit     pytest (host; pyproject's addopts deselect kernel and realapi tests)
+#   realapi  pytest -m realapi tests/realapi: the agent against a real kube-apiserver v1.20.2 + etcd on the
+#            host (binaries from scripts/install-kubernetes.sh's cache). Skipped with SKIP_REALAPI=1 or in the VM.
 #   kernel   pytest -m kernel tests/kernel, all in ONE boot of the IPVS test VM (scripts/vm-run.sh);
 #            run directly when IN_VM is set (already inside the guest). Skipped with SKIP_KERNEL=1.
 #
-# Extra pytest arguments: UNIT_PYTEST_ARGS, KERNEL_PYTEST_ARGS. The kernel stage's JUnit report
+# Extra pytest arguments: UNIT_PYTEST_ARGS, REALAPI_PYTEST_ARGS, KERNEL_PYTEST_ARGS. The kernel stage's JUnit report
 # lands in results/kernel-junit.xml (results/ is the VM's read-write folder).
 set -uo pipefail
 
@@ -73,6 +75,15 @@ unit_ok="0"
 compgen -G "tests/unit/test_*.py" >/dev/null || unit_ok="0 5"
 # shellcheck disable=SC2086
 run_stage unit "$unit_ok" pytest "${unit_cache[@]}" ${UNIT_PYTEST_ARGS:-}
+
+if [[ -n ${IN_VM:-} ]]; then
+    skip_stage realapi "inside the VM"
+elif [[ -n ${SKIP_REALAPI:-} && ${SKIP_REALAPI} != 0 ]]; then
+    skip_stage realapi "SKIP_REALAPI"
+else
+    # shellcheck disable=SC2086
+    run_stage realapi "0" pytest -m realapi tests/realapi -p no:cacheprovider ${REALAPI_PYTEST_ARGS:-}
+fi
 
 mkdir -p results
 kernel_cmd="pytest -m kernel tests/kernel -p no:cacheprovider --junitxml=results/kernel-junit.xml ${KERNEL_PYTEST_ARGS:-}"

@@ -30,7 +30,8 @@ returned; the next page is the current state after that key (the real server
 serves the first page's snapshot), carries the first page's resourceVersion,
 and is 410 Expired once that is older than the last `compact()`.
 
-Fault injection: `fail_next`, `delay`, `drop_watches`; every request is logged
+Fault injection: `fail_next`, `delay`, `drop_watches`, `watch_fault` (watches that
+end at once, hang, or stream bytes with no newline); every request is logged
 in `requests` as (method, path, query).
 
     with FakeApiServer() as api:
@@ -225,6 +226,7 @@ class FakeApiServer:
         self._conns: set[socket.socket] = set()
         self._faults: list[list[Any]] = []  # [remaining, status, path_contains, retry_after]
         self._delays: dict[str | None, float] = {}
+        self._watch_faults: dict[str | None, str] = {}  # path_contains -> "empty" | "hang" | "flood"
         self._posted: list[tuple[str, str, Obj]] = []
         self._stopping = False
         self.bookmark_interval = bookmark_interval
@@ -302,10 +304,24 @@ class FakeApiServer:
             else:
                 self._delays.pop(path_contains, None)
 
+    def watch_fault(self, mode: str | None, path_contains: str | None = None) -> None:
+        """From now on, matching watches: "empty" (200, then the stream ends at once with no
+        event), "hang" (200, then nothing: no event, bookmark or end, whatever timeoutSeconds
+        says), "flood" (200, then bytes with no newline until the client goes); None clears."""
+        assert mode in (None, "empty", "hang", "flood")
+        with self._cond:
+            if mode is None:
+                self._watch_faults.pop(path_contains, None)
+            else:
+                self._watch_faults[path_contains] = mode
+            self._cond.notify_all()
+
     def clear_faults(self) -> None:
         with self._cond:
             self._faults.clear()
             self._delays.clear()
+            self._watch_faults.clear()
+            self._cond.notify_all()
 
     def set_bookmark_interval(self, seconds: float) -> None:
         with self._cond:
@@ -567,6 +583,12 @@ class FakeApiServer:
         rv = q.get("resourceVersion", "")
         from_rv = _int(rv) if rv else 0
         h.start_stream()
+        path = urlsplit(h.path).path
+        with self._cond:
+            mode = next((m for pc, m in self._watch_faults.items() if pc is None or pc in path), None)
+        if mode is not None:
+            self._faulty_watch(h, w, mode)
+            return
         with self._cond:
             if rv in ("", "0"):
                 w.pending.extend(("ADDED", o) for _, o in sorted(self._objects[kind].items()) if w.matches(o))
@@ -611,6 +633,30 @@ class FakeApiServer:
                     h.write_chunk(_line("BOOKMARK", mark))
                     last_bookmark = now
             h.end_stream()
+        except OSError:
+            h.close_connection = True
+        finally:
+            with self._cond:
+                self._watches.discard(w)
+
+    def _faulty_watch(self, h: _Handler, w: _Watch, mode: str) -> None:
+        with self._cond:
+            self._watches.add(w)
+            self._cond.notify_all()
+        try:
+            if mode == "empty":
+                h.end_stream()
+                return
+            junk = b"x" * 65536
+            while True:
+                with self._cond:
+                    if w.dropped or self._stopping:
+                        h.close_connection = True
+                        return
+                    if mode == "hang":
+                        self._cond.wait(0.5)
+                        continue
+                h.write_chunk(junk)
         except OSError:
             h.close_connection = True
         finally:

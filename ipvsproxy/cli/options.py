@@ -41,6 +41,18 @@ class CIDRs(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _api_server(value: str | None, param: click.Parameter, ctx: click.Context) -> str | None:
+    if not value:
+        return None
+    from ..sources.kube import split_api_server
+
+    try:
+        split_api_server(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
 def env(flag: str) -> str:
     return "IPVSPROXY_" + flag.upper().replace("-", "_")
 
@@ -67,6 +79,13 @@ source_options = _stack(
              "invalid or missing keeps its last good content)."),
     opt("kubeconfig", default=None, type=click.Path(dir_okay=False),
         help="Kubeconfig to use when not in a cluster (else $KUBECONFIG, ~/.kube/config)."),
+    opt("api-server", default=None, callback=lambda ctx, param, value: _api_server(value, param, ctx),
+        help="The API server's own address, https://HOST:PORT, instead of the in-cluster kubernetes "
+             "Service ClusterIP (which needs a service proxy: on a node without kube-proxy, set this). "
+             "With --kubeconfig it replaces the kubeconfig's server."),
+    opt("endpoints-source", default="auto", type=click.Choice(["auto", "v1", "v1beta1", "endpoints"]),
+        help="Where endpoints come from: discovery.k8s.io/v1 or v1beta1 EndpointSlices, or core/v1 "
+             "Endpoints; auto takes the newest the API server serves."),
     opt("node-name", default=None, help="This node's name.  [default: $NODE_NAME, else the host name]",
         show_default=False),
     opt("service-proxy-name", default="",

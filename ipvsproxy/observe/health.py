@@ -50,6 +50,12 @@ class Health:
         self.last_error: str | None = None
         # False while this Node is being deleted or tainted ToBeDeletedByClusterAutoscaler.
         self.node_eligible = True
+        # Why the API server refuses what the agent must list or watch (RBAC), until it stops:
+        # the data may be stale, which /healthz (not /livez) reports.
+        self.blocked: str | None = None
+
+    def set_blocked(self, why: str | None) -> None:
+        self.blocked = why
 
     def success(self) -> None:
         self.last_success, self.last_error = self.clock(), None
@@ -98,6 +104,8 @@ def healthz_route(health: Health, *, detail: bool = False) -> Route:
 
     def route() -> tuple[int, str, bytes]:
         ok, reason = health.status()
+        if ok and health.blocked:
+            ok, reason = False, health.blocked
         eligible = health.node_eligible
         ok = ok and eligible
         now = health.clock()

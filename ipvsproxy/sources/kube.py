@@ -1,20 +1,37 @@
-"""The Kubernetes API source: list + watch Services, EndpointSlices and this Node.
+"""The Kubernetes API source: list + watch Services, endpoints and this Node.
 
-Uses the official client, but asks for raw responses (`_preload_content=False`)
-and reads them with json: the client's model objects cost ~3x the memory of
-plain dicts and ~7x the time (measured at 10,000 Services), and the tracker keeps
-only compact records anyway. Lists are paged (`limit` + `continue`), and each
-page goes into the tracker as it arrives, so a 10,000-Service listing never
-sits in memory as one response.
+Uses the official client's transport (configuration, TLS, tokens) but makes raw
+GETs by path and reads the JSON itself: the client's model objects cost ~3x the
+memory of plain dicts and ~7x the time (measured at 10,000 Services), the
+tracker keeps only compact records anyway, and one code path then serves every
+endpoints API generation: discovery.k8s.io/v1 EndpointSlices, v1beta1 ones
+(Kubernetes 1.17-1.24; read as v1) or core/v1 Endpoints, the newest the server
+lists in API discovery unless --endpoints-source says otherwise.
 
-Each kind runs its own list-then-watch loop. The resourceVersion of every
-event and bookmark is remembered at once, so a watch that breaks resumes
-where it stopped (no replay, no relist); a 410 Gone (in the stream or as the
-HTTP status) relists, and the tracker drops what the listing no longer has,
-so deletions missed meanwhile are caught. Connection losses, 5xx and 429
-retry with exponential backoff and jitter (Retry-After honoured) while the
-kernel keeps serving the last good state; a watch that made progress before
-it broke reconnects at once.
+Each kind runs its own list-then-watch loop, held to client-go's reflector:
+- the first list asks for resourceVersion=0, which the API server answers from
+  its watch cache instead of a quorum read of etcd; a relist after a 410 reads
+  etcd, paged (`limit` + `continue`, each page filed as it arrives), and a
+  continue token that expires mid-list falls back to one unpaged list;
+- the resourceVersion of every event and bookmark is remembered at once, so a
+  watch that breaks resumes where it stopped (no replay, no relist); a 410 Gone
+  (in the stream or as the HTTP status) relists, and the tracker drops what the
+  listing no longer has, so deletions missed meanwhile are caught;
+- each watch asks for its own length, 1-2x WATCH_TIMEOUT (5-10 minutes), so
+  nodes do not reconnect in lockstep; a stream silent for WATCH_IDLE_TIMEOUT is
+  cut and resumed (a hung server is noticed); a watch that ends at once with no
+  event is an error; one line longer than MAX_LINE cuts the stream;
+- connection losses, 5xx and 429 retry with exponential backoff and jitter
+  (Retry-After honoured) while the kernel keeps serving the last good state; a
+  refusal (403, 404) is one ERROR line per reason, retried, and reported to
+  /healthz through `blocked()` until it clears;
+- stop() returns within its timeout even while requests hang (threads are
+  daemons), so SIGTERM ends the agent well within a pod's grace period.
+
+Without --kubeconfig the agent uses in-cluster credentials, addressed to
+--api-server when given: the in-cluster address is the `kubernetes` Service's
+ClusterIP, which a node without kube-proxy reaches only once ipvsproxy itself
+has programmed it; when it cannot be connected to, one line says what to set.
 
 Warning Events are posted from a background thread (a slow API server never
 holds up a sync), at most once per object version and message.
@@ -24,20 +41,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import json
 import logging
+import os
 import queue
 import random
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import tenacity
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
+from kubernetes.config import incluster_config as incluster
 
 from ..objects import Service, proxy_name_selector
 from ..tracker import Tracker, object_key
@@ -45,7 +66,10 @@ from ..tracker import Tracker, object_key
 log = logging.getLogger(__name__)
 
 # Defaults, read when a KubeSource is made (tests shrink them).
-WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (it adds jitter itself)
+WATCH_TIMEOUT = 300  # shortest watch asked for: each asks for this x uniform(1, 2) (client-go: 5-10 minutes)
+WATCH_IDLE_TIMEOUT = 60.0  # a watch stream silent this long is cut and resumed (a hung server is noticed)
+SHORT_WATCH = 1.0  # a watch that ends cleanly this soon with no event is an error (client-go's "very short watch")
+MAX_LINE = 16 << 20  # longest watch line (one event) read; longer ones cut the stream
 PAGE_SIZE = 500  # objects per list page
 INITIAL_BACKOFF = 0.2  # first retry after a failure, doubling up to MAX_BACKOFF
 MAX_BACKOFF = 30.0
@@ -65,12 +89,93 @@ class Transient(Exception):
     """A failure worth retrying (connection lost, 5xx, 429, bad stream)."""
 
 
+class Idle(Exception):
+    """A watch stream was silent for the idle timeout: resume at once on a new one."""
+
+
+def _read_timeout(exc: BaseException) -> bool:
+    """A socket read timed out (urllib3 wraps it in ReadTimeoutError or ProtocolError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("ReadTimeoutError", "TimeoutError") or isinstance(e, TimeoutError):
+            return True
+        args = getattr(e, "args", ())
+        nested = next((a for a in args if isinstance(a, BaseException)), None)
+        e = e.__cause__ or e.__context__ or nested
+    return False
+
+
+class EndpointsSource(enum.Enum):
+    """Where endpoints come from: the newest API generation the server serves, unless told."""
+
+    V1 = "v1"  # discovery.k8s.io/v1 EndpointSlices (Kubernetes 1.21+)
+    V1BETA1 = "v1beta1"  # discovery.k8s.io/v1beta1 EndpointSlices (1.17-1.24)
+    ENDPOINTS = "endpoints"  # core/v1 Endpoints (every cluster)
+
+    @classmethod
+    def parse(cls, text: str) -> EndpointsSource | None:
+        """'auto' (None: ask API discovery) or one of the values; ValueError otherwise."""
+        if text == "auto":
+            return None
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(f"invalid endpoints source {text!r} (auto, v1, v1beta1 or endpoints)") from None
+
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+def from_v1beta1(obj: Any) -> Any:
+    """A discovery.k8s.io/v1beta1 EndpointSlice read as v1: an endpoint's node is
+    `nodeName` when set (1.20+, behind a feature gate until 1.21), else its
+    `topology["kubernetes.io/hostname"]` (what kube-proxy 1.20 compared with its
+    node). v1beta1 has no serving/terminating conditions or hints to carry over."""
+    eps = obj.get("endpoints") if isinstance(obj, dict) else None
+    for e in eps if isinstance(eps, list) else ():
+        if isinstance(e, dict) and not e.get("nodeName"):
+            topo = e.get("topology")
+            host = topo.get(HOSTNAME_LABEL) if isinstance(topo, dict) else None
+            if isinstance(host, str) and host:
+                e["nodeName"] = host
+    return obj
+
+
 @dataclass(frozen=True, slots=True)
 class Resource:
+    """One collection to list and watch: the tracker kind its objects are filed
+    as, the API path, and how an object is read (v1beta1 slices are converted)."""
+
     kind: str
-    lister: Callable[..., Any]
+    path: str
     field_selector: str | None = None
+    api_version: str = "v1"
     label_selector: str | None = None
+    convert: Callable[[Any], Any] | None = None
+
+
+def endpoints_resource(source: EndpointsSource) -> Resource:
+    if source is EndpointsSource.V1:
+        return Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", api_version="discovery.k8s.io/v1")
+    if source is EndpointsSource.V1BETA1:
+        return Resource("EndpointSlice", "/apis/discovery.k8s.io/v1beta1/endpointslices",
+                        api_version="discovery.k8s.io/v1beta1", convert=from_v1beta1)
+    return Resource("Endpoints", "/api/v1/endpoints")
+
+
+def choose_endpoints_source(apis: Any) -> EndpointsSource:
+    """The newest endpoints API an /apis discovery document lists."""
+    groups = apis.get("groups") if isinstance(apis, dict) else None
+    versions: set[str] = set()
+    for g in groups if isinstance(groups, list) else ():
+        if isinstance(g, dict) and g.get("name") == "discovery.k8s.io":
+            versions = {str(v.get("version")) for v in g.get("versions") or () if isinstance(v, dict)}
+    for source in (EndpointsSource.V1, EndpointsSource.V1BETA1):
+        if source.value in versions:
+            return source
+    return EndpointsSource.ENDPOINTS
 
 
 @dataclass(slots=True)
@@ -80,24 +185,106 @@ class _Cursor:
 
     rv: str | None = None
     progress: bool = False
+    expired: bool = False  # the last watch got a 410: the next list reads etcd, not the watch cache
 
 
-def load_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """In-cluster config, else --kubeconfig / $KUBECONFIG / ~/.kube/config."""
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # token + ca.crt in a pod
+
+
+def split_api_server(url: str) -> tuple[str, str, str]:
+    """'https://HOST:PORT' (or HOST:PORT, HOST) -> (scheme, host, port); ValueError if unusable."""
+    text = url.strip()
+    parts = urllib.parse.urlsplit(text if "://" in text else "https://" + text)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"invalid API server address {url!r}: bad port") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"invalid API server address {url!r} (example: https://192.0.2.10:6443)")
+    return parts.scheme, parts.hostname, str(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """How the API server is reached: the client, and whether its address is the
+    in-cluster one (the `kubernetes` Service's ClusterIP, which only a service proxy
+    makes reachable: on a node where that is ipvsproxy, it may not be yet)."""
+
+    api: client.ApiClient
+    cluster_ip: bool = False
+
+
+def load_api(kubeconfig: str | None = None, api_server: str | None = None) -> ApiConfig:
+    """--kubeconfig (its server replaced by --api-server when given); else in-cluster
+    credentials with --api-server's address, or the ClusterIP from the environment;
+    else $KUBECONFIG / ~/.kube/config."""
+    cfg = client.Configuration()
     if kubeconfig is None:
+        environ: Mapping[str, str] = os.environ
+        if api_server:
+            scheme, host, port = split_api_server(api_server)
+            if scheme != "https":
+                raise RuntimeError(f"--api-server {api_server}: in a cluster the service-account token "
+                                   "is only sent over https")
+            environ = {incluster.SERVICE_HOST_ENV_NAME: host, incluster.SERVICE_PORT_ENV_NAME: port}
+        loader = incluster.InClusterConfigLoader(
+            token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
+            cert_filename=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), environ=environ)
         try:
-            config.load_incluster_config()
-            return client.ApiClient()
+            loader.load_and_set(cfg)
+            return ApiConfig(client.ApiClient(cfg), cluster_ip=not api_server)
         except config.ConfigException:
             pass
     try:
-        cfg = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     except (config.ConfigException, OSError, TypeError) as exc:
         raise RuntimeError(
             f"no Kubernetes API configuration: {exc} (run in a cluster, pass --kubeconfig, "
             "or use --from-file)") from None
-    return client.ApiClient(cfg)
+    if api_server:
+        scheme, host, port = split_api_server(api_server)
+        cfg.host = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+    return ApiConfig(client.ApiClient(cfg))
+
+
+def load_client(kubeconfig: str | None = None, api_server: str | None = None) -> client.ApiClient:
+    return load_api(kubeconfig, api_server).api
+
+
+def _connect_failure(exc: BaseException) -> bool:
+    """The TCP connection itself failed (refused, no route, timed out connecting)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("NewConnectionError", "ConnectTimeoutError") or isinstance(e, ConnectionRefusedError):
+            return True
+        reason = getattr(e, "reason", None)
+        e = reason if isinstance(reason, BaseException) else (e.__cause__ or e.__context__)
+    return False
+
+
+_FORBIDDEN = re.compile(r'cannot (\S+) resource "([^"]+)"(?: in API group "([^"]*)")?')
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or /healthz: an API error's status and its Status message."""
+    if isinstance(exc, ApiException):
+        message = ""
+        try:
+            body = json.loads(exc.body) if exc.body else None
+            message = str(body.get("message") or "") if isinstance(body, dict) else ""
+        except ValueError:
+            message = str(exc.body or "")[:200]
+        text = f"{exc.status} {exc.reason or ''}".strip() + (f": {message}" if message else "")
+        if exc.status == 403:
+            m = _FORBIDDEN.search(message)
+            if m:
+                verb, resource, group = m.group(1), m.group(2), m.group(3) or ""
+                text += (f" (the agent's ClusterRole needs verb {verb!r} on resource {resource!r}"
+                         f"{f' in API group {group!r}' if group else ''})")
+        return text
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _transient(exc: BaseException) -> bool:
@@ -129,28 +316,35 @@ class KubeSource:
         node_name: str,
         *,
         kubeconfig: str | None = None,
+        api_server: str | None = None,
         api_client: client.ApiClient | None = None,
         watch_timeout: int | None = None,
         max_backoff: float | None = None,
         initial_backoff: float | None = None,
         page_size: int | None = None,
+        endpoints_source: EndpointsSource | None = None,
+        idle_timeout: float | None = None,
         service_proxy_name: str = "",
     ) -> None:
         self.tracker, self.node_name = tracker, node_name
-        self.api = api_client or load_client(kubeconfig)
+        loaded = ApiConfig(api_client) if api_client is not None else load_api(kubeconfig, api_server)
+        self.api, self.via_cluster_ip = loaded.api, loaded.cluster_ip
+        self._route_hint = False  # the "set --api-server" line was logged
+        self._blocked: dict[str, str] = {}  # role -> why it cannot list/watch (e.g. 403), until it can
+        self.on_blocked: Callable[[str], None] | None = None  # told each new reason (the agent's /healthz)
         self.core = client.CoreV1Api(self.api)
-        self.discovery = client.DiscoveryV1Api(self.api)
         self.watch_timeout = WATCH_TIMEOUT if watch_timeout is None else watch_timeout
         self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
         self.initial_backoff = INITIAL_BACKOFF if initial_backoff is None else initial_backoff
         self.page_size = PAGE_SIZE if page_size is None else page_size
-        self.resources = (
-            # Another proxy's Services never reach us (kube-proxy's informer selector).
-            Resource("Service", self.core.list_service_for_all_namespaces,
-                     label_selector=proxy_name_selector(service_proxy_name)),
-            Resource("EndpointSlice", self.discovery.list_endpoint_slice_for_all_namespaces),
-            Resource("Node", self.core.list_node, f"metadata.name={node_name}"),
-        )
+        self.idle_timeout = WATCH_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        self.short_watch, self.max_line = SHORT_WATCH, MAX_LINE
+        # Another proxy's Services never reach us (kube-proxy's informer label selector).
+        self.services = Resource("Service", "/api/v1/services", label_selector=proxy_name_selector(service_proxy_name))
+        self.nodes = Resource("Node", "/api/v1/nodes", f"metadata.name={node_name}")
+        # None until API discovery has chosen (at the first list), unless given
+        self.endpoints_source = endpoints_source
+        self.endpoints = endpoints_resource(endpoints_source) if endpoints_source else None
         self.resource_versions: dict[str, str] = {}  # kind -> last resourceVersion seen
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -162,42 +356,82 @@ class KubeSource:
         self._warned: dict[tuple[str, str, str, str], str] = {}  # (kind, ns, name, message) -> rv
         self._stats_lock = threading.Lock()
         self.stats = {"lists": 0, "pages": 0, "watches": 0, "relists_410": 0, "reconnects": 0,
-                      "errors": 0, "events": 0, "events_posted": 0}
+                      "errors": 0, "events": 0, "events_posted": 0, "bookmarks": 0,
+                      "expired_continues": 0, "idle_timeouts": 0}
 
     def _count(self, name: str) -> None:
         with self._stats_lock:  # three watch threads and the Event poster share the counters
             self.stats[name] += 1
 
     # ---- one request each ------------------------------------------------------
-    def _file(self, kind: str, obj: Any) -> None:
+    def _get(self, path: str, query: dict[str, Any], timeout: Any) -> Any:
+        """A raw GET (the urllib3 response, body unread); ApiException on a non-2xx status."""
+        method, url, headers, body, post = self.api.param_serialize(
+            "GET", path, query_params=[(k, v) for k, v in query.items() if v is not None],
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        resp = self.api.call_api(method, url, headers, body, post, _request_timeout=timeout)
+        if not 200 <= resp.status <= 299:
+            resp.read()
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return resp.response
+
+    def discover_endpoints(self) -> Resource:
+        """The endpoints collection to follow: the one given, else the newest API
+        generation the server lists in discovery (v1, v1beta1, then core/v1 Endpoints)."""
+        if self.endpoints is not None:
+            return self.endpoints
+        resp = self._get("/apis", {}, 30)
+        try:
+            data = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        source = choose_endpoints_source(data)
+        log.info("endpoints from %s (chosen by API discovery; --endpoints-source overrides)",
+                 endpoints_resource(source).path)
+        self.endpoints_source, self.endpoints = source, endpoints_resource(source)
+        return self.endpoints
+
+    @property
+    def resources(self) -> tuple[Resource, ...]:
+        eps = (self.endpoints,) if self.endpoints is not None else ()
+        return (self.services, *eps, self.nodes)
+
+    def _file(self, res: Resource, obj: Any) -> None:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         self._local.rv = str(meta.get("resourceVersion") or "") if isinstance(meta, dict) else ""
         try:
-            self.tracker.upsert(kind, obj)
+            self.tracker.upsert(res.kind, res.convert(obj) if res.convert else obj)
         finally:
             self._local.rv = ""
 
-    def _list(self, res: Resource) -> str:
+    def _list(self, res: Resource, from_cache: bool = True) -> str:
         """List one kind page by page, filing each page as it comes; returns the
-        listing's resourceVersion (the first page's: later changes replay on the watch)."""
+        listing's resourceVersion (the first page's: later changes replay on the watch).
+
+        from_cache: resourceVersion=0, which the API server answers from its watch cache
+        (where client-go's reflector lists), not with a quorum read of etcd; a relist
+        after a 410 reads etcd, since the cache may be what is behind."""
         seen: set[tuple[str, str]] = set()
         rv: str | None = None
         token: str | None = None
+        paged = self.page_size > 0
         while True:
-            kw: dict[str, Any] = {"_preload_content": False, "_request_timeout": 60}
-            if self.page_size > 0:
-                kw["limit"] = self.page_size
-            if res.field_selector:
-                kw["field_selector"] = res.field_selector
-            if res.label_selector:
-                kw["label_selector"] = res.label_selector
-            if token:
-                kw["_continue"] = token
+            query: dict[str, Any] = {"continue": token, "fieldSelector": res.field_selector,
+                                     "labelSelector": res.label_selector,
+                                     "limit": self.page_size if paged else None,
+                                     "resourceVersion": "0" if from_cache and not token else None}
             try:
-                resp = res.lister(**kw)
+                resp = self._get(res.path, query, 60)
             except ApiException as exc:
-                if token and exc.status == 410:  # the continue token expired: list again from the start
-                    raise Transient(f"list {res.kind}: continue token expired") from None
+                if token and exc.status == 410:
+                    # The continue token expired (etcd compacted past the list's snapshot). Like
+                    # client-go's pager, list everything in one request: paging again from the start
+                    # can expire again, and again, and never complete.
+                    log.info("list %s: continue token expired after %d objects; listing all in one request",
+                             res.kind, len(seen))
+                    self._count("expired_continues")
+                    seen, rv, token, paged = set(), None, None, False
+                    continue
                 raise
             try:
                 data = json.loads(resp.data)
@@ -211,43 +445,77 @@ class KubeSource:
                 rv = str(meta.get("resourceVersion") or "")
             for obj in data.get("items") or []:
                 seen.add(object_key(obj))
-                self._file(res.kind, obj)
+                self._file(res, obj)
             del data
             token = meta.get("continue") or None
             if not token:
                 break
         self.tracker.finish_listing(res.kind, seen)
+        self._unblock(self._role(res))
+        if res.kind == "Endpoints":  # core/v1 Endpoints stand in for slices: the first sync may go
+            self.tracker.mark_listed("EndpointSlice")
         self._count("lists")
         self.resource_versions[res.kind] = rv = rv or ""
         return rv
 
+    def _lines(self, resp: Any, kind: str) -> Iterator[bytes]:
+        """The stream's lines; one longer than MAX_LINE (a server sending no newline) is an
+        error rather than a buffer that grows without end."""
+        buf = bytearray()
+        for chunk in resp.stream(65536, decode_content=False):
+            start = len(buf)
+            buf.extend(chunk)
+            cut = buf.find(b"\n", start)
+            while cut != -1:
+                yield bytes(buf[:cut])
+                del buf[:cut + 1]
+                cut = buf.find(b"\n")
+            if len(buf) > self.max_line:
+                raise Transient(f"watch {kind}: a line longer than {self.max_line} bytes; stream cut")
+        if buf.strip():
+            yield bytes(buf)
+
     def _stream(self, res: Resource, rv: str) -> Iterator[dict[str, Any]]:
-        kw: dict[str, Any] = {
-            "watch": True, "resource_version": rv, "allow_watch_bookmarks": True,
-            "timeout_seconds": self.watch_timeout, "_preload_content": False,
-            "_request_timeout": (10, self.watch_timeout + 30),
+        # like client-go's reflector, each watch asks for its own length in [timeout, 2 x timeout),
+        # so nodes started together do not reconnect in lockstep
+        timeout = int(self.watch_timeout * random.uniform(1.0, 2.0))
+        query: dict[str, Any] = {  # in the order the generated client sends them
+            "allowWatchBookmarks": "true", "fieldSelector": res.field_selector,
+            "labelSelector": res.label_selector, "resourceVersion": rv,
+            "timeoutSeconds": timeout, "watch": "true",
         }
-        if res.field_selector:
-            kw["field_selector"] = res.field_selector
-        if res.label_selector:
-            kw["label_selector"] = res.label_selector
-        resp = res.lister(**kw)
+        resp = self._get(res.path, query, (10, self.idle_timeout))
+        self._unblock(self._role(res))
         self._responses.add(resp)
         self._count("watches")
         ended = False
+        started = time.monotonic()
+        events = 0
         try:
-            for line in iter_resp_lines(resp):
-                if self._stop.is_set():
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    raise Transient(f"watch {res.kind}: undecodable line") from None
-                if isinstance(event, dict):
-                    yield event
+            try:
+                for line in self._lines(resp, res.kind):
+                    if self._stop.is_set():
+                        return
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise Transient(f"watch {res.kind}: undecodable line") from None
+                    if isinstance(event, dict):
+                        events += 1
+                        yield event
+            except Exception as exc:
+                if not _read_timeout(exc) or self._stop.is_set():
+                    raise
+                # silent for idle_timeout: idle, or a hung server; either way resume on a new stream
+                log.debug("watch %s: nothing for %.0fs; resuming on a new stream", res.kind, self.idle_timeout)
+                self._count("idle_timeouts")
+                raise Idle from None
             ended = True
+            if not events and time.monotonic() - started < self.short_watch:
+                raise Transient(f"watch {res.kind}: ended after {time.monotonic() - started:.2f}s "
+                                "with no event (a very short watch)")
         finally:
             self._responses.discard(resp)
             if not ended:  # left mid-stream: the rest is unread, so the connection cannot be reused
@@ -271,11 +539,13 @@ class KubeSource:
             rv = str(meta.get("resourceVersion") or "") or cur.rv
             if etype in ("ADDED", "MODIFIED"):
                 self._count("events")
-                self._file(res.kind, obj)
+                self._file(res, obj)
             elif etype == "DELETED":
                 self._count("events")
                 self.tracker.delete(res.kind, str(meta.get("namespace") or "default"), str(meta.get("name")))
-            elif etype != "BOOKMARK":
+            elif etype == "BOOKMARK":
+                self._count("bookmarks")
+            else:
                 log.debug("watch %s: event type %r ignored", res.kind, etype)
             cur.rv, cur.progress = rv, True
             self.resource_versions[res.kind] = rv
@@ -290,30 +560,47 @@ class KubeSource:
 
     def list_all(self) -> None:
         """List every kind once (for --once); retries transient failures a few times."""
-        for res in self.resources:
+        for role in self.kinds:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(5),
                 wait=self._wait, reraise=True,
             ):
                 with attempt:
-                    self._list(res)
+                    self._list(self._resource(role))
 
-    def _cycle(self, res: Resource, cur: _Cursor) -> None:
+    @staticmethod
+    def _role(res: Resource) -> str:
+        return "EndpointSlice" if res.kind == "Endpoints" else res.kind
+
+    def _resource(self, role: str) -> Resource:
+        """The collection behind one of `kinds` (endpoints: chosen by discovery the first time)."""
+        if role == "Service":
+            return self.services
+        if role == "Node":
+            return self.nodes
+        return self.discover_endpoints()
+
+    def _cycle(self, res: Resource | str, cur: _Cursor) -> None:
         """List if needed, then watch until the stream ends. Raises what should
         be retried with backoff; returns when the next watch may start at once."""
         fresh = cur.rv is None
+        if isinstance(res, str):
+            res = self._resource(res)
         if fresh:
-            cur.rv = self._list(res)
+            cur.rv = self._list(res, from_cache=not cur.expired)
+            cur.expired = False
         cur.progress = False
         try:
             self._watch(res, cur)
         except Exception as exc:
             if _gone(exc):
                 self._count("relists_410")
-                cur.rv = None
+                cur.rv, cur.expired = None, True
                 if fresh and not cur.progress:  # 410 again straight after a list: back off
                     raise Transient(f"watch {res.kind}: 410 right after listing: {exc}") from None
                 log.info("watch %s: %s; relisting", res.kind, exc)
+                return
+            if isinstance(exc, Idle):
                 return
             if cur.progress and _transient(exc) and not self._stop.is_set():
                 log.info("watch %s broke (%s); resuming from resourceVersion %s", res.kind, exc, cur.rv)
@@ -321,27 +608,67 @@ class KubeSource:
                 return
             raise
 
-    def _follow(self, res: Resource) -> None:
+    def _follow(self, role: str) -> None:
         cur = _Cursor()
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_transient), wait=self._wait,
-            stop=tenacity.stop_never, sleep=self._sleep, before_sleep=self._log_retry(res.kind),
+            stop=tenacity.stop_never, sleep=self._sleep, before_sleep=self._log_retry(role),
         )
         while not self._stop.is_set():
             try:
-                retrying(self._cycle, res, cur)
+                retrying(self._cycle, role, cur)
             except Stopped:
                 return
-            except Exception as exc:  # not transient (e.g. 403): say so, wait, try again
+            except Exception as exc:  # not transient (e.g. 403): say so once, wait, try again
                 if self._stop.is_set():
                     return
                 self._count("errors")
-                log.error("watch %s: %s; retrying in %.0fs", res.kind, exc, self.max_backoff)
+                if isinstance(exc, ApiException) and exc.status == 404 and role == "EndpointSlice":
+                    why = f"the API server does not serve {self._resource(role).path} (see --endpoints-source)"
+                else:
+                    why = describe(exc)
+                self._block(role, f"watch {role}: {why}")
                 self._stop.wait(self.max_backoff)
+
+    def _block(self, role: str, why: str) -> None:
+        """A kind cannot be followed: one ERROR line per new reason (not one per retry)."""
+        with self._stats_lock:
+            new = self._blocked.get(role) != why
+            self._blocked[role] = why
+        if new:
+            log.error("%s; retrying every %.0fs", why, self.max_backoff)
+            if self.on_blocked is not None:
+                self.on_blocked(why)
+        else:
+            log.debug("%s (still)", why)
+
+    def _unblock(self, role: str) -> None:
+        with self._stats_lock:
+            was = self._blocked.pop(role, None)
+        if was is not None:
+            log.info("watch %s: works again (was: %s)", role, was)
+
+    def blocked(self) -> str | None:
+        """Why a kind cannot be followed (the first), or None: the agent's view is then stale."""
+        with self._stats_lock:
+            return next(iter(self._blocked.values()), None)
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
             raise Stopped
+
+    def _unreachable(self, exc: BaseException | None) -> None:
+        """The in-cluster address cannot be connected to: say once what to set."""
+        if not self.via_cluster_ip or exc is None or not _connect_failure(exc):
+            return
+        with self._stats_lock:
+            if self._route_hint:
+                return
+            self._route_hint = True
+        log.error("cannot connect to the API server at %s, the in-cluster address (the kubernetes Service's "
+                  "ClusterIP, reachable only once a service proxy has programmed it on this node): set "
+                  "--api-server=https://HOST:PORT to the API server's own address (chart values "
+                  "apiServer.host and apiServer.port)", self.api.configuration.host)
 
     def _log_retry(self, kind: str) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -349,25 +676,34 @@ class KubeSource:
                 return
             self._count("errors")
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("watch %s failed (%s); retry %d in %.2fs", kind, exc, state.attempt_number,
+            self._unreachable(exc)
+            log.warning("watch %s failed (%s); retry %d in %.2fs", kind,
+                        describe(exc) if exc else "?", state.attempt_number,
                         state.next_action.sleep if state.next_action else 0)
         return before_sleep
 
     def start(self) -> None:
-        for res in self.resources:
-            t = threading.Thread(target=self._follow, args=(res,), name=f"watch-{res.kind}", daemon=True)
+        for role in self.kinds:
+            t = threading.Thread(target=self._follow, args=(role,), name=f"watch-{role}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the watches (open streams are cut) and post what Events are queued."""
+        """Stop the watches (open streams are cut) and post what Events are queued, all
+        within `timeout` in total: a thread stuck in a request to an API server that is
+        gone (a list or connect that will time out much later) is a daemon, left behind,
+        so SIGTERM ends the agent well inside a pod's grace period."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         for resp in list(self._responses):
             with contextlib.suppress(Exception):  # already closed is fine
                 resp.shutdown() if hasattr(resp, "shutdown") else resp.close()
         self.flush(timeout)
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            log.info("stopped; %s still waiting on the API server (left behind)", ", ".join(stuck))
 
     # ---- events --------------------------------------------------------------------
     def post_event(self, svc: Service, reason: str, message: str) -> None:
@@ -389,7 +725,8 @@ class KubeSource:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         cluster_scoped = kind == "Node"
         ns = "default" if cluster_scoped else namespace
-        involved: dict[str, Any] = {"apiVersion": "v1" if kind != "EndpointSlice" else "discovery.k8s.io/v1",
+        slice_version = self.endpoints.api_version if self.endpoints else "discovery.k8s.io/v1"
+        involved: dict[str, Any] = {"apiVersion": "v1" if kind != "EndpointSlice" else slice_version,
                                     "kind": kind, "name": name}
         if not cluster_scoped:
             involved["namespace"] = namespace

@@ -55,6 +55,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "ipv6-loopback-healthz": {"config": {"healthzBindAddress": "[::1]:10266"}},
     "no-healthz": {"config": {"healthzBindAddress": ""}},
     "legacy-endpoints": {"rbac": {"legacyEndpoints": True}},
+    "endpoints-source": {"config": {"endpointsSource": "endpoints"}, "apiServer": {"host": "192.0.2.10"}},
+    "v1beta1-source": {"config": {"endpointsSource": "v1beta1"}, "apiServer": {"host": "fd00::10", "port": 443}},
     "existing-serviceaccount": {"serviceAccount": {"create": False, "name": "proxy"}, "rbac": {"create": False}},
     "privileged": {"securityContext": {"privileged": True}},
     "opt-in-capabilities": {"securityContext": {"sysModule": True, "netRaw": True}},
@@ -75,7 +77,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 EXPECTED_RULES = {
     ("", "services", "list"), ("", "services", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
-    ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "watch"),
+    ("", "nodes", "list"), ("", "nodes", "watch"),  # listed and watched by name (a field selector): no get
     ("", "events", "create"),  # core/v1 Events, created only (sources/kube.py): no patch, no events.k8s.io
 }
 
@@ -83,6 +85,7 @@ CONFIG_KEYS = {
     "scheduler", "syncPeriod", "minSyncPeriod", "interface", "excludeCIDRs", "nodePortAddresses",
     "healthzBindAddress", "metricsBindAddress", "tcpTimeout", "tcpfinTimeout", "udpTimeout", "strictARP",
     "clusterCIDR", "masqueradeAll", "nftables", "drainGracePeriod", "logLevel", "loadModules", "stateDir", "extraArgs",
+    "endpointsSource",
 }
 
 
@@ -242,6 +245,24 @@ def test_rbac_is_exactly_what_a_service_proxy_needs() -> None:
 def test_rbac_legacy_endpoints_only_when_asked() -> None:
     assert not any(r for r in rbac_rules("default") if r[1] == "endpoints")
     assert rbac_rules("legacy-endpoints") == EXPECTED_RULES | {("", "endpoints", "list"), ("", "endpoints", "watch")}
+
+
+def test_rbac_follows_the_endpoints_source() -> None:
+    slices = {("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch")}
+    legacy = {("", "endpoints", "list"), ("", "endpoints", "watch")}
+    assert rbac_rules("endpoints-source") == (EXPECTED_RULES - slices) | legacy
+    assert rbac_rules("v1beta1-source") == EXPECTED_RULES
+
+
+def test_api_server_address_and_endpoints_source_flags() -> None:
+    default = flag_values(agent("default")["args"])
+    assert "--api-server" not in default and "--endpoints-source" not in default  # auto, in-cluster
+    flags = flag_values(agent("endpoints-source")["args"])
+    assert flags["--api-server"] == "https://192.0.2.10:6443" and flags["--endpoints-source"] == "endpoints"
+    flags = flag_values(agent("v1beta1-source")["args"])
+    assert flags["--api-server"] == "https://[fd00::10]:443" and flags["--endpoints-source"] == "v1beta1"
+    params = _parse_with_cli(agent("v1beta1-source")["command"] + agent("v1beta1-source")["args"])
+    assert params["api_server"] == "https://[fd00::10]:443" and params["endpoints_source"] == "v1beta1"
 
 
 def test_existing_serviceaccount_without_rbac() -> None:

@@ -158,6 +158,12 @@ Arguments of `ipvsproxy run`, one flag per config key.
 - --no-nftables
 {{- end }}
 - {{ printf "--drain-grace-period=%s" ($c.drainGracePeriod) | quote }}
+{{- if ne $c.endpointsSource "auto" }}
+- {{ printf "--endpoints-source=%s" ($c.endpointsSource) | quote }}
+{{- end }}
+{{- with .Values.apiServer.host }}
+- {{ printf "--api-server=https://%s:%v" (contains ":" . | ternary (printf "[%s]" .) .) $.Values.apiServer.port | quote }}
+{{- end }}
 {{- if not (include "ipvsproxy.agentLoadsModules" .) }}
 - --no-load-modules
 {{- end }}
