@@ -94,6 +94,20 @@ def test_healthz_and_livez_have_kube_proxys_shape_and_node_semantics() -> None:
         srv.server_close()
 
 
+def test_an_api_refusal_fails_healthz_with_its_reason_but_not_livez() -> None:
+    """RBAC took a verb away: the data may be stale, which load balancers hear; a restart
+    would not help (the agent recovers on its own once the verb is back), so /livez stays 200."""
+    h = Health(max_age=60, clock=Clock())
+    h.success()
+    healthz, livez = healthz_route(h, detail=True), livez_route(h, detail=True)
+    h.set_blocked("watch Service: 403 Forbidden (needs verb 'watch' on resource 'services')")
+    code, _, raw = healthz()
+    assert code == 503 and "needs verb 'watch'" in json.loads(raw)["reason"]
+    assert livez()[0] == 200
+    h.set_blocked(None)
+    assert healthz()[0] == 200
+
+
 def test_health_details_only_on_a_loopback_bind() -> None:
     """Issue 14 item 9: sync errors name Services and addresses; a stranger
     reaching a non-loopback bind learns only healthy or not."""
