@@ -439,7 +439,7 @@ class Runner:
         self.rec.tracker.changed.set()
 
     def _backoff(self) -> float:
-        return min(self.min_period * 2 ** min(self.failures, 6), 60.0) * (0.5 + random.random())
+        return min(self.min_period * 2.0 ** min(self.failures, 6), 60.0) * (0.5 + random.random())
 
     def run(self) -> None:
         """Loop until stop(): wait for a change or a timer, then sync."""

@@ -31,7 +31,7 @@ class Backoff:
     def delay(self, attempts: int) -> float:
         if attempts <= 0:
             return 0.0
-        return min(self.base * 2 ** min(attempts - 1, 32), self.cap)
+        return min(self.base * 2.0 ** min(attempts - 1, 32), self.cap)
 
 
 @dataclass(slots=True)

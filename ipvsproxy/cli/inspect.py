@@ -80,7 +80,7 @@ def _describe(op: Op) -> str:
               help="text: grouped by Service; json: the operations as a document.")
 @opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True)
 @click.pass_context
-def diff(ctx: click.Context, fmt: str, dataplane: str, **flags: Any) -> None:
+def diff(ctx: click.Context, /, fmt: str, dataplane: str, **flags: Any) -> None:
     """What a sync would change now. Exit 0: in sync; 1: differences; 2: trouble."""
     try:
         cfg = make_config(**flags)

@@ -17,7 +17,7 @@ from ..config import parse_cidrs, parse_duration
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2's annotations
     name = "duration"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
@@ -29,7 +29,7 @@ class Duration(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class CIDRs(click.ParamType):
+class CIDRs(click.ParamType):  # type: ignore[type-arg]
     name = "cidrs"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:

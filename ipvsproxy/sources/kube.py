@@ -227,16 +227,16 @@ def load_api(kubeconfig: str | None = None, api_server: str | None = None) -> Ap
                 raise RuntimeError(f"--api-server {api_server}: in a cluster the service-account token "
                                    "is only sent over https")
             environ = {incluster.SERVICE_HOST_ENV_NAME: host, incluster.SERVICE_PORT_ENV_NAME: port}
-        loader = incluster.InClusterConfigLoader(
+        loader = incluster.InClusterConfigLoader(  # type: ignore[no-untyped-call]
             token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
             cert_filename=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), environ=environ)
         try:
-            loader.load_and_set(cfg)
+            loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
             return ApiConfig(client.ApiClient(cfg), cluster_ip=not api_server)
         except config.ConfigException:
             pass
     try:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
     except (config.ConfigException, OSError, TypeError) as exc:
         raise RuntimeError(
             f"no Kubernetes API configuration: {exc} (run in a cluster, pass --kubeconfig, "
@@ -371,7 +371,7 @@ class KubeSource:
             header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
         resp = self.api.call_api(method, url, headers, body, post, _request_timeout=timeout)
         if not 200 <= resp.status <= 299:
-            resp.read()
+            resp.read()  # type: ignore[no-untyped-call]
             raise ApiException.from_response(http_resp=resp, body=None, data=None)
         return resp.response
 
@@ -554,7 +554,7 @@ class KubeSource:
     def _wait(self, state: tenacity.RetryCallState) -> float:
         """Exponential backoff with equal jitter; a Retry-After header wins if longer."""
         step = min(self.max_backoff, self.initial_backoff * 2 ** min(state.attempt_number - 1, 30))
-        wait = step * random.uniform(0.5, 1.0)
+        wait: float = step * random.uniform(0.5, 1.0)
         exc = state.outcome.exception() if state.outcome else None
         return max(wait, _retry_after(exc))
 
