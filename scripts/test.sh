@@ -3,7 +3,7 @@
 #
 #   setup    scripts/setup.sh (apt packages, .venv)            skipped with SKIP_SETUP=1 or inside the VM
 #   ruff     ruff check ipvsproxy tests
-#   mypy     mypy ipvsproxy
+#   mypy     mypy ipvsproxy (strict: pyproject.toml)
 #   unit     pytest (host; pyproject's addopts deselect kernel and realapi tests)
 #   realapi  pytest -m realapi tests/realapi: the agent against a real kube-apiserver v1.20.2 + etcd on the
 #            host (binaries from scripts/install-kubernetes.sh's cache). Skipped with SKIP_REALAPI=1 or in the VM.
