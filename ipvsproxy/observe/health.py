@@ -113,6 +113,7 @@ def healthz_route(health: Health, *, detail: bool = False) -> Route:
         body: dict[str, Any] = {"lastUpdated": go_time(last), "currentTime": go_time(now), "nodeEligible": eligible}
         if detail:
             body["reason"] = reason if eligible else "node is being deleted or tainted ToBeDeletedByClusterAutoscaler"
+            body["lastSuccess"] = health.last_success  # Unix time of the last good sync (lastUpdated is "now")
         return (200 if ok else 503), "application/json", json.dumps(body).encode()
     return route
 
@@ -127,6 +128,7 @@ def livez_route(health: Health, *, detail: bool = False) -> Route:
                                 "currentTime": go_time(now)}
         if detail:
             body["reason"] = reason
+            body["lastSuccess"] = health.last_success
         return (200 if ok else 503), "application/json", json.dumps(body).encode()
     return route
 
