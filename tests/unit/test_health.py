@@ -105,7 +105,8 @@ def test_an_api_refusal_fails_healthz_with_its_reason_but_not_livez() -> None:
     assert code == 503 and "needs verb 'watch'" in json.loads(raw)["reason"]
     assert livez()[0] == 200
     h.set_blocked(None)
-    assert healthz()[0] == 200
+    code, _, raw = healthz()
+    assert code == 200 and json.loads(raw)["lastSuccess"] == h.last_success  # lastUpdated is "now"
 
 
 def test_health_details_only_on_a_loopback_bind() -> None:
