@@ -73,12 +73,14 @@ def svc(name: str, cluster_ip: str, *, etp: str | None = None, lb_ip: str | None
     return out
 
 
-def eps(name: str, members: list[tuple[Backend, str]]) -> dict[str, Any]:
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": f"{name}-1", "namespace": "sem", "labels": {"kubernetes.io/service-name": name}},
+def eps(name: str, members: list[tuple[Backend, str]], family: str = "IPv4") -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": family,
+            "metadata": {"name": f"{name}-{family.lower()}", "namespace": "sem",
+                         "labels": {"kubernetes.io/service-name": name}},
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [b.ipv4], "conditions": {"ready": True}, "nodeName": where,
-                           "targetRef": {"kind": "Pod", "name": b.name, "namespace": "sem"}} for b, where in members]}
+            "endpoints": [{"addresses": [b.ipv6 if family == "IPv6" else b.ipv4], "conditions": {"ready": True},
+                           "nodeName": where, "targetRef": {"kind": "Pod", "name": b.name, "namespace": "sem"}}
+                          for b, where in members]}
 
 
 class Lab:
@@ -90,7 +92,7 @@ class Lab:
         self.node_ip = self.outside.gw4  # on the veth to the outside client: a real interface
         self.manifest = tmp / "cluster.yaml"
         self.write()
-        pods = f"{self.pod.ipv4}/30,{self.local.ipv4}/30,{self.remote.ipv4}/30"
+        pods = ",".join(f"{b.ipv4}/30,{b.ipv6}/64" for b in (self.pod, self.local, self.remote))
         self.cfg = AgentConfig(node_name=NODE, from_files=(str(self.manifest),), interface=DEV,
                                min_sync_period=0.1, sync_period=30.0, healthz_bind_address="",
                                metrics_bind_address="", cluster_cidrs=parse_cidrs(pods),
@@ -212,6 +214,19 @@ def test_etp_local_without_local_endpoint_serves_pods_and_drops_outsiders(lab: L
     wait_until(lambda: answer(lab.outside, LB_LOCAL, 80) == "local", timeout=60,
                what="the outside client served by the local endpoint")
     assert answer(lab.pod, LB_LOCAL, 80) == "local"
+
+
+def test_etp_local_fallback_over_ipv6(lab: Lab) -> None:
+    """Rule 2 for IPv6 (its own set and rule, nolocal6): served for the pod, dropped for the outsider."""
+    lb6 = "2001:2:0:60::1"
+    v6 = svc("edge6", "2001:2:0:61::1", etp="Local", lb_ip=lb6)
+    v6["spec"]["ipFamilies"] = ["IPv6"]
+    lab.write(v6, eps("edge6", [(lab.remote, "other")], "IPv6"))
+    wait_until(lambda: answer(lab.pod, lb6, 80) == "remote", timeout=120,
+               what="the pod reaches the IPv6 LB IP through the remote endpoint")
+    results = {"pod": answer(lab.pod, lb6, 80), "outside": answer(lab.outside, lb6, 80)}
+    print(f"SEMANTICS ETP=Local without a local endpoint, IPv6: {results}")
+    assert results == {"pod": "remote", "outside": "timeout"}
 
 
 class NodeListener:
