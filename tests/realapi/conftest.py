@@ -8,24 +8,18 @@ namespace and ClusterIP block, so they do not see each other's objects.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipvsproxy.agent import Agent
-from ipvsproxy.config import AgentConfig
-from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, VSKey
-from ipvsproxy.plan import Op
 from ipvsproxy.sources import kube
-from ipvsproxy.sources.kube import KubeSource
+from tests import agentlab
+from tests.agentlab import NODE, key, rs
 from tests.realapi.cluster import Cluster
 
-NODE = "n1"
+__all__ = ["NODE", "key", "rs"]  # the tests import them from here
 NODE_IP = "192.0.2.1"
 
 
@@ -112,80 +106,17 @@ class Api:
 
 # ---- the agent ---------------------------------------------------------------------------------
 def wait_until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except RuntimeError:  # a dict changed size while the runner wrote it: look again
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    """agentlab.wait_until with the real API server's pace."""
+    return agentlab.wait_until(cond, timeout, what, interval=0.05)
 
 
-def key(address: str, port_: int = 80) -> VSKey:
-    return VSKey(AF_INET, 6, address, port_)
-
-
-def rs(*ips: str) -> set[tuple[str, int]]:
-    return {(ip, 8080) for ip in ips}
-
-
-class RecordingDataplane(MemoryDataplane):
-    """The memory dataplane, remembering every operation applied."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.applied: list[Op] = []
-        self.lock = threading.Lock()
-
-    def apply(self, ops: Sequence[Op]) -> list[Any]:
-        with self.lock:
-            self.applied.extend(ops)
-            return super().apply(ops)
-
-    def table(self, prefix: str = "") -> dict[VSKey, set[tuple[str, int]]]:
-        with self.lock:
-            return {k: set(vs.reals) for k, vs in self.state.services.items() if k.address.startswith(prefix)}
-
-    def ops(self, prefix: str, since: int = 0) -> list[Op]:
-        with self.lock:
-            return [op for op in self.applied[since:]
-                    if (op.key.address if op.key is not None else op.address or "").startswith(prefix)]
-
-
-class Live:
+class Live(agentlab.Live):
     """ipvsproxy's Agent with the real KubeSource, in this process, on a RecordingDataplane."""
 
     def __init__(self, cluster: Cluster, tmp_path: Path, *, via_relay: bool = False, token: str | None = None,
                  **cfg: Any) -> None:
         kw = {"via_relay": via_relay} | ({"token": token} if token else {})
-        settings: dict[str, Any] = dict(
-            node_name=NODE, kubeconfig=str(cluster.write_kubeconfig(tmp_path / "kubeconfig", **kw)),
-            min_sync_period=0.05, sync_period=30, healthz_bind_address="", metrics_bind_address="",
-            state_dir=str(tmp_path / "state"))
-        settings.update(cfg)
-        self.dp = RecordingDataplane()
-        self.agent = Agent(AgentConfig(**settings), self.dp)
-        self.thread = threading.Thread(target=self.agent.run, kwargs={"install_signals": False}, daemon=True)
-
-    def start(self) -> Live:
-        self.thread.start()
-        wait_until(lambda: self.agent.source is not None, what="the kube source")
-        return self
-
-    @property
-    def source(self) -> KubeSource:
-        src = self.agent.source
-        assert isinstance(src, KubeSource)
-        return src
-
-    def stop(self) -> None:
-        self.agent.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "agent did not stop"
+        super().__init__(str(cluster.write_kubeconfig(tmp_path / "kubeconfig", **kw)), tmp_path, **cfg)
 
 
 @pytest.fixture

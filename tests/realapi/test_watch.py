@@ -70,7 +70,7 @@ def test_compaction_410_relists_with_no_change_lost_or_repeated(
         wait_until(lambda: len(lv.dp.table("10.96.2.")) == 3, what="listed")
         assert c.relay is not None
         c.relay.cut()  # every connection closed, new ones refused
-        mark = len(lv.dp.applied)
+        mark = len(lv.dp.batches)
         api.delete_service("s1")
         api.delete_slice("s1-s")
         api.replace_slice("s2", ["10.2.2.1", "10.2.2.2"])
@@ -87,7 +87,7 @@ def test_compaction_410_relists_with_no_change_lost_or_repeated(
         lv.agent.runner.request_full()
         wait_until(lambda: not lv.agent.runner.force_full.is_set(), what="a full sync")
         ops = Counter((op.kind, op.key.address if op.key else op.address, op.real.address if op.real else "")
-                      for op in lv.dp.ops("10.96.2.", mark))
+                      for op in lv.dp.ops(mark, "10.96.2."))
         # s1's real server goes with its virtual server, or just before it (the slice's delete seen first)
         assert ops.pop((OpKind.DEL_RS, "10.96.2.1", "10.2.1.1"), 0) <= 1
         assert ops == Counter({

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,71 +22,21 @@ from ipvsproxy import objects
 from ipvsproxy.agent import Agent
 from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, VSKey
 from ipvsproxy.plan import Op, OpKind
 from ipvsproxy.sources import kube
 from ipvsproxy.sources.kube import KubeSource
 from ipvsproxy.tracker import Tracker
+from tests import agentlab
+from tests.agentlab import NODE, key, rs, wait_until
 from tests.apiserver import FakeApiServer
 from tests.unit.factories import node, port, service, slice_
 
-NODE = "n1"
 SCHED = "ipvsproxy.io/scheduler"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Poll cond until it is truthy (returning its value) or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except RuntimeError:  # a dict changed size while the runner thread wrote it: look again
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def key(address: str, port_: int = 80, proto: int = 6) -> VSKey:
-    return VSKey(AF_INET, proto, address, port_)
-
-
-class RecordingDataplane(MemoryDataplane):
-    """The memory dataplane, remembering every batch of operations applied."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.batches: list[list[Op]] = []
-        self.lock = threading.Lock()
-
-    def apply(self, ops: Sequence[Op]) -> list[Any]:
-        with self.lock:
-            failures = super().apply(ops)
-            if ops:
-                self.batches.append(list(ops))
-            return failures
-
-    def ops(self, since: int = 0) -> list[Op]:
-        with self.lock:
-            return [op for batch in self.batches[since:] for op in batch]
-
-    def table(self) -> dict[VSKey, set[tuple[str, int]]]:
-        with self.lock:
-            return {k: set(vs.reals) for k, vs in self.state.services.items()}
-
-    def reals(self, k: VSKey) -> set[tuple[str, int]] | None:
-        return self.table().get(k)
-
-
 def ip_slice(svc: str, ips: Sequence[str], **kw: Any) -> dict[str, Any]:
     return slice_(svc, list(ips), **kw)
-
-
-def rs(*ips: str, port_: int = 8080) -> set[tuple[str, int]]:
-    return {(ip, port_) for ip in ips}
 
 
 def op_summary(ops: Sequence[Op]) -> list[tuple[str, str]]:
@@ -102,39 +51,16 @@ def op_summary(ops: Sequence[Op]) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-class Live:
+class Live(agentlab.Live):
     """An Agent running against a FakeApiServer, on a RecordingDataplane."""
 
     def __init__(self, api: FakeApiServer, tmp_path: Path, **cfg: Any) -> None:
         self.api = api
-        settings: dict[str, Any] = dict(
-            node_name=NODE, kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig"), min_sync_period=0.05,
-            sync_period=30, healthz_bind_address="", metrics_bind_address="", state_dir=str(tmp_path / "state"))
-        settings.update(cfg)
-        self.dp = RecordingDataplane()
-        self.agent = Agent(AgentConfig(**settings), self.dp)
-        self.thread = threading.Thread(target=self.agent.run, kwargs={"install_signals": False}, daemon=True)
+        super().__init__(str(api.write_kubeconfig(tmp_path / "kubeconfig")), tmp_path, **cfg)
 
-    def start(self) -> Live:
-        self.thread.start()
-        wait_until(lambda: self.agent.source is not None, what="the kube source")
-        return self
-
-    @property
-    def source(self) -> KubeSource:
-        src = self.agent.source
-        assert isinstance(src, KubeSource)
-        return src
-
-    @property
-    def syncs(self) -> int:
-        return self.agent.reconciler.syncs
-
-    def stop(self) -> None:
+    def stop(self, within: float = 5.0) -> None:
         started = time.monotonic()
-        self.agent.stop()
-        self.thread.join(5)
-        assert not self.thread.is_alive(), "agent did not stop"
+        super().stop(within)
         assert time.monotonic() - started < 4
         for t in self.agent.source._threads if self.agent.source else ():
             assert not t.is_alive(), f"{t.name} still running"
