@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .netlink_wire import (
-    NLA,
+    NETLINK_NETFILTER,
+    NFGEN,
     NLM_F_ACK,
     NLM_F_REQUEST,
     NLMSG,
     NetlinkWire,
     attrs,
+    nla,
     open_socket,
 )
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 NLM_F_DUMP = 0x300
@@ -48,7 +49,6 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_FILTER_ORIG_FLAGS, CTA_FILTER_REPLY_FLAGS = 1, 2
 F_IP_SRC, F_IP_DST, F_PROTO_NUM, F_PROTO_SRC_PORT, F_PROTO_DST_PORT = 1 << 0, 1 << 1, 1 << 3, 1 << 4, 1 << 5
 
-NFGEN = struct.Struct("=BBH")
 BE16 = struct.Struct("!H")
 U32 = struct.Struct("=I")
 
@@ -77,13 +77,8 @@ class Filter:
     reply_sport: int | None = None
 
 
-def _nla(ty: int, payload: bytes) -> bytes:
-    ln = 4 + len(payload)
-    return NLA.pack(ln, ty) + payload + b"\0" * ((4 - ln % 4) % 4)
-
-
 def _nest(ty: int, *parts: bytes) -> bytes:
-    return _nla(ty | NLA_F_NESTED, b"".join(parts))
+    return nla(ty | NLA_F_NESTED, b"".join(parts))
 
 
 def _tuple(family: int, src: bytes | None, dst: bytes | None, proto: int | None, sport: int | None,
@@ -93,20 +88,20 @@ def _tuple(family: int, src: bytes | None, dst: bytes | None, proto: int | None,
     ip = b""
     flags = 0
     if src is not None:
-        ip += _nla(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, src)
+        ip += nla(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, src)
         flags |= F_IP_SRC
     if dst is not None:
-        ip += _nla(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, dst)
+        ip += nla(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, dst)
         flags |= F_IP_DST
     out = _nest(CTA_TUPLE_IP, ip) if ip else b""
     if proto is not None:
-        p = _nla(CTA_PROTO_NUM, bytes([proto]))
+        p = nla(CTA_PROTO_NUM, bytes([proto]))
         flags |= F_PROTO_NUM
         if sport is not None:
-            p += _nla(CTA_PROTO_SRC_PORT, BE16.pack(sport))
+            p += nla(CTA_PROTO_SRC_PORT, BE16.pack(sport))
             flags |= F_PROTO_SRC_PORT
         if dport is not None:
-            p += _nla(CTA_PROTO_DST_PORT, BE16.pack(dport))
+            p += nla(CTA_PROTO_DST_PORT, BE16.pack(dport))
             flags |= F_PROTO_DST_PORT
         out += _nest(CTA_TUPLE_PROTO, p)
     return out, flags
@@ -125,8 +120,8 @@ def encode_dump(family: int, flt: Filter | None, seq: int) -> bytes:
         if rflags:
             body += _nest(CTA_TUPLE_REPLY, reply)
         if oflags or rflags:
-            body += _nest(CTA_FILTER, _nla(CTA_FILTER_ORIG_FLAGS, U32.pack(oflags)),
-                          _nla(CTA_FILTER_REPLY_FLAGS, U32.pack(rflags)))
+            body += _nest(CTA_FILTER, nla(CTA_FILTER_ORIG_FLAGS, U32.pack(oflags)),
+                          nla(CTA_FILTER_REPLY_FLAGS, U32.pack(rflags)))
     msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
     return NLMSG.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
@@ -144,7 +139,7 @@ def encode_create(flow: Flow, timeout: int, seq: int, flags: int) -> bytes:
     orig, _ = _tuple(flow.family, flow.orig_src, flow.orig_dst, flow.proto, flow.orig_sport, flow.orig_dport)
     reply, _ = _tuple(flow.family, flow.reply_src, flow.orig_src, flow.proto, flow.reply_sport, flow.orig_sport)
     body = (NFGEN.pack(flow.family, NFNETLINK_V0, 0) + _nest(CTA_TUPLE_ORIG, orig) + _nest(CTA_TUPLE_REPLY, reply)
-            + _nla(CTA_TIMEOUT, struct.pack("!I", timeout)))
+            + nla(CTA_TIMEOUT, struct.pack("!I", timeout)))
     msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
     return NLMSG.pack(16 + len(body), msg_type, flags | NLM_F_CREATE | NLM_F_EXCL, seq, 0) + body
 

@@ -34,7 +34,7 @@ from typing import TypeVar
 
 from .netlink_wire import NLA as _NLA
 from .netlink_wire import U32 as _U32
-from .netlink_wire import Counters, NetlinkWire, open_socket
+from .netlink_wire import Counters, NetlinkWire, nla, open_socket
 from .netlink_wire import attrs as _attrs
 
 __all__ = [
@@ -244,7 +244,7 @@ def _svc_full(svc: Svc) -> bytes:
     name = svc.scheduler.encode("ascii") + b"\0"
     if len(name) > 16:
         raise ValueError(f"scheduler name too long: {svc.scheduler!r}")
-    sched = _NLA.pack(4 + len(name), SVC_SCHED_NAME) + name + b"\0" * (-len(name) % 4)
+    sched = nla(SVC_SCHED_NAME, name)
     if svc.family == socket.AF_INET6:
         netmask = 128 if svc.netmask == 0xFFFFFFFF else svc.netmask
         if not 1 <= netmask <= 128:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["Counters", "NetlinkWire", "attrs", "error_text", "open_socket"]
+__all__ = ["NETLINK_NETFILTER", "NFGEN", "Counters", "NetlinkWire", "attrs", "error_text", "nla", "open_socket"]
 
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
@@ -38,7 +38,9 @@ SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
 NLMSGERR_ATTR_MSG = 1
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
+NETLINK_NETFILTER = 12  # ctnetlink and nf_tables share it (nfnetlink)
 NLMSG = struct.Struct("=IHHII")
+NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version (NFNETLINK_V0), res_id (big-endian)
 NLA = struct.Struct("=HH")
 U32 = struct.Struct("=I")
 I32 = struct.Struct("=i")
@@ -52,6 +54,11 @@ ENCODE_ERRORS = (ValueError, OSError, TypeError, struct.error, UnicodeError)
 Req = TypeVar("Req")
 T = TypeVar("T")
 Err = TypeVar("Err", bound=Exception)
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute: header, payload, padding to 4 bytes."""
+    return NLA.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
 def attrs(buf: bytes | bytearray, off: int, end: int) -> dict[int, tuple[int, int]]:

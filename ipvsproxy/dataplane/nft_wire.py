@@ -28,11 +28,21 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from .netlink_wire import NLA, NLM_F_DUMP, NLM_F_REQUEST, NLMSG, NetlinkWire, attrs, open_socket
+from .netlink_wire import (
+    NETLINK_NETFILTER,
+    NFGEN,
+    NLA,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG,
+    NetlinkWire,
+    attrs,
+    nla,
+    open_socket,
+)
 
 __all__ = ["NftWire", "decode_key", "FIELD_SIZES"]
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETSETELEM = 13
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
@@ -42,7 +52,6 @@ NFTA_DATA_VALUE = 1
 NFT_SET_ELEM_INTERVAL_END = 0x1
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 
-_NFGEN = struct.Struct("=BBH")
 _BE32 = struct.Struct(">I")
 FIELD_SIZES = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_proto": 1, "inet_service": 2}
 
@@ -142,10 +151,10 @@ class NftWire(NetlinkWire):
 
         Raises OSError (ENOENT when the table or set does not exist).
         """
-        body = b"".join(_string_attr(t, v) for t, v in ((NFTA_SET_ELEM_LIST_TABLE, table),
-                                                          (NFTA_SET_ELEM_LIST_SET, name)))
+        body = (nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + nla(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
-        nfgen = _NFGEN.pack(NFPROTO[family], 0, 0)
+        nfgen = NFGEN.pack(NFPROTO[family], 0, 0)
 
         def request(seq: int) -> bytes:
             return NLMSG.pack(16 + 4 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + nfgen + body
@@ -188,7 +197,3 @@ def _data(buf: bytes | bytearray, where: tuple[int, int] | None) -> bytes | None
     v = attrs(buf, where[0], where[0] + where[1]).get(NFTA_DATA_VALUE)
     return bytes(buf[v[0]:v[0] + v[1]]) if v else None
 
-
-def _string_attr(kind: int, value: str) -> bytes:
-    data = value.encode() + b"\0"
-    return NLA.pack(4 + len(data), kind) + data + b"\0" * (-len(data) % 4)
