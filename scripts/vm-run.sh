@@ -10,7 +10,8 @@
 # to the host; everything else the guest writes is lost.
 # VM boots are serialised across users of this machine by flock on /tmp/ipvsproxy-vm.lock.
 # Environment: VM_KERNEL=/boot/vmlinuz-... to pick a kernel (default: the newest one),
-# VM_MEMORY (default 2G), VM_TIMEOUT (seconds for the whole vng run, default 3600).
+# VM_MEMORY (default 2G), VM_TIMEOUT (seconds for the whole vng run, default 3600),
+# VM_LOCK (the flock file, default /tmp/ipvsproxy-vm.lock; another path lets a second VM run beside).
 # See /work/shared/kernel-vm.md for why the VM exists and why --disable-kvm.
 set -euo pipefail
 
@@ -71,7 +72,7 @@ fi
 # Host side.
 # ---------------------------------------------------------------------------------------------
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -124,7 +125,7 @@ trap 'rm -f "$cmdfile"' EXIT
 printf '%s\n' "$*" >"$cmdfile"
 
 # flock queues this boot behind other users' VMs (2 cores: one emulated VM at a time).
-lock=/tmp/ipvsproxy-vm.lock
+lock=${VM_LOCK:-/tmp/ipvsproxy-vm.lock}
 exec 9>>"$lock"
 if ! flock -n 9; then
     echo "vm-run: waiting for $lock (another test VM is running)" >&2
