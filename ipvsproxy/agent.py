@@ -24,7 +24,7 @@ from .observe import records
 from .observe.health import Health, healthz_route, is_loopback, livez_route, serve
 from .observe.metrics import Metrics, TrafficCollector
 from .observe.servicehealth import ServiceHealthServer
-from .reconcile import Firewall, Reconciler, Runner, SyncReport
+from .reconcile import EventPoster, Firewall, Reconciler, Runner, SyncReport
 from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
 from .tracker import Tracker
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EventPoster = Callable[[Service, str, str], None]
 ObjectEventPoster = Callable[[str, str, str, str, str], None]  # (kind, namespace, name, reason, message)
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import NamedTuple
+from enum import Enum, IntEnum, StrEnum
+from typing import NamedTuple, TypeAlias
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -47,6 +47,33 @@ class Protocol(IntEnum):
         except KeyError:
             raise ValueError(f"unsupported protocol {name!r} (want TCP, UDP or SCTP)") from None
 
+    @classmethod
+    def name_of(cls, number: int) -> str | None:
+        """6 -> 'TCP'; None for a protocol a Service cannot use (a foreign virtual server's).
+        The one protocol table: IPVS messages, nftables elements and `list` all spell through it."""
+        member = cls._value2member_map_.get(number)
+        return member.name if isinstance(member, Protocol) else None
+
+
+class ServiceKind(StrEnum):
+    """As which kind of address a virtual server serves a Service port."""
+
+    CLUSTER_IP = "ClusterIP"
+    EXTERNAL_IP = "ExternalIP"
+    LOAD_BALANCER = "LoadBalancer"
+    NODE_PORT = "NodePort"
+
+
+class Full(Enum):
+    """`FULL` stands where a scope of virtual servers is expected and means all of them
+    (a full sync), so that "everything" is said, not implied by a None."""
+
+    SYNC = "full"
+
+
+FULL = Full.SYNC
+Scope: TypeAlias = "Collection[VSKey] | Full"
+
 
 def family_of(address: str) -> int:
     """AF_INET or AF_INET6 for a textual IP address."""
@@ -79,7 +106,7 @@ class VSKey(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        proto = Protocol(self.protocol).name if self.protocol in (6, 17, 132) else str(self.protocol)
+        proto = Protocol.name_of(self.protocol) or str(self.protocol)
         return f"{proto} {join_host_port(self.address, self.port)}"
 
 
@@ -102,7 +129,7 @@ class ServiceRef(NamedTuple):
     namespace: str
     name: str
     port_name: str
-    kind: str  # ClusterIP | ExternalIP | LoadBalancer | NodePort
+    kind: ServiceKind
 
     @property
     def service_id(self) -> str:
@@ -161,6 +188,14 @@ class EndpointMap(Mapping[str, EndpointInfo]):
 NO_ENDPOINTS = EndpointMap()
 
 
+class Settings(NamedTuple):
+    """A virtual server's settings as the kernel stores them: what an edit changes."""
+
+    scheduler: str
+    flags: int  # kernel flags (ownership mark and persistence included)
+    timeout: int
+
+
 @dataclass(frozen=True, slots=True)
 class VirtualServer:
     """A desired virtual server: settings plus real servers."""
@@ -191,8 +226,8 @@ class VirtualServer:
         """The flags word as the kernel stores it (with our ownership mark)."""
         return self.flags | F_OWNED | (F_PERSISTENT if self.timeout else 0)
 
-    def settings(self) -> tuple[str, int, int]:
-        return (self.scheduler, self.kernel_flags, self.timeout)
+    def settings(self) -> Settings:
+        return Settings(self.scheduler, self.kernel_flags, self.timeout)
 
 
 @dataclass(slots=True)
@@ -222,8 +257,8 @@ class ObservedVS:
     def owned(self) -> bool:
         return bool(self.flags & F_OWNED)
 
-    def settings(self) -> tuple[str, int, int]:
-        return (self.scheduler, self.flags, self.timeout if self.flags & F_PERSISTENT else 0)
+    def settings(self) -> Settings:
+        return Settings(self.scheduler, self.flags, self.timeout if self.flags & F_PERSISTENT else 0)
 
 
 @dataclass(slots=True)
@@ -245,14 +280,21 @@ class DesiredState:
     def of(cls, servers: Iterable[VirtualServer], addresses: Iterable[str] = ()) -> DesiredState:
         return cls({vs.key: vs for vs in servers}, set(addresses))
 
-    def address_changes(self, have: set[str], scope: Iterable[VSKey] | None = None) -> tuple[set[str], set[str]]:
-        """(to bind, to unbind) against the addresses `have`. With `scope` only
+    def address_changes(self, have: set[str], scope: Scope = FULL) -> AddressChanges:
+        """(to bind, to unbind) against the addresses `have`. With a scope only
         the addresses of those virtual servers are compared: a desired address
         comes and goes only with a virtual server on it (DesiredIndex), so one
         outside the scope cannot have changed, and diffing every address would
         make each small sync cost O(cluster)."""
-        if scope is None:
-            return self.addresses - have, have - self.addresses
+        if scope is FULL:
+            return AddressChanges(self.addresses - have, have - self.addresses)
         addrs = {key.address for key in scope}
-        return ({a for a in addrs if a in self.addresses and a not in have},
-                {a for a in addrs if a in have and a not in self.addresses})
+        return AddressChanges({a for a in addrs if a in self.addresses and a not in have},
+                              {a for a in addrs if a in have and a not in self.addresses})
+
+
+class AddressChanges(NamedTuple):
+    """Addresses to bind and to unbind."""
+
+    bind: set[str]
+    unbind: set[str]

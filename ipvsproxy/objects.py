@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from .model import Protocol, canonical_ip, family_of
@@ -40,11 +41,24 @@ class ServicePort:
     node_port: int = 0
 
 
+class ServiceType(StrEnum):
+    """A Service's spec.type."""
+
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_NAME = "ExternalName"
+
+    @property
+    def has_node_ports(self) -> bool:
+        return self in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER)
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     namespace: str
     name: str
-    type: str = "ClusterIP"
+    type: ServiceType = ServiceType.CLUSTER_IP
     cluster_ips: tuple[str, ...] = ()
     external_ips: tuple[str, ...] = ()
     lb_ips: tuple[str, ...] = ()
@@ -198,9 +212,10 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
     where = f"Service {ns}/{name}"
     spec = _mapping(obj.get("spec"))
     problems: list[str] = []
-    stype = spec.get("type") or "ClusterIP"
-    if stype not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
-        raise InvalidObject(f"{where}: unknown type {stype!r}")
+    try:
+        stype = ServiceType(spec.get("type") or "ClusterIP")
+    except ValueError:
+        raise InvalidObject(f"{where}: unknown type {spec.get('type')!r}") from None
     raw_ips = _list(spec.get("clusterIPs")) or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     headless = any(str(ip) == "None" for ip in raw_ips)
     cluster_ips = () if headless else _ips(raw_ips, f"{where} clusterIPs", problems)
@@ -247,9 +262,9 @@ def parse_service(obj: Any) -> tuple[Service, list[str]]:
     # kube-proxy's ExternalPolicyLocal (pkg/api/v1/service/util.go): NodePort and
     # LoadBalancer Services, and any Service with externalIPs (a ClusterIP one too).
     external_local = spec.get("externalTrafficPolicy") == "Local" and (
-        stype in ("NodePort", "LoadBalancer") or bool(external_ips))
+        stype.has_node_ports or bool(external_ips))
     hcnp = 0
-    if stype == "LoadBalancer" and external_local:  # NeedsHealthCheck
+    if stype == ServiceType.LOAD_BALANCER and external_local:  # NeedsHealthCheck
         raw_hc = spec.get("healthCheckNodePort")
         hcnp = _port(raw_hc) or 0
         if raw_hc is not None and not hcnp:

@@ -3,7 +3,7 @@
 Pure. It never proposes a change to something ipvsproxy does not own (a
 virtual server without the ownership mark, or inside --exclude-cidrs), except
 taking over a foreign virtual server that sits on an address a Service now
-claims, which it marks with a note so the caller logs it.
+claims, which it marks with a note (OpNote.ADOPT) so the caller logs it.
 
 TCP real servers that are no longer wanted are drained (weight 0) and removed
 once they have no active connections or their grace period has run out; UDP and
@@ -13,24 +13,33 @@ that changed, so a one-endpoint change costs one comparison, not a cluster.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from .model import (
+    FULL,
     DesiredState,
     ObservedReal,
     ObservedState,
     ObservedVS,
     Protocol,
     Real,
+    Scope,
     ServiceRef,
     VirtualServer,
     VSKey,
     join_host_port,
 )
 
-DrainKey = tuple[VSKey, str, int]
+
+class DrainKey(NamedTuple):
+    """One draining real server of one virtual server."""
+
+    key: VSKey
+    address: str
+    port: int
 
 
 class OpKind(StrEnum):
@@ -47,6 +56,17 @@ class OpKind(StrEnum):
 _ORDER = {k: i for i, k in enumerate(OpKind)}
 
 
+class OpNote(StrEnum):
+    """Why an operation is there, where that matters to the caller (and to the log)."""
+
+    NONE = ""
+    DRAIN = "drain"  # a TCP real server set to weight 0: the reconciler times its drain
+    DRAINED = "drained"  # a drained real server deleted
+    RESTORE = "restore"  # a draining real server wanted again
+    FLUSH = "flush"  # a UDP/SCTP real server deleted at once: its conntrack entries go too
+    ADOPT = "adopt foreign"  # a foreign virtual server on an address a Service claims, taken over
+
+
 @dataclass(frozen=True, slots=True)
 class Op:
     """One change to the dataplane."""
@@ -57,7 +77,7 @@ class Op:
     real: Real | None = None
     address: str | None = None
     service: ServiceRef | None = None
-    note: str = ""
+    note: OpNote = OpNote.NONE
 
     def __str__(self) -> str:
         if self.kind in (OpKind.BIND, OpKind.UNBIND):
@@ -100,7 +120,7 @@ def _plan_reals(vs: VirtualServer, obs: ObservedVS | None, drain: DrainPolicy) -
         if o is None:
             ops.append(Op(OpKind.ADD_RS, vs.key, real=r, service=vs.service))
         elif o.weight != r.weight:
-            note = "restore" if o.weight == 0 else ""
+            note = OpNote.RESTORE if o.weight == 0 else OpNote.NONE
             ops.append(Op(OpKind.EDIT_RS, vs.key, real=r, service=vs.service, note=note))
     tcp = vs.key.protocol == Protocol.TCP
     for addr_port, o in have.items():
@@ -108,12 +128,12 @@ def _plan_reals(vs: VirtualServer, obs: ObservedVS | None, drain: DrainPolicy) -
             continue
         real = Real(o.address, o.port, 0)
         if not tcp:
-            ops.append(Op(OpKind.DEL_RS, vs.key, real=real, service=vs.service, note="flush"))
-        elif o.active == 0 or drain.expired((vs.key, o.address, o.port)):
-            note = "drained" if o.weight == 0 else ""
+            ops.append(Op(OpKind.DEL_RS, vs.key, real=real, service=vs.service, note=OpNote.FLUSH))
+        elif o.active == 0 or drain.expired(DrainKey(vs.key, o.address, o.port)):
+            note = OpNote.DRAINED if o.weight == 0 else OpNote.NONE
             ops.append(Op(OpKind.DEL_RS, vs.key, real=real, service=vs.service, note=note))
         elif o.weight != 0:
-            ops.append(Op(OpKind.EDIT_RS, vs.key, real=real, service=vs.service, note="drain"))
+            ops.append(Op(OpKind.EDIT_RS, vs.key, real=real, service=vs.service, note=OpNote.DRAIN))
     return ops
 
 
@@ -121,7 +141,7 @@ def plan(
     desired: DesiredState,
     observed: ObservedState,
     *,
-    scope: Iterable[VSKey] | None = None,
+    scope: Scope = FULL,
     excluded: Callable[[str], bool] = lambda address: False,
     drain: DrainPolicy | None = None,
 ) -> list[Op]:
@@ -132,13 +152,13 @@ def plan(
     virtual server never exists without its address and an address is never
     taken away from a live virtual server.
 
-    With `scope`, only those virtual servers and the addresses they sit on
-    are compared (an incremental sync); without it, everything (a full sync,
+    With a scope, only those virtual servers and the addresses they sit on
+    are compared (an incremental sync); with FULL, everything (a full sync,
     which also repairs addresses bound or lost behind our back).
     """
     drain = drain or DrainPolicy()
-    keys = set(desired.services) | set(observed.services) if scope is None else set(scope)
-    bind, unbind = desired.address_changes(observed.addresses, None if scope is None else keys)
+    keys = set(desired.services) | set(observed.services) if scope is FULL else set(scope)
+    bind, unbind = desired.address_changes(observed.addresses, FULL if scope is FULL else keys)
     ops: list[Op] = []
     for key in keys:
         if excluded(key.address):
@@ -151,7 +171,7 @@ def plan(
         if obs is None:
             ops.append(Op(OpKind.ADD_VS, key, vs=vs, service=vs.service))
         elif not obs.owned:
-            ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service, note="adopt foreign"))
+            ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service, note=OpNote.ADOPT))
         elif obs.settings() != vs.settings():
             ops.append(Op(OpKind.EDIT_VS, key, vs=vs, service=vs.service))
         ops += _plan_reals(vs, obs, drain)
@@ -173,7 +193,7 @@ def pending_drains(desired: DesiredState, observed: ObservedState) -> list[Drain
         if vs is None or not obs.owned:
             continue
         want = {(r.address, r.port) for r in vs.reals}
-        out += [(key, a, p) for (a, p), o in obs.reals.items() if (a, p) not in want and o.weight == 0]
+        out += [DrainKey(key, a, p) for (a, p), o in obs.reals.items() if (a, p) not in want and o.weight == 0]
     return out
 
 

@@ -18,29 +18,31 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .dataplane.base import Dataplane, Failure
-from .model import DesiredState, ObservedState, VirtualServer, VSKey
+from .model import FULL, DesiredState, ObservedState, Scope, ServiceKind, VirtualServer, VSKey
 from .objects import Service
-from .plan import DrainKey, DrainPolicy, Op, OpKind, apply_op, pending_drains, plan
+from .plan import DrainKey, DrainPolicy, Op, OpKind, OpNote, apply_op, pending_drains, plan
 from .retry import Backoff, Failing, RetrySchedule
 from .schedulers import Registry
 from .tracker import Tracker
-from .translate import Config, Translation, translate_service
+from .translate import Config, HealthCheck, Translation, translate_service
 
 log = logging.getLogger(__name__)
 
-ProblemSink = Callable[[Service, str, str], None]  # (service, reason, message)
+# Who hears about a Service's problem (reason, message): the agent turns it into a
+# Warning Event on the Service (and a metric). The one name for this callback.
+EventPoster = Callable[[Service, str, str], None]
 
 
 class Firewall(Protocol):
     """Packet-filter companion to IPVS (dataplane/nft.py): kept in step with
     the desired state after every sync; returns the number of changes."""
 
-    def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int: ...
+    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int: ...
 
 
 class SyncError(RuntimeError):
@@ -81,7 +83,7 @@ class DesiredIndex:
         self.bind_refs: dict[str, int] = {}
 
     def _bindable(self, vs: VirtualServer) -> bool:
-        return vs.bind and vs.service is not None and vs.service.kind != "NodePort"
+        return vs.bind and vs.service is not None and vs.service.kind != ServiceKind.NODE_PORT
 
     def _ref(self, vs: VirtualServer, delta: int) -> None:
         if not self._bindable(vs):
@@ -94,9 +96,8 @@ class DesiredIndex:
             self.bind_refs.pop(vs.key.address, None)
             self.state.addresses.discard(vs.key.address)
 
-    def update(self, sid: str, servers: Iterable[VirtualServer]) -> tuple[set[VSKey], set[str], list[str]]:
-        """Set one Service's virtual servers. Returns (keys touched, Services to
-        re-translate because a key they wanted is free now, conflict messages)."""
+    def update(self, sid: str, servers: Iterable[VirtualServer]) -> IndexUpdate:
+        """Set one Service's virtual servers."""
         touched: set[VSKey] = set()
         freed_for: set[str] = set()
         problems: list[str] = []
@@ -130,7 +131,33 @@ class DesiredIndex:
         if mine:
             self.keys_of[sid] = tuple(mine)
         freed_for.discard(sid)
-        return touched, freed_for, problems
+        return IndexUpdate(touched, freed_for, problems)
+
+
+class IndexUpdate(NamedTuple):
+    """What setting one Service's virtual servers changed."""
+
+    touched: set[VSKey]  # keys added, changed or removed
+    freed_for: set[str]  # Services to re-translate: a key they wanted is free now
+    problems: list[str]  # conflict messages
+
+
+class Computed(NamedTuple):
+    """A planned sync, not yet applied."""
+
+    ops: list[Op]
+    full: bool
+    seen: dict[str, float]  # Service id -> when its change was first seen
+    translated: int  # Services re-translated
+
+
+@dataclass(slots=True)
+class _Refused:
+    """The operations refused for one Service (or unowned object) in one sync."""
+
+    messages: list[str] = field(default_factory=list)
+    keys: set[VSKey] = field(default_factory=set)
+    addresses: set[str] = field(default_factory=set)
 
 
 class Reconciler:
@@ -145,7 +172,7 @@ class Reconciler:
         *,
         excluded: Callable[[str], bool] = lambda a: False,
         grace: float = 30.0,
-        on_problem: ProblemSink | None = None,
+        on_problem: EventPoster | None = None,
         dry_run: bool = False,
         firewall: Firewall | None = None,
         backoff: Backoff | None = None,
@@ -153,7 +180,7 @@ class Reconciler:
     ) -> None:
         self.firewall = firewall
         self.clock = clock
-        self.changed_keys: set[VSKey] | None = None  # what the last compute() re-translated (None: full)
+        self.changed_keys: Scope = FULL  # what the last compute() re-translated
         self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
         self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
         self.index = DesiredIndex()
@@ -175,12 +202,11 @@ class Reconciler:
         # The node's own addresses (every interface but the dummy one), re-read
         # on full syncs: an external address among them is never bound (rule 5).
         self.local_addresses: frozenset[str] = frozenset()
-        # Service id -> (healthCheckNodePort, local ready endpoints), for the
-        # health-check node ports (rule 1); only Services that have one.
-        self.health_checks: dict[str, tuple[int, int]] = {}
+        # Service id -> its health-check node port (rule 1); only Services that have one.
+        self.health_checks: dict[str, HealthCheck] = {}
 
     # ---- translation ------------------------------------------------------
-    def _translate(self, sid: str) -> tuple[set[VSKey], set[str]]:
+    def _translate(self, sid: str) -> IndexUpdate:
         svc = self.tracker.services.get(sid)
         t = Translation()
         if svc is not None:
@@ -195,10 +221,10 @@ class Reconciler:
             self.health_checks[sid] = t.health
         else:
             self.health_checks.pop(sid, None)
-        touched, freed_for, problems = self.index.update(sid, t.servers)
-        for p in t.problems + problems:
+        update = self.index.update(sid, t.servers)
+        for p in t.problems + update.problems:
             log.warning("%s", p)
-        return touched, freed_for
+        return update
 
     def _report_scheduler(self, svc: Service, problem: str | None) -> None:
         """Warn once per change of the problem, not once per sync."""
@@ -223,13 +249,13 @@ class Reconciler:
             if sid in done:
                 continue
             done.add(sid)
-            touched, freed_for = self._translate(sid)
-            scope |= touched
-            todo += freed_for - done
+            update = self._translate(sid)
+            scope |= update.touched
+            todo += update.freed_for - done
         return scope
 
     # ---- syncing ----------------------------------------------------------
-    def compute(self, full: bool = False) -> tuple[list[Op], bool, dict[str, float], int]:
+    def compute(self, full: bool = False) -> Computed:
         """Translate pending changes and plan; nothing is applied."""
         if full or self.need_full:
             self._read_local_addresses()
@@ -247,21 +273,21 @@ class Reconciler:
         # servers to re-plan (an address no Service claims waits for the next full sync).
         self._attempted = released if full else [f for f in released
                                                   if f.unit in dirty or self._retry_scope([f])]
-        self.changed_keys = None if full else translated
+        self.changed_keys = FULL if full else translated
         if full:
             self.cache = self.dp.observe()
             for dk in pending_drains(self.index.state, self.cache):
                 self.drain_started.setdefault(dk, now)
         else:
-            scope |= {k for k, _, _ in self.drain_started}
+            scope |= {dk.key for dk in self.drain_started}
             self.cache.services = {k: o for k, o in self.dp.observe_keys(scope).items() if o is not None}
         drain = DrainPolicy(self.grace, now, self.drain_started)
-        ops = plan(self.index.state, self.cache, scope=None if full else scope,
+        ops = plan(self.index.state, self.cache, scope=FULL if full else scope,
                    excluded=self.excluded, drain=drain)
         if held_keys or held_addresses:  # Services in backoff wait for their turn, even in a full sync
             ops = [op for op in ops if op.key not in held_keys and op.address not in held_addresses]
         self.cache.services = {}  # planned: only the addresses are kept (see __init__)
-        return ops, full, dict(self.pending_seen), len(dirty)
+        return Computed(ops, full, dict(self.pending_seen), len(dirty))
 
     def _read_local_addresses(self) -> None:
         """Re-read the node's own addresses; when they changed, every Service
@@ -297,7 +323,7 @@ class Reconciler:
     def _account(self, report: SyncReport, now: float) -> None:
         """Record refused operations per Service: backoff, one warning (and Event)
         per change of the problem; forget the Services whose retry went through."""
-        grouped: dict[str, tuple[list[str], set[VSKey], set[str]]] = {}
+        grouped: dict[str, _Refused] = {}
         by_address: dict[str, set[str]] = {}  # Services on each failed address (one walk, not one per op)
         failed_addresses = {f.op.address for f in report.failures if f.op.address}
         if failed_addresses:
@@ -306,21 +332,22 @@ class Reconciler:
                     by_address.setdefault(k.address, set()).add(vs.service.service_id)
         for f in report.failures:
             for unit in self._units_of(f.op, by_address):
-                msgs, keys, addresses = grouped.setdefault(unit, ([], set(), set()))
-                msgs.append(f.message)
+                refused = grouped.setdefault(unit, _Refused())
+                refused.messages.append(f.message)
                 if f.op.kind is OpKind.BIND or f.op.kind is OpKind.UNBIND:
-                    addresses.add(f.op.address or "")
+                    refused.addresses.add(f.op.address or "")
                 elif f.op.key is not None:
-                    keys.add(f.op.key)
+                    refused.keys.add(f.op.key)
         for retried in self._attempted:
             if retried.unit not in grouped and self.retries.succeeded(retried.unit) is not None:
                 report.recovered.append(retried.unit)
                 log.info("%s: programmed after %d failed attempt(s)", retried.unit, retried.attempts)
         self._attempted = []
-        for unit, (msgs, keys, addresses) in grouped.items():
+        for unit, refused in grouped.items():
+            msgs = refused.messages
             message = msgs[0] if len(msgs) == 1 else f"{msgs[0]} (and {len(msgs) - 1} more)"
             old = self.retries.failing.get(unit)
-            rec = self.retries.failed(unit, message, keys, addresses, now)
+            rec = self.retries.failed(unit, message, refused.keys, refused.addresses, now)
             report.service_failures[unit] = message
             text = f"kernel refused {message}; attempt {rec.attempts}, next in {rec.due - now:.0f}s"
             log.error("%s: %s", unit, text)
@@ -380,20 +407,20 @@ class Reconciler:
         report.latencies = [done - t for t in seen.values()]
         self.pending_seen.clear()
         for op in ops:
-            if op.note == "adopt foreign":
+            if op.note == OpNote.ADOPT:
                 log.warning("took over foreign virtual server %s: Service %s claims it",
                             op.key, op.service)
         return report
 
     def _track_drain(self, op: Op, now: float) -> None:
         if op.kind is OpKind.DEL_VS:  # a deleted virtual server takes its draining reals with it
-            for k in [k for k in self.drain_started if k[0] == op.key]:
+            for k in [k for k in self.drain_started if k.key == op.key]:
                 del self.drain_started[k]
             return
         if op.key is None or op.real is None:
             return
-        dk = (op.key, op.real.address, op.real.port)
-        if op.kind is OpKind.EDIT_RS and op.note == "drain":
+        dk = DrainKey(op.key, op.real.address, op.real.port)
+        if op.kind is OpKind.EDIT_RS and op.note == OpNote.DRAIN:
             self.drain_started.setdefault(dk, now)
         elif op.kind in (OpKind.DEL_RS, OpKind.EDIT_RS, OpKind.ADD_RS):
             self.drain_started.pop(dk, None)

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .objects import (
     EndpointSlice,
@@ -36,6 +36,18 @@ log = logging.getLogger(__name__)
 ProblemHook = Callable[[str, str, str, str], None]  # (kind, namespace, name, message)
 
 
+class GroupKey(NamedTuple):
+    """The object a group of slices comes from: one EndpointSlice, or one
+    core/v1 Endpoints object (mirrored into slices)."""
+
+    kind: str  # "EndpointSlice" | "Endpoints"
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
 def object_key(obj: Any) -> tuple[str, str]:
     """(namespace, name) of a raw object, as the tracker files it ("default" when unnamespaced)."""
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
@@ -50,9 +62,8 @@ class Tracker:
         self.node_name = node_name
         self.on_problem = on_problem
         self.services: dict[str, Service] = {}
-        # slices by the object they come from: "EndpointSlice ns/name" or "Endpoints ns/name"
-        self.groups: dict[str, list[EndpointSlice]] = {}
-        self.slices_of: dict[str, tuple[str, ...]] = {}  # service id -> group ids (tuples: small)
+        self.groups: dict[GroupKey, list[EndpointSlice]] = {}  # slices by the object they come from
+        self.slices_of: dict[str, tuple[GroupKey, ...]] = {}  # service id -> groups (tuples: small)
         self.node: Node | None = None
         self.listed: set[str] = set()
         self._dirty: dict[str, float] = {}  # service id -> first seen (monotonic)
@@ -82,11 +93,11 @@ class Tracker:
                         self._mark(svc.id)
                 elif kind == "EndpointSlice":
                     sl, problems = parse_endpointslice(obj)
-                    self._set_slices(f"EndpointSlice {sl.id}", [sl])
+                    self._set_slices(GroupKey("EndpointSlice", sl.namespace, sl.name), [sl])
                 elif kind == "Endpoints":
                     slices, problems = parse_endpoints(obj)
                     ns, name = object_key(obj)
-                    self._set_slices(f"Endpoints {ns}/{name}", slices, f"{ns}/{name}")
+                    self._set_slices(GroupKey("Endpoints", ns, name), slices, f"{ns}/{name}")
                 elif kind == "Node":
                     node, problems = parse_node(obj)
                     if node.name != self.node_name:
@@ -103,7 +114,7 @@ class Tracker:
             for p in problems:
                 self._problem(kind, obj, p)
 
-    def _set_slices(self, group: str, slices: list[EndpointSlice], service_id: str = "") -> None:
+    def _set_slices(self, group: GroupKey, slices: list[EndpointSlice], service_id: str = "") -> None:
         """Replace the slices one object contributes (one EndpointSlice, or an
         Endpoints object's mirrored slices) and mark the Services affected."""
         old = self.groups.get(group, [])
@@ -136,7 +147,7 @@ class Tracker:
                 if self.services.pop(sid, None) is not None:
                     self._mark(sid)
             elif kind in ("EndpointSlice", "Endpoints"):
-                self._set_slices(f"{kind} {sid}", [])
+                self._set_slices(GroupKey(kind, namespace, name), [])
             elif kind == "Node" and name == self.node_name and self.node is not None:
                 self.node = None
                 self._all_dirty = self._all_dirty or time.monotonic()
@@ -164,12 +175,7 @@ class Tracker:
         if kind == "Service":
             return {(s.namespace, s.name) for s in self.services.values()}
         if kind in ("EndpointSlice", "Endpoints"):
-            prefix = kind + " "
-            return {
-                (ns, name)
-                for g in self.groups if g.startswith(prefix)
-                for ns, name in [g[len(prefix):].split("/", 1)]
-            }
+            return {(g.namespace, g.name) for g in self.groups if g.kind == kind}
         if kind == "Node" and self.node is not None:
             return {("default", self.node.name)}
         return set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .model import (
     AF_INET,
@@ -18,12 +19,13 @@ from .model import (
     DesiredState,
     EndpointMap,
     Real,
+    ServiceKind,
     ServiceRef,
     VirtualServer,
     VSKey,
     family_of,
 )
-from .objects import Endpoint, EndpointSlice, Node, Service, ServicePort
+from .objects import Endpoint, EndpointSlice, Node, Service, ServicePort, ServiceType
 from .schedulers import Registry
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,6 +40,14 @@ class Config:
     nodeport_cidrs: tuple[IPNetwork, ...] = ()
 
 
+class HealthCheck(NamedTuple):
+    """A health-check node port (rule 1): a LoadBalancer Service with
+    externalTrafficPolicy Local and its healthCheckNodePort."""
+
+    port: int
+    local_endpoints: int  # local ready endpoints, the count the port reports
+
+
 @dataclass(slots=True)
 class Translation:
     """The virtual servers of one Service and what went wrong on the way."""
@@ -46,9 +56,7 @@ class Translation:
     addresses: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     scheduler_problem: str | None = None
-    # (healthCheckNodePort, local ready endpoints) for a LoadBalancer Service
-    # with externalTrafficPolicy Local and a health-check node port (rule 1).
-    health: tuple[int, int] | None = None
+    health: HealthCheck | None = None
 
 
 def node_addresses(node: Node | None, cidrs: Sequence[IPNetwork]) -> list[str]:
@@ -159,14 +167,14 @@ def translate_service(
     out = Translation()
     # kube-proxy ShouldSkipService: ExternalName, and no cluster IP ("" or None),
     # skip the whole Service, NodePorts and externalIPs included.
-    if svc.type == "ExternalName" or svc.headless or not svc.cluster_ips:
+    if svc.type == ServiceType.EXTERNAL_NAME or svc.headless or not svc.cluster_ips:
         return out
     choice = registry.choose(svc.scheduler, svc.scheduler_flags, cfg.scheduler, usable)
     if choice.problem:
         out.scheduler_problem = f"Service {svc.id}: {choice.problem}; using {choice.scheduler!r}"
     slices = list(slices)
     if svc.health_check_node_port:
-        out.health = (svc.health_check_node_port, local_ready_endpoints(svc, slices, cfg.node_name))
+        out.health = HealthCheck(svc.health_check_node_port, local_ready_endpoints(svc, slices, cfg.node_name))
     node_addrs = node.addresses if node is not None else ()
     # A Service lives only in the families it has a cluster IP for (kube-proxy
     # serviceToServiceMap: no ClusterIP of the proxier's family, no service).
@@ -174,7 +182,7 @@ def translate_service(
     for ip in (*svc.external_ips, *svc.lb_ips):
         if family_of(ip) not in families:
             out.problems.append(f"Service {svc.id}: {ip} is not of the Service's IP families; ignored")
-    np_addrs = node_addresses(node, cfg.nodeport_cidrs) if svc.type in ("NodePort", "LoadBalancer") else []
+    np_addrs = node_addresses(node, cfg.nodeport_cidrs) if svc.type.has_node_ports else []
     for sp in svc.ports:
         for family in families:
             cands = _candidates(slices, sp, family)
@@ -188,17 +196,18 @@ def translate_service(
             external = (local or cluster) if svc.external_local else cluster
             inner = _reals(internal)  # one map shared by every address that uses the same endpoints
             picked = {False: inner, True: inner if external is internal else _reals(external)}
-            vips = [(ip, "ClusterIP", False) for ip in svc.cluster_ips]
-            vips += [(ip, "ExternalIP", True) for ip in svc.external_ips]
-            vips += [(ip, "LoadBalancer", True) for ip in svc.lb_ips]
+            vips = [(ip, ServiceKind.CLUSTER_IP, False) for ip in svc.cluster_ips]
+            vips += [(ip, ServiceKind.EXTERNAL_IP, True) for ip in svc.external_ips]
+            vips += [(ip, ServiceKind.LOAD_BALANCER, True) for ip in svc.lb_ips]
             if sp.node_port:
-                vips += [(ip, "NodePort", True) for ip in np_addrs]
+                vips += [(ip, ServiceKind.NODE_PORT, True) for ip in np_addrs]
             for ip, kind, is_external in vips:
                 if family_of(ip) != family:
                     continue
-                port = sp.node_port if kind == "NodePort" else sp.port
+                node_port = kind == ServiceKind.NODE_PORT
+                port = sp.node_port if node_port else sp.port
                 rs, eps = picked[is_external]
-                bind = kind != "NodePort" and ip not in local_addresses and ip not in node_addrs
+                bind = not node_port and ip not in local_addresses and ip not in node_addrs
                 out.servers.append(
                     VirtualServer(
                         key=VSKey(family, sp.protocol, ip, port),
@@ -208,7 +217,7 @@ def translate_service(
                         reals=rs,
                         service=ServiceRef(svc.namespace, svc.name, sp.name, kind),
                         local=svc.external_local if is_external else svc.internal_local,
-                        source_ranges=svc.source_ranges if kind == "LoadBalancer" else (),
+                        source_ranges=svc.source_ranges if kind == ServiceKind.LOAD_BALANCER else (),
                         endpoints=eps,
                         bind=bind,
                         local_origin_only=is_external and fallback,

@@ -62,7 +62,7 @@ def build(
             "portName": ref.port_name if ref else None,
             "type": ref.kind if ref else None,
             "owner": "ipvsproxy" if vs.owned else "foreign",
-            "protocol": Protocol(key.protocol).name if key.protocol in (6, 17, 132) else str(key.protocol),
+            "protocol": Protocol.name_of(key.protocol) or str(key.protocol),
             "address": key.address,
             "port": key.port,
             "scheduler": vs.scheduler,

@@ -13,11 +13,11 @@ the table is not counted as the agent's memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..dataplane.base import Counters, Dataplane, Failure
-from ..model import DesiredState, ObservedState, ObservedVS, VSKey
+from ..model import FULL, DesiredState, ObservedState, ObservedVS, Scope, VSKey
 from ..plan import Op
 from ..reconcile import Firewall
 
@@ -92,7 +92,7 @@ class TimedFirewall:
         self.inner = inner
         self.seconds = 0.0
 
-    def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int:
+    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int:
         t = time.perf_counter()
         try:
             return self.inner.sync(desired, scope)

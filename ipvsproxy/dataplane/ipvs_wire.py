@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
 
+from ..model import Protocol
 from .netlink_wire import NLA as _NLA
 from .netlink_wire import U32 as _U32
 from .netlink_wire import Counters, NetlinkWire, nla, open_socket
@@ -80,7 +81,6 @@ _MSG_DEST_AF = struct.Struct("=IHHIIBBH48sHH" + _DEST_BODY + "HHH2x")
 _MSG_DEST_ID = struct.Struct("=IHHIIBBH48sHH" "HH16s" "HHH2x")
 _MSG_DEST_ID_AF = struct.Struct("=IHHIIBBH48sHH" "HH16s" "HHH2x" "HHH2x")
 
-_PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
 
 T = TypeVar("T")
 
@@ -186,7 +186,7 @@ def _hostport(family: int, address: str, port: int) -> str:
 
 
 def _svc_str(svc: Svc) -> str:
-    proto = _PROTO_NAMES.get(svc.protocol, f"proto {svc.protocol}")
+    proto = Protocol.name_of(svc.protocol) or f"proto {svc.protocol}"
     return f"{proto} {_hostport(svc.family, svc.address, svc.port)}"
 
 

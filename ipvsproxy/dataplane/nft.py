@@ -39,12 +39,12 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig
-from ..model import DesiredState, VirtualServer, VSKey, canonical_ip
+from ..model import FULL, DesiredState, Protocol, Scope, ServiceKind, VirtualServer, VSKey, canonical_ip
 
 if TYPE_CHECKING:
     from .nft_wire import NftWire
@@ -60,8 +60,6 @@ NftRunner = Callable[[dict[str, Any]], dict[str, Any]]
 Elem = tuple[Any, ...]
 ElementReader = Callable[["SetSpec"], set[Elem]]  # one set's elements, as the kernel holds them
 
-_PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
-_PROTO_NUMBERS = {v: k for k, v in _PROTO_NAMES.items()}
 
 
 class NftError(RuntimeError):
@@ -286,8 +284,13 @@ def _elem_json(value: Any) -> Any:
     return value
 
 
+def _proto_name(number: int) -> str | int:
+    name = Protocol.name_of(number)
+    return name.lower() if name else number
+
+
 def _to_json(elem: Elem) -> Any:
-    parts = [_PROTO_NAMES.get(x, x) if i == 1 and isinstance(x, int) else x for i, x in enumerate(elem)]
+    parts = [_proto_name(x) if i == 1 and isinstance(x, int) else x for i, x in enumerate(elem)]
     if len(parts) == 1:
         return _elem_json(parts[0])
     return {"concat": [_elem_json(p) for p in parts]}
@@ -305,8 +308,8 @@ def _value_from_json(value: Any, cidr: bool) -> Any:
         nets = list(ipaddress.summarize_address_range(lo, hi))
         return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"
     if isinstance(value, str):
-        if value in _PROTO_NUMBERS:
-            return _PROTO_NUMBERS[value]
+        if value in ("tcp", "udp", "sctp"):  # nft spells protocols in lower case
+            return int(Protocol.parse(value))
         try:
             ip = ipaddress.ip_address(value)
         except ValueError:
@@ -410,13 +413,13 @@ class NftFirewall:
     def _contribution(self, vs: VirtualServer) -> list[tuple[str, Elem]]:
         """The (set, element) pairs one virtual server needs."""
         addr, proto, port = vs.key.address, vs.key.protocol, vs.key.port
-        if proto not in _PROTO_NAMES or self.cfg.excluded(addr):
+        if Protocol.name_of(proto) is None or self.cfg.excluded(addr):
             return []
         v = 6 if ":" in addr else 4
         key = (addr, proto, port)
-        kind = vs.service.kind if vs.service is not None else "ClusterIP"
+        kind = vs.service.kind if vs.service is not None else ServiceKind.CLUSTER_IP
         out: list[tuple[str, Elem]] = [(f"services{v}", key)]
-        if kind != "NodePort" and vs.bind:  # a node's own address is no VIP: its other ports stay open
+        if kind != ServiceKind.NODE_PORT and vs.bind:  # a node's own address is no VIP: its other ports stay open
             out.append((f"vips{v}", (addr,)))
         if vs.local_origin_only:
             out.append((f"nolocal{v}", key))
@@ -425,13 +428,13 @@ class NftFirewall:
                 out.append((f"masq_any{v}", key))
             elif self._has_cluster[v]:
                 out.append((f"masq{v}", key))
-            elif kind != "ClusterIP":
+            elif kind != ServiceKind.CLUSTER_IP:
                 # No cluster CIDR known for this family: as kube-proxy does,
                 # external kinds are masqueraded from anywhere, ClusterIPs not.
                 out.append((f"masq_any{v}", key))
         out += [(f"hairpin{v}", (r.address, proto, r.port, r.address))
                 for r in vs.reals if (":" in r.address) == (v == 6)]
-        if kind == "LoadBalancer" and vs.source_ranges:
+        if kind == ServiceKind.LOAD_BALANCER and vs.source_ranges:
             nets = []
             for text in vs.source_ranges:
                 try:
@@ -449,9 +452,9 @@ class NftFirewall:
                 out += [(f"fw_allow{v}", (*key, n)) for n in _collapse(nets)]
         return out
 
-    def _count(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> dict[str, dict[Elem, bool]]:
+    def _count(self, desired: DesiredState, scope: Scope = FULL) -> dict[str, dict[Elem, bool]]:
         """Bring the counts to `desired`, looking only at virtual servers that
-        changed (all of them, or those in `scope`); returns the touched
+        changed (all of them, or those in a scope); returns the touched
         elements with whether each was wanted before."""
         touched: dict[str, dict[Elem, bool]] = {}
 
@@ -466,7 +469,7 @@ class NftFirewall:
                     counts.pop(elem, None)
 
         services = desired.services
-        keys: Iterable[VSKey] = services.keys() | self._vs.keys() if scope is None else scope
+        keys: Iterable[VSKey] = services.keys() | self._vs.keys() if scope is FULL else scope
         for key in keys:
             vs, old = services.get(key), self._vs.get(key)
             if old is vs:
@@ -603,19 +606,19 @@ class NftFirewall:
         self.reads += 1
         return cmds, nrules
 
-    def sync(self, desired: DesiredState, scope: Collection[VSKey] | None = None) -> int:
+    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int:
         """Bring the table in step with `desired` in one transaction; returns
         the number of element and rule changes (0: nothing was sent).
 
-        With `scope` (an incremental sync: the keys whose virtual servers may
+        With a scope (an incremental sync: the keys whose virtual servers may
         have changed) only those are looked at and only their elements are
         sent, so a change costs the change, never a read of the table.
-        Without it (a full sync) the kernel's table is read and diffed whole.
+        With FULL (a full sync) the kernel's table is read and diffed whole.
         A failed transaction raises; the table is then read again by the next
         sync, whatever its scope (the reconciler makes that one full).
         """
         touched = self._count(desired, scope)
-        if scope is None or not self._in_step:
+        if scope is FULL or not self._in_step:
             try:
                 cmds, changes = self._read(structure=not self._in_step)
             except NftError:

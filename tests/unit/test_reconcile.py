@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, F_OWNED, ObservedReal, ObservedVS, VSKey
+from ipvsproxy.model import AF_INET, F_OWNED, FULL, Full, ObservedReal, ObservedVS, VSKey
 from ipvsproxy.plan import OpKind
 from ipvsproxy.reconcile import Reconciler, Runner
 from ipvsproxy.schedulers import Registry
@@ -367,11 +367,11 @@ def test_no_mirror_of_the_kernel_table_is_kept_between_syncs() -> None:
 
 
 def test_firewall_hears_only_the_changed_keys_of_an_incremental_sync() -> None:
-    calls: list[tuple[int, set[VSKey] | None]] = []
+    calls: list[tuple[int, set[VSKey] | Full]] = []
 
     class Firewall:
-        def sync(self, desired: Any, scope: Any = None) -> int:
-            calls.append((len(desired.services), None if scope is None else set(scope)))
+        def sync(self, desired: Any, scope: Any = FULL) -> int:
+            calls.append((len(desired.services), FULL if scope is FULL else set(scope)))
             return 0
 
     tracker, dp, rec = setup(50, firewall=Firewall())
@@ -379,4 +379,4 @@ def test_firewall_hears_only_the_changed_keys_of_an_incremental_sync() -> None:
     tracker.upsert("EndpointSlice", eps("s7", ["198.18.1.8"]))
     rec.sync()
     rec.sync(full=True)
-    assert calls == [(50, None), (50, {key(7)}), (50, None)]
+    assert calls == [(50, FULL), (50, {key(7)}), (50, FULL)]
