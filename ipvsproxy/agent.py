@@ -17,6 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import AgentConfig
+from .core import NodeCore
 from .dataplane.base import Dataplane
 from .model import ServiceRef, VSKey
 from .objects import Service
@@ -24,7 +25,8 @@ from .observe import records
 from .observe.health import Health, healthz_route, is_loopback, livez_route, serve
 from .observe.metrics import Metrics, TrafficCollector
 from .observe.servicehealth import ServiceHealthServer
-from .reconcile import EventPoster, Firewall, Reconciler, Runner, SyncReport
+from .reconcile import EventPoster, Firewall, Reconciler, SyncReport
+from .runner import Runner
 from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
 from .tracker import Tracker
@@ -52,7 +54,9 @@ class Agent:
         stats_dataplane: Callable[[], Dataplane] | None = None,
         record_state: bool = True,
         firewall: Firewall | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.cfg, self.dp = cfg, dataplane
         self.registry = registry or default_registry()
         self.events = events
@@ -60,21 +64,24 @@ class Agent:
         self.source: KubeSource | None = None  # when the API is the source
         self.metrics = Metrics()
         self.health = Health(max_age=2 * cfg.sync_period + max(30.0, cfg.min_sync_period))
-        self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem)
+        self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem, clock=clock)
         self.reconciler = Reconciler(
             self.tracker, dataplane,
             Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses),
             self.registry, excluded=cfg.excluded, grace=cfg.drain_grace_period,
             on_problem=self._service_problem, dry_run=dry_run,
-            firewall=None if dry_run else firewall,
+            firewall=None if dry_run else firewall, clock=clock,
         )
-        self.runner = Runner(
-            self.reconciler, min_period=cfg.min_sync_period, sync_period=cfg.sync_period,
-            on_report=self._on_report, ready=self.tracker.ready,
+        self.core = NodeCore(
+            self.tracker, self.reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
+            on_report=self._on_report, ready=lambda: self.tracker.ready(self.source_kinds), clock=clock,
         )
+        # Woken by every change the tracker records; syncs at most once per --min-sync-period.
+        self.runner = Runner(self.core.tick, min_interval=cfg.min_sync_period,
+                             clock=clock, wake=self.tracker.changed)
         self.record_state = record_state and not dry_run
         self._record_dirty = False
-        self._record_written = 0.0
+        self._record_written = -1e9
         self._servers: list[Any] = []
         self._stop_source: Callable[[], None] | None = None
         self.stats_dataplane = stats_dataplane
@@ -128,13 +135,13 @@ class Agent:
         """Record Service names for `list`, at most every 5 s (it is O(cluster))."""
         if not self.record_state or not (self._record_dirty or force):
             return
-        if not force and time.monotonic() - self._record_written < 5:
+        if not force and self.clock() - self._record_written < 5:
             return
         try:
             records.write(self.cfg.state_dir, records.from_desired(self.reconciler.index.state,
                                                                    self.cfg.node_name))
             self._record_dirty = False
-            self._record_written = time.monotonic()
+            self._record_written = self.clock()
         except OSError as exc:
             log.warning("cannot record state in %s: %s", self.cfg.state_dir, exc)
             self.record_state = False
@@ -241,7 +248,6 @@ class Agent:
         self.serve_http()
         self.start_service_health()
         self.start_source()
-        self.runner.ready = lambda: self.tracker.ready(self.source_kinds)
         thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
         thread.start()
         try:
@@ -256,7 +262,12 @@ class Agent:
 
     def _signal_resync(self, signum: int, frame: FrameType | None) -> None:
         log.info("SIGHUP: full resync")
-        self.runner.request_full()
+        self.request_full()
+
+    def request_full(self) -> None:
+        """A full resync as soon as the runner may."""
+        self.core.request_full()
+        self.runner.poke()
 
     def stop(self) -> None:
         self.runner.stop()

@@ -7,16 +7,13 @@ just those. A full sync (start-up, every --sync-period, SIGHUP, after a sync
 that raised) dumps the whole kernel table and repairs drift. Operations the
 kernel refuses are accounted per Service (retry.py): that Service is retried
 with backoff and reported, the sync itself succeeds and the next one stays
-incremental. The :class:`Runner` adds timing: bursts coalesce to at most one
-sync per --min-sync-period, failures retry with backoff, draining real servers
-are re-checked.
+incremental. Timing (when to sync, full or not, backoff) is core.py's; the
+thread that waits is runner.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -370,7 +367,7 @@ class Reconciler:
         """One sync. Operations the kernel refuses are accounted per Service and
         do not fail it; raises (after applying what it could) when the dataplane
         or the firewall fails as a whole, and the next sync is then a full one."""
-        start = time.monotonic()
+        start = self.clock()
         self.syncs += 1
         try:
             ops, full, seen, translated = self.compute(full)
@@ -379,7 +376,7 @@ class Reconciler:
             raise
         report = SyncReport(full, translated, ops)
         if self.dry_run:
-            report.duration = time.monotonic() - start
+            report.duration = self.clock() - start
             return report
         try:
             report.failures = self.dp.apply(ops)
@@ -401,9 +398,9 @@ class Reconciler:
             except Exception as exc:
                 self.need_full = True
                 raise SyncError(f"nftables: {exc}") from exc
-        report.duration = time.monotonic() - start
+        done = self.clock()
+        report.duration = done - start
         self.need_full = False
-        done = time.monotonic()
         report.latencies = [done - t for t in seen.values()]
         self.pending_seen.clear()
         for op in ops:
@@ -428,104 +425,3 @@ class Reconciler:
     @property
     def draining(self) -> int:
         return len(self.drain_started)
-
-
-class Runner:
-    """Drives the reconciler: bounded frequency, periodic full resync, retries.
-
-    Like kube-proxy's BoundedFrequencyRunner: a change wakes it, but syncs are
-    at least `min_period` apart, so a burst of events becomes one sync.
-    """
-
-    def __init__(
-        self,
-        reconciler: Reconciler,
-        *,
-        min_period: float = 1.0,
-        sync_period: float = 30.0,
-        drain_check: float = 5.0,
-        on_report: Callable[[SyncReport | None, BaseException | None], None] | None = None,
-        ready: Callable[[], bool] | None = None,
-    ) -> None:
-        self.rec = reconciler
-        self.min_period, self.sync_period, self.drain_check = min_period, sync_period, drain_check
-        self.on_report = on_report
-        self.ready = ready or (lambda: True)
-        self.stop_event = threading.Event()
-        self.force_full = threading.Event()
-        self.failures = 0
-        self.last_success: float | None = None
-        self.last_error: str | None = None
-
-    def request_full(self) -> None:
-        self.force_full.set()
-        self.rec.tracker.changed.set()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.rec.tracker.changed.set()
-
-    def _backoff(self) -> float:
-        return min(self.min_period * 2.0 ** min(self.failures, 6), 60.0) * (0.5 + random.random())
-
-    def run(self) -> None:
-        """Loop until stop(): wait for a change or a timer, then sync."""
-        changed = self.rec.tracker.changed
-        last_sync = last_full = -1e9
-        backoff = 0.0
-        while not self.stop_event.is_set():
-            if not self.ready():  # the first sync waits for every kind to be listed
-                changed.wait(0.5)
-                changed.clear()
-                continue
-            now = time.monotonic()
-            due = [last_full + self.sync_period]
-            if self.rec.draining:
-                due.append(last_sync + self.drain_check)
-            if self.failures:
-                due.append(last_sync + backoff)
-            retry = self.rec.next_retry()
-            if retry is not None:  # a Service the kernel refused is due for another try
-                due.append(retry)
-            if self.rec.syncs == 0:
-                due.append(now)
-            wait_for = min(due) - now
-            if wait_for > 0 and not changed.is_set() and not self.force_full.is_set():
-                changed.wait(wait_for)
-            gap = last_sync + self.min_period - time.monotonic()
-            if gap > 0:
-                self.stop_event.wait(gap)  # coalesce a burst into one sync
-            if self.stop_event.is_set():
-                break
-            now = time.monotonic()
-            full = self.force_full.is_set() or now - last_full >= self.sync_period
-            self.force_full.clear()
-            last_sync = now
-            if full:
-                last_full = now
-            self._one(full)
-            backoff = self._backoff()
-
-    @property
-    def syncs_done(self) -> int:
-        return self.rec.syncs
-
-    def _one(self, full: bool) -> None:
-        try:
-            report = self.rec.sync(full)
-        except Exception as exc:  # any failure: keep serving the last good state, retry
-            self.failures += 1
-            self.last_error = str(exc)
-            log.error("sync failed (attempt %d): %s", self.failures, exc)
-            if self.on_report:
-                self.on_report(None, exc)
-            return
-        self.failures = 0
-        self.last_error = None
-        self.last_success = time.time()
-        if report.ops:
-            log.info("sync: %d services translated, %d operations in %.3fs%s",
-                     report.services_translated, len(report.ops), report.duration,
-                     " (full)" if report.full else "")
-        if self.on_report:
-            self.on_report(report, None)

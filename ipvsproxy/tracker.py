@@ -58,15 +58,17 @@ def object_key(obj: Any) -> tuple[str, str]:
 class Tracker:
     """Thread-safe store of records plus the set of Services that changed."""
 
-    def __init__(self, node_name: str, on_problem: ProblemHook | None = None) -> None:
+    def __init__(self, node_name: str, on_problem: ProblemHook | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.node_name = node_name
+        self.clock = clock  # first-seen times, for the network-programming latency
         self.on_problem = on_problem
         self.services: dict[str, Service] = {}
         self.groups: dict[GroupKey, list[EndpointSlice]] = {}  # slices by the object they come from
         self.slices_of: dict[str, tuple[GroupKey, ...]] = {}  # service id -> groups (tuples: small)
         self.node: Node | None = None
         self.listed: set[str] = set()
-        self._dirty: dict[str, float] = {}  # service id -> first seen (monotonic)
+        self._dirty: dict[str, float] = {}  # service id -> first seen (on the clock)
         self._all_dirty: float | None = None
         self._lock = threading.RLock()
         self.changed = threading.Event()
@@ -79,7 +81,7 @@ class Tracker:
             self.on_problem(kind, ns, name, message)
 
     def _mark(self, service_id: str) -> None:
-        self._dirty.setdefault(service_id, time.monotonic())
+        self._dirty.setdefault(service_id, self.clock())
         self.changed.set()
 
     def upsert(self, kind: str, obj: Any) -> None:
@@ -104,7 +106,7 @@ class Tracker:
                         return
                     if node != self.node:
                         self.node = node
-                        self._all_dirty = self._all_dirty or time.monotonic()
+                        self._all_dirty = self._all_dirty or self.clock()
                         self.changed.set()
                 else:
                     raise InvalidObject(f"{describe(obj)}: kind {kind!r} not handled")
@@ -150,7 +152,7 @@ class Tracker:
                 self._set_slices(GroupKey(kind, namespace, name), [])
             elif kind == "Node" and name == self.node_name and self.node is not None:
                 self.node = None
-                self._all_dirty = self._all_dirty or time.monotonic()
+                self._all_dirty = self._all_dirty or self.clock()
                 self.changed.set()
 
     def replace(self, kind: str, objects: Iterable[Any]) -> None:
@@ -190,7 +192,7 @@ class Tracker:
     def mark_all(self) -> None:
         """Everything needs re-translation (e.g. the node's own addresses changed)."""
         with self._lock:
-            self._all_dirty = self._all_dirty or time.monotonic()
+            self._all_dirty = self._all_dirty or self.clock()
             self.changed.set()
 
     # ---- reads (from the reconciler) --------------------------------------
@@ -205,7 +207,7 @@ class Tracker:
             dirty, self._dirty = self._dirty, {}
             everything = self._all_dirty is not None
             if everything:
-                first = self._all_dirty or time.monotonic()
+                first = self._all_dirty or self.clock()
                 for sid in self.services:
                     dirty.setdefault(sid, first)
             self._all_dirty = None

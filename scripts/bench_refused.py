@@ -62,16 +62,16 @@ def main() -> int:
     dp.setup()
     Path(f"/proc/sys/net/ipv6/conf/{DEV}/disable_ipv6").write_text("1")
     agent.health.started -= 10 * agent.health.max_age
-    runner = agent.runner
+    runner = agent.core
     failed = 0
-    runner._one(True)
+    runner.sync_now(True)
     failed += runner.failures > 0
     dumps = dp.counters.dumps
     t = time.monotonic()
     for n in range(a.syncs):
         tr.upsert("EndpointSlice", eps("v4", "IPv4", ["198.18.91.1", f"198.18.92.{n + 1}"]))
         before = runner.failures
-        runner._one(False)
+        runner.sync_now(False)
         failed += runner.failures > before
     wall = time.monotonic() - t
     ok, reason = agent.health.status()

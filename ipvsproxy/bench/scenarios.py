@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..core import NodeCore
 from ..dataplane.base import Dataplane
 from ..model import DesiredState, ObservedState
-from ..reconcile import Firewall, Reconciler, Runner, SyncReport
+from ..reconcile import Firewall, Reconciler, SyncReport
+from ..runner import Runner
 from ..schedulers import Registry, default_registry
 from ..tracker import Tracker
 from ..translate import Config, translate
@@ -61,12 +63,19 @@ class Context:
 
 @dataclass
 class Agentlet:
-    """The agent's state machine without its threads and HTTP servers."""
+    """The agent's core (core.NodeCore, what `ipvsproxy run` drives) on a timed dataplane."""
 
-    tracker: Tracker
-    rec: Reconciler
+    core: NodeCore
     dp: Timed
     fw: TimedFirewall | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.core.tracker
+
+    @property
+    def rec(self) -> Reconciler:
+        return self.core.reconciler
 
 
 def make_agent(ctx: Context, dp: Dataplane, firewall: Firewall | None = None) -> Agentlet:
@@ -74,7 +83,7 @@ def make_agent(ctx: Context, dp: Dataplane, firewall: Firewall | None = None) ->
     fw = TimedFirewall(firewall) if firewall is not None else None
     tracker = Tracker(NODE_NAME)
     rec = Reconciler(tracker, cast(Dataplane, timed), ctx.cfg, ctx.registry, grace=30.0, firewall=fw)
-    return Agentlet(tracker, rec, timed, fw)
+    return Agentlet(NodeCore(tracker, rec, sync_period=3600.0), timed, fw)
 
 
 def ingest(ctx: Context, tracker: Tracker) -> float:
@@ -300,7 +309,8 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
             reports.append((time.monotonic(), report))
         got.set()
 
-    runner = Runner(agent.rec, min_period=min_period, sync_period=3600.0, on_report=on_report)
+    agent.core.on_report, agent.core.min_period = on_report, min_period
+    runner = Runner(agent.core.tick, min_interval=min_period, wake=agent.tracker.changed)
     thread = threading.Thread(target=runner.run, name="bench-runner", daemon=True)
     thread.start()
     got.wait(600)  # the runner's first sync is a full one: not part of the measurement

@@ -65,8 +65,8 @@ def test_refused_ipv6_service_leaves_the_rest_incremental_and_the_node_healthy(a
     dp.setup()
     sysctl_set(f"net.ipv6.conf.{DEV}.disable_ipv6", 1)  # the kernel now refuses every IPv6 bind on it
     agent.health.started -= 10 * agent.health.max_age  # long past the start-up grace
-    runner = agent.runner
-    runner._one(True)
+    runner = agent.core
+    runner.sync_now(True)
     assert runner.failures == 0, runner.last_error
     assert "198.18.41.1:8080" in ipvsadm("-Ln", "-t", f"{GOOD}:80")
     assert agent.reconciler.failing == 1 and "bad/v6" in agent.reconciler.retries.failing
@@ -74,10 +74,10 @@ def test_refused_ipv6_service_leaves_the_rest_incremental_and_the_node_healthy(a
     dumps = dp.counters.dumps
     for n in range(12):
         agent.tracker.upsert("EndpointSlice", good_slice(["198.18.41.1", f"198.18.42.{n + 1}"]))
-        runner._one(False)
+        runner.sync_now(False)
         assert runner.failures == 0, runner.last_error
     agent.tracker.upsert("EndpointSlice", good_slice([backend.ipv4]))
-    runner._one(False)
+    runner.sync_now(False)
     full_dumps = dp.counters.dumps - dumps
     assert full_dumps == 0, f"{full_dumps} full dumps in 13 syncs"  # 13 before: one per sync
     assert http_get(GOOD, 80, timeout=5) == "good-a"  # the IPv4 Service follows its endpoints

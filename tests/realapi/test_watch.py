@@ -84,8 +84,8 @@ def test_compaction_410_relists_with_no_change_lost_or_repeated(
                 key("10.96.2.4"): rs("10.2.4.1")}
         wait_until(lambda: lv.dp.table("10.96.2.") == want, timeout=30, what="the changes after the relist")
         wait_until(lambda: lv.source.stats["relists_410"] >= 1, what="a 410 relist")
-        lv.agent.runner.request_full()
-        wait_until(lambda: not lv.agent.runner.force_full.is_set(), what="a full sync")
+        lv.agent.request_full()
+        wait_until(lambda: not lv.agent.core.full_requested, what="a full sync")
         ops = Counter((op.kind, op.key.address if op.key else op.address, op.real.address if op.real else "")
                       for op in lv.dp.ops(mark, "10.96.2."))
         # s1's real server goes with its virtual server, or just before it (the slice's delete seen first)

@@ -227,3 +227,16 @@ class CountingAddresses(set[str]):
         raise AssertionError("a scoped plan diffed every address")
 
     __rsub__ = __sub__
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.t = now
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds

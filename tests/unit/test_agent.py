@@ -1,5 +1,7 @@
 """The agent end to end on the memory dataplane: manifests re-read on change,
-/healthz and /metrics over real HTTP, stop leaves the table in place."""
+/healthz and /metrics over real HTTP, stop leaves the table in place.
+
+No sleeps: waits are for the agent's own sync reports (an Event set by each)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,18 +21,38 @@ from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import AF_INET, VSKey
 from ipvsproxy.observe.health import Health
+from tests.unit.factories import FakeClock
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WEB = VSKey(AF_INET, 6, "198.19.0.10", 80)
 
 
-def wait_for(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+class Synced:
+    """Wakes a waiting test on every sync the agent reports."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        inner = agent.core.on_report
+
+        def hook(report: Any, error: BaseException | None) -> None:
+            if inner is not None:
+                inner(report, error)
+            self.count += 1
+            self.event.set()
+
+        agent.core.on_report = hook
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """True once `cond` holds after some sync; False after `timeout` s without."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.event.wait(left)
+            self.event.clear()
+        return True
 
 
 def get(url: str) -> tuple[int, str]:
@@ -41,7 +64,7 @@ def get(url: str) -> tuple[int, str]:
 
 
 @pytest.fixture()
-def running(tmp_path: Path) -> Iterator[tuple[Agent, MemoryDataplane, Path]]:
+def running(tmp_path: Path) -> Iterator[tuple[Agent, MemoryDataplane, Path, Synced, threading.Thread]]:
     manifests = tmp_path / "m"
     shutil.copytree(EXAMPLES, manifests)
     cfg = AgentConfig(node_name="demo-node", from_files=(str(manifests),), min_sync_period=0.05,
@@ -49,33 +72,38 @@ def running(tmp_path: Path) -> Iterator[tuple[Agent, MemoryDataplane, Path]]:
                       state_dir=str(tmp_path / "state"))
     dp = MemoryDataplane()
     agent = Agent(cfg, dp, stats_dataplane=lambda: dp)
+    synced = Synced(agent)
     t = threading.Thread(target=agent.run, kwargs={"install_signals": False}, daemon=True)
     t.start()
-    assert wait_for(lambda: WEB in dp.state.services)
-    yield agent, dp, manifests
+    assert synced.wait_for(lambda: WEB in dp.state.services)
+    yield agent, dp, manifests, synced, t
     agent.stop()
     t.join(5)
     assert not t.is_alive()
+
+
+Running = tuple[Agent, MemoryDataplane, Path, Synced, threading.Thread]
 
 
 def port(agent: Agent, i: int) -> int:
     return int(agent._servers[i].server_address[1])
 
 
-def test_manifest_change_reaches_dataplane(running: tuple[Agent, MemoryDataplane, Path]) -> None:
-    agent, dp, manifests = running
+def test_manifest_change_reaches_dataplane(running: Running) -> None:
+    agent, dp, manifests, synced, _ = running
     web = manifests / "10-web.yaml"
     web.write_text(web.read_text().replace("198.18.1.13]", "198.18.1.14]"))
-    assert wait_for(lambda: ("198.18.1.14", 8080) in dp.state.services[WEB].reals)
+    assert synced.wait_for(lambda: ("198.18.1.14", 8080) in dp.state.services[WEB].reals)
     assert ("198.18.1.13", 8080) not in dp.state.services[WEB].reals
-    # a broken edit keeps what was programmed
+    # a broken edit keeps what was programmed: the re-read's listing wakes one more sync, which changes nothing
+    before = synced.count
     web.write_text("{{{ not yaml")
-    time.sleep(1.5)
+    assert synced.wait_for(lambda: synced.count > before)
     assert ("198.18.1.14", 8080) in dp.state.services[WEB].reals
 
 
-def test_healthz_and_metrics(running: tuple[Agent, MemoryDataplane, Path]) -> None:
-    agent, dp, _ = running
+def test_healthz_and_metrics(running: Running) -> None:
+    agent, dp, *_ = running
     code, body = get(f"http://127.0.0.1:{port(agent, 0)}/healthz")
     assert code == 200 and '"nodeEligible": true' in body
     dp.state.services[WEB].stats = {"conns": 42, "inpkts": 7, "outpkts": 6, "inbytes": 900, "outbytes": 800}
@@ -90,20 +118,22 @@ def test_healthz_and_metrics(running: tuple[Agent, MemoryDataplane, Path]) -> No
     assert 'direction="in"' in text and "ipvsproxy_network_programming_duration_seconds_bucket" in text
 
 
-def test_stop_leaves_kernel_state(running: tuple[Agent, MemoryDataplane, Path]) -> None:
-    agent, dp, _ = running
+def test_stop_leaves_kernel_state(running: Running) -> None:
+    agent, dp, _, _, thread = running
     before = set(dp.state.services)
     agent.stop()
-    time.sleep(0.3)
+    thread.join(5)
+    assert not thread.is_alive()  # run() returned: shutdown is done
     assert set(dp.state.services) == before and dp.state.addresses
 
 
 def test_health_goes_503_when_syncs_stop_succeeding() -> None:
-    h = Health(max_age=0.1)
+    clock = FakeClock()
+    h = Health(max_age=0.1, clock=clock)
     assert h.status()[0]
     h.success()
     assert h.status()[0]
     h.failure("netlink: Cannot allocate memory")
-    time.sleep(0.15)
+    clock.advance(0.15)
     ok, reason = h.status()
     assert not ok and "Cannot allocate memory" in reason

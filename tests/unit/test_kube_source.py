@@ -69,9 +69,9 @@ class Live(agentlab.Live):
         """A forced full sync has started after everything so far, and finished (so nothing is pending)."""
         for _ in range(2):  # the first may join a sync already under way
             before = self.syncs
-            self.agent.runner.request_full()
+            self.agent.request_full()
             wait_until(lambda: self.syncs > before, what="a forced sync")  # noqa: B023
-        wait_until(lambda: not self.agent.runner.force_full.is_set(), what="sync started")
+        wait_until(lambda: not self.agent.core.full_requested, what="sync started")
 
     def watch_requests(self, path: str) -> list[dict[str, str]]:
         return [q for m, p, q in list(self.api.requests) if m == "GET" and p == path and q.get("watch") == "true"]

@@ -1,20 +1,18 @@
-"""The reconciler and runner on the in-memory dataplane: incremental work,
-coalescing, retries, drift repair, drains, and Events once per change."""
+"""The reconciler on the in-memory dataplane: incremental work, retries, drift repair,
+drains, and Events once per change."""
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import AF_INET, F_OWNED, FULL, Full, ObservedReal, ObservedVS, VSKey
 from ipvsproxy.plan import OpKind
-from ipvsproxy.reconcile import Reconciler, Runner
+from ipvsproxy.reconcile import Reconciler
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
-from tests.unit.factories import CountingAddresses
+from tests.unit.factories import CountingAddresses, FakeClock
 
 NODE = "n1"
 
@@ -106,12 +104,15 @@ def test_deleting_a_service_forgets_its_draining_reals() -> None:
 
 
 def test_drain_grace_period_expires() -> None:
-    tracker, dp, rec = setup(1, grace=0.05)
+    clock = FakeClock()
+    tracker, dp, rec = setup(1, grace=30, clock=clock)
     rec.sync()
     dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 3
     tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
     rec.sync()
-    time.sleep(0.06)
+    clock.advance(29.9)
+    assert rec.sync().ops == []  # still draining: connections left, grace not over
+    clock.advance(0.1)
     assert [op.kind for op in rec.sync().ops] == [OpKind.DEL_RS]
 
 
@@ -258,78 +259,6 @@ def test_excluded_cidrs_are_never_touched() -> None:
     tracker.replace("Service", [svc("a", "198.19.0.1"), svc("b", "198.19.0.2")])
     rec.sync()
     assert key(0) in dp.state.services and key(1) not in dp.state.services
-
-
-def test_runner_coalesces_a_burst() -> None:
-    tracker, dp, rec = setup(20)
-    reports: list[Any] = []
-    runner = Runner(rec, min_period=0.3, sync_period=60, on_report=lambda r, e: reports.append(r))
-    t = threading.Thread(target=runner.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 5
-    while not reports and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for i in range(1000):
-        ips = [f"198.18.{1 + j}.{1 + i % 20}" for j in range(1 + i % 5)]
-        tracker.upsert("EndpointSlice", eps(f"s{i % 20}", ips))
-    final = {f"s{i}": [f"198.18.{1 + j}.{1 + i}" for j in range(1 + (980 + i) % 5)] for i in range(20)}
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        got = {f"s{i}": sorted(a for a, _ in dp.state.services[key(i)].reals) for i in range(20)}
-        if got == {k: sorted(v) for k, v in final.items()} and not tracker.changed.is_set():
-            break
-    runner.stop()
-    t.join(5)
-    syncs = len([r for r in reports if r is not None])
-    assert got == {k: sorted(v) for k, v in final.items()}
-    assert syncs <= 6, f"{syncs} syncs for a burst of 1,000 updates"
-
-
-def test_runner_retries_with_backoff_after_failure() -> None:
-    tracker, dp, rec = setup(2)
-    calls = {"n": 0}
-
-    class Broken(MemoryDataplane):
-        def apply(self, ops: Any) -> Any:
-            calls["n"] += 1
-            if calls["n"] <= 3:
-                raise OSError("netlink socket closed")
-            return super().apply(ops)
-
-    dp = Broken()
-    rec.dp = dp
-    outcomes: list[bool] = []
-    runner = Runner(rec, min_period=0.02, sync_period=60, on_report=lambda r, e: outcomes.append(r is not None))
-    t = threading.Thread(target=runner.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 10
-    while True not in outcomes and time.monotonic() < deadline:
-        time.sleep(0.02)
-    runner.stop()
-    t.join(5)
-    assert outcomes[0] is False and True in outcomes
-    assert len(dp.state.services) == 2
-
-
-def test_runner_waits_for_all_kinds_listed() -> None:
-    tracker = Tracker(NODE)
-    dp = MemoryDataplane()
-    rec = Reconciler(tracker, dp, Config(NODE), Registry())
-    runner = Runner(rec, min_period=0.01, sync_period=60, ready=tracker.ready)
-    t = threading.Thread(target=runner.run, daemon=True)
-    t.start()
-    tracker.replace("Service", [svc("a", "198.19.0.1")])
-    time.sleep(0.3)
-    assert rec.syncs == 0  # EndpointSlices and Node not listed yet: no premature deletes
-    tracker.replace("EndpointSlice", [eps("a", ["198.18.1.1"])])
-    tracker.replace("Node", [])
-    deadline = time.monotonic() + 5
-    while not dp.state.services and time.monotonic() < deadline:
-        time.sleep(0.02)
-    runner.stop()
-    t.join(5)
-    assert key(0) in dp.state.services
 
 
 def test_incremental_sync_leaves_unrelated_addresses_full_sync_repairs_them() -> None:

@@ -19,7 +19,7 @@ from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import AF_INET, VSKey
 from ipvsproxy.plan import Op
-from ipvsproxy.reconcile import Reconciler, Runner
+from ipvsproxy.reconcile import Reconciler
 from ipvsproxy.retry import Backoff, RetrySchedule
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.tracker import Tracker
@@ -171,10 +171,10 @@ def test_node_stays_healthy_and_the_failure_is_counted(tmp_path: Path) -> None:
     agent.load_files()
     agent.tracker.replace("Node", [])
     agent.health.started -= 10 * agent.health.max_age  # long past the start-up grace
-    runner = agent.runner
-    runner._one(True)
+    runner = agent.core
+    runner.sync_now(True)
     agent.reconciler.retries.failing["ns/s3"].due = 0.0  # due now (the schedule itself is tested above)
-    runner._one(False)
+    runner.sync_now(False)
     assert runner.failures == 0  # no node-wide backoff
     ok, reason = agent.health.status()
     assert ok, reason  # was 503: no successful sync while one Service failed
@@ -183,7 +183,7 @@ def test_node_stays_healthy_and_the_failure_is_counted(tmp_path: Path) -> None:
     assert "ipvsproxy_services_failing 1.0" in text
     assert "ipvsproxy_invalid_scheduler_total 0.0" in text  # not counted as a scheduler problem
     assert posted == [("ns/s3", "ProgrammingFailed")]
-    assert isinstance(runner, Runner) and len(dp.state.services) == 4
+    assert len(dp.state.services) == 4
 
 
 def test_an_address_no_service_claims_is_retried_by_full_syncs_only() -> None:

@@ -1,0 +1,137 @@
+"""The node core: tracker, reconciler and firewall, with no thread, socket or signal.
+
+Feed it changes (sources write into `core.tracker`), ask it to sync
+(`sync_now`), or let a runner call `tick`, which decides whether this sync is
+full or incremental, runs it, accounts the outcome (failures back off with
+seeded jitter) and says when the next one is due. Time comes from a clock
+passed in, so the schedule is tested with a fake clock; `next_sync_due` is the
+schedule as a pure function.
+
+The daemon (agent.py) adds threads, HTTP, signals and sources around it; the
+benchmark (bench/) drives the same core without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from .reconcile import Reconciler, SyncReport
+from .tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+ReportHook = Callable[[SyncReport | None, BaseException | None], None]  # (report, or the error)
+
+MAX_BACKOFF = 60.0  # seconds between attempts after consecutive failed syncs, at most
+
+
+def backoff_delay(failures: int, base: float, rng: random.Random) -> float:
+    """How long to wait after `failures` consecutive failed syncs: doubling from
+    `base`, capped, with jitter (x0.5 to x1.5) so nodes do not retry in step."""
+    return min(base * 2.0 ** min(failures, 6), MAX_BACKOFF) * (0.5 + rng.random())
+
+
+def next_sync_due(
+    *,
+    last_sync: float,
+    last_full: float,
+    sync_period: float,
+    drain_check: float | None = None,
+    backoff: float | None = None,
+    retry: float | None = None,
+) -> float:
+    """When the next sync is due, with nothing changed: the periodic full resync,
+    a re-check of draining real servers (`drain_check`: while any drain), a retry
+    after a failed sync (`backoff`: while failing) or a Service's retry (`retry`)."""
+    due = last_full + sync_period
+    if drain_check is not None:
+        due = min(due, last_sync + drain_check)
+    if backoff is not None:
+        due = min(due, last_sync + backoff)
+    if retry is not None:
+        due = min(due, retry)
+    return due
+
+
+class NodeCore:
+    """One node's proxy state machine. Not thread-safe beyond what the tracker is:
+    one caller syncs at a time (the runner's thread, or a test)."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        reconciler: Reconciler,
+        *,
+        sync_period: float = 30.0,
+        min_period: float = 1.0,
+        drain_check: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        ready: Callable[[], bool] | None = None,
+        on_report: ReportHook | None = None,
+    ) -> None:
+        self.tracker, self.reconciler = tracker, reconciler
+        self.sync_period, self.min_period, self.drain_check = sync_period, min_period, drain_check
+        self.clock = clock
+        self.rng = rng or random.Random()
+        # The first sync waits until every watched kind has been listed once.
+        self.ready = ready or (lambda: True)
+        self.on_report = on_report
+        self.full_requested = False
+        self.failures = 0
+        self.backoff = 0.0
+        self.last_error: str | None = None
+        self.last_sync = self.last_full = -1e9
+
+    def request_full(self) -> None:
+        """Make the next sync a full one (SIGHUP); the caller pokes its runner."""
+        self.full_requested = True
+
+    def sync_now(self, full: bool) -> SyncReport | None:
+        """One sync, accounted (failures counted, the report hook called); the
+        report, or None when it raised."""
+        try:
+            report = self.reconciler.sync(full)
+        except Exception as exc:  # any failure: keep serving the last good state, retry
+            self.failures += 1
+            self.last_error = str(exc)
+            log.error("sync failed (attempt %d): %s", self.failures, exc)
+            if self.on_report:
+                self.on_report(None, exc)
+            return None
+        self.failures = 0
+        self.last_error = None
+        if report.ops:
+            log.info("sync: %d services translated, %d operations in %.3fs%s",
+                     report.services_translated, len(report.ops), report.duration,
+                     " (full)" if report.full else "")
+        if self.on_report:
+            self.on_report(report, None)
+        return report
+
+    def tick(self) -> float | None:
+        """The runner's function: one sync if the sources are ready (full when
+        asked for or when the sync period has passed); returns when the next
+        sync is due (None: not ready yet, wait for a change)."""
+        if not self.ready():
+            return None
+        now = self.clock()
+        full = self.full_requested or now - self.last_full >= self.sync_period
+        self.full_requested = False
+        self.last_sync = now
+        if full:
+            self.last_full = now
+        self.sync_now(full)
+        self.backoff = backoff_delay(self.failures, self.min_period, self.rng)
+        return self.next_due()
+
+    def next_due(self) -> float:
+        return next_sync_due(
+            last_sync=self.last_sync, last_full=self.last_full, sync_period=self.sync_period,
+            drain_check=self.drain_check if self.reconciler.draining else None,
+            backoff=self.backoff if self.failures else None,
+            retry=self.reconciler.next_retry(),
+        )

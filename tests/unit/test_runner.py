@@ -1,0 +1,175 @@
+"""The sync schedule on a fake clock, without threads or sleeps: the
+bounded-frequency runner (runner.py), the node core's decisions (core.py: full
+or incremental, backoff with seeded jitter, readiness) and the pure
+next_sync_due. `run_until` does what Runner.run does between two instants: it
+steps the runner and moves the clock to whenever the runner would wake."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from ipvsproxy.core import NodeCore, backoff_delay, next_sync_due
+from ipvsproxy.dataplane.memory import MemoryDataplane
+from ipvsproxy.model import AF_INET, VSKey
+from ipvsproxy.reconcile import Reconciler, SyncReport
+from ipvsproxy.runner import Runner
+from ipvsproxy.schedulers import Registry
+from ipvsproxy.tracker import Tracker
+from ipvsproxy.translate import Config
+from tests.unit.factories import FakeClock
+from tests.unit.test_reconcile import eps, svc
+
+NODE = "n1"
+
+
+def key(i: int) -> VSKey:
+    return VSKey(AF_INET, 6, f"198.19.0.{i + 1}", 80)
+
+
+def run_until(runner: Runner, clock: FakeClock, end: float) -> None:
+    """Runner.run between now and `end`: step; sleep until the delay it returns (or a poke)."""
+    while True:
+        delay = runner.step()
+        if delay is None or clock() + delay > end:
+            clock.t = max(clock(), end)
+            return
+        clock.advance(delay)
+
+
+class Lab:
+    """A node core on the memory dataplane, a runner around it, one fake clock for both."""
+
+    def __init__(self, n: int = 3, *, min_period: float = 1.0, sync_period: float = 30.0,
+                 dp: MemoryDataplane | None = None, listed: bool = True, **core: Any) -> None:
+        self.clock = FakeClock()
+        self.tracker = Tracker(NODE, clock=self.clock)
+        self.dp = dp or MemoryDataplane()
+        self.rec = Reconciler(self.tracker, self.dp, Config(NODE), Registry(), clock=self.clock)
+        self.reports: list[tuple[float, SyncReport | None]] = []
+        self.core = NodeCore(self.tracker, self.rec, sync_period=sync_period, min_period=min_period,
+                             clock=self.clock, on_report=lambda r, e: self.reports.append((self.clock(), r)),
+                             **core)
+        self.runner = Runner(self.core.tick, min_interval=min_period, clock=self.clock, wake=self.tracker.changed)
+        if listed:
+            self.tracker.replace("Service", [svc(f"s{i}", f"198.19.0.{i + 1}") for i in range(n)])
+            self.tracker.replace("EndpointSlice", [eps(f"s{i}", [f"198.18.1.{i + 1}"]) for i in range(n)])
+            self.tracker.replace("Node", [])
+
+    def syncs(self) -> list[SyncReport]:
+        return [r for _, r in self.reports if r is not None]
+
+
+def test_next_sync_due_is_the_earliest_reason() -> None:
+    assert next_sync_due(last_sync=100, last_full=90, sync_period=30) == 120
+    assert next_sync_due(last_sync=100, last_full=90, sync_period=30, drain_check=5) == 105
+    assert next_sync_due(last_sync=100, last_full=90, sync_period=30, drain_check=5, backoff=2) == 102
+    assert next_sync_due(last_sync=100, last_full=90, sync_period=30, retry=101.5, backoff=2) == 101.5
+
+
+def test_backoff_doubles_is_capped_and_its_jitter_is_seeded() -> None:
+    a, b = random.Random(7), random.Random(7)
+    delays = [backoff_delay(n, 1.0, a) for n in range(1, 10)]
+    assert delays == [backoff_delay(n, 1.0, b) for n in range(1, 10)]  # the same seed, the same delays
+    for n, d in enumerate(delays, start=1):
+        nominal = min(2.0 ** min(n, 6), 60.0)
+        assert 0.5 * nominal <= d <= 1.5 * nominal
+
+
+def test_first_sync_is_full_at_once_then_nothing_until_the_period() -> None:
+    lab = Lab(sync_period=30)
+    assert lab.runner.step() == 30.0  # ran at once; the next is the periodic one
+    assert [r.full for r in lab.syncs()] == [True] and len(lab.dp.state.services) == 3
+    run_until(lab.runner, lab.clock, 1029.9)
+    assert len(lab.syncs()) == 1  # nothing changed: no sync before the period
+    run_until(lab.runner, lab.clock, 1030.0)
+    assert [r.full for r in lab.syncs()] == [True, True]  # the periodic full resync
+
+
+def test_a_burst_of_changes_coalesces_into_few_syncs() -> None:
+    lab = Lab(20, min_period=0.3, sync_period=60)
+    run_until(lab.runner, lab.clock, lab.clock() + 1)
+    assert len(lab.syncs()) == 1
+    start = lab.clock()
+    final: dict[str, list[str]] = {}
+    for i in range(1000):  # 1,000 updates over one second, each a change
+        run_until(lab.runner, lab.clock, start + i / 1000)
+        name = f"s{i % 20}"
+        final[name] = sorted(f"198.18.{1 + j}.{1 + i % 20}" for j in range(1 + (i // 20) % 5))
+        lab.tracker.upsert("EndpointSlice", eps(name, final[name]))
+    run_until(lab.runner, lab.clock, start + 2)
+    got = {f"s{i}": sorted(a for a, _ in lab.dp.state.services[key(i)].reals) for i in range(20)}
+    assert got == final
+    times = [round(t - start, 6) for t, _ in lab.reports[1:]]
+    assert times == [0.02, 0.32, 0.62, 0.92, 1.22]  # the first change (i=20), then one per interval
+    assert all(not r.full for r in lab.syncs()[1:])  # incremental
+
+
+def test_a_failed_sync_is_retried_after_a_jittered_backoff_then_incremental_again() -> None:
+    calls = {"n": 0}
+
+    class Broken(MemoryDataplane):
+        def apply(self, ops: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] <= 3:
+                raise OSError("netlink socket closed")
+            return super().apply(ops)
+
+    lab = Lab(2, min_period=0.5, sync_period=600, dp=Broken(), rng=random.Random(3))
+    run_until(lab.runner, lab.clock, lab.clock() + 60)
+    outcomes = [r is not None for _, r in lab.reports]
+    assert outcomes == [False, False, False, True]
+    assert lab.core.failures == 0 and lab.core.last_error is None and len(lab.dp.state.services) == 2
+    rng = random.Random(3)
+    want = [backoff_delay(n, 0.5, rng) for n in (1, 2, 3)]
+    gaps = [b - a for (a, _), (b, _) in zip(lab.reports, lab.reports[1:], strict=False)]
+    assert gaps == pytest.approx(want)  # the seeded jitter
+    assert lab.syncs()[0].full  # a failed sync makes the next one full (the reconciler's need_full)
+
+
+def test_the_first_sync_waits_until_every_kind_is_listed() -> None:
+    lab = Lab(listed=False)
+    lab.core.ready = lab.tracker.ready
+    lab.tracker.replace("Service", [svc("a", "198.19.0.1")])
+    run_until(lab.runner, lab.clock, lab.clock() + 100)
+    assert lab.rec.syncs == 0 and lab.runner.step() is None  # not ready: waits for the next change
+    lab.tracker.replace("EndpointSlice", [eps("a", ["198.18.1.1"])])
+    run_until(lab.runner, lab.clock, lab.clock() + 100)
+    assert lab.rec.syncs == 0  # no premature deletes before the Node is listed
+    lab.tracker.replace("Node", [])
+    run_until(lab.runner, lab.clock, lab.clock() + 1)
+    assert lab.rec.syncs == 1 and key(0) in lab.dp.state.services
+
+
+def test_a_requested_full_sync_and_a_drain_recheck_are_scheduled() -> None:
+    lab = Lab(1, sync_period=300, drain_check=5)
+    run_until(lab.runner, lab.clock, lab.clock() + 10)
+    lab.dp.state.services[key(0)].reals[("198.18.1.1", 8080)].active = 2
+    lab.tracker.upsert("EndpointSlice", eps("s0", []))  # the endpoint goes: it drains
+    run_until(lab.runner, lab.clock, lab.clock() + 1)
+    assert lab.rec.draining == 1
+    t = lab.reports[-1][0]
+    lab.dp.state.services[key(0)].reals[("198.18.1.1", 8080)].active = 0
+    run_until(lab.runner, lab.clock, t + 5)
+    assert lab.reports[-1][0] == t + 5 and lab.rec.draining == 0  # re-checked after drain_check
+    lab.core.request_full()
+    lab.runner.poke()
+    run_until(lab.runner, lab.clock, lab.clock() + 1)
+    assert lab.syncs()[-1].full
+
+
+def test_a_poke_inside_the_interval_waits_and_stop_ends_the_loop() -> None:
+    clock = FakeClock()
+    calls: list[float] = []
+    runner = Runner(lambda: calls.append(clock()) or None, min_interval=2.0, clock=clock)
+    assert runner.step() is None and calls == [1000.0]  # ran; nothing due until poked
+    clock.advance(0.5)
+    runner.poke()
+    assert runner.step() == 1.5 and calls == [1000.0]  # inside the interval: later
+    clock.advance(1.5)
+    assert runner.step() is None and calls == [1000.0, 1002.0]
+    runner.stop()
+    runner.run()  # returns at once: stopped
+    assert runner.stopped and calls == [1000.0, 1002.0]
