@@ -4,10 +4,11 @@
 #   setup    scripts/setup.sh (apt packages, .venv)            skipped with SKIP_SETUP=1 or inside the VM
 #   ruff     ruff check ipvsproxy tests
 #   mypy     mypy ipvsproxy (strict: pyproject.toml)
-#   unit     pytest (host; pyproject's addopts deselect kernel and realapi tests)
+#   unit     pytest (host; pyproject's addopts deselect kernel and realapi tests); tests/contract's
+#            dataplane contract runs here on the in-memory dataplane, and in the kernel stage on netlink
 #   realapi  pytest -m realapi tests/realapi: the agent against a real kube-apiserver v1.20.2 + etcd on the
 #            host (binaries from scripts/install-kubernetes.sh's cache). Skipped with SKIP_REALAPI=1 or in the VM.
-#   kernel   pytest -m kernel tests/kernel, all in ONE boot of the IPVS test VM (scripts/vm-run.sh);
+#   kernel   pytest -m kernel tests/kernel tests/contract, all in ONE boot of the IPVS test VM (scripts/vm-run.sh);
 #            run directly when IN_VM is set (already inside the guest). Skipped with SKIP_KERNEL=1.
 #
 # Extra pytest arguments: UNIT_PYTEST_ARGS, REALAPI_PYTEST_ARGS, KERNEL_PYTEST_ARGS. The kernel stage's JUnit report
@@ -86,7 +87,7 @@ else
 fi
 
 mkdir -p results
-kernel_cmd="pytest -m kernel tests/kernel -p no:cacheprovider --junitxml=results/kernel-junit.xml ${KERNEL_PYTEST_ARGS:-}"
+kernel_cmd="pytest -m kernel tests/kernel tests/contract -p no:cacheprovider --junitxml=results/kernel-junit.xml ${KERNEL_PYTEST_ARGS:-}"
 if [[ -n ${SKIP_KERNEL:-} && ${SKIP_KERNEL} != 0 ]]; then
     skip_stage kernel "SKIP_KERNEL"
 elif [[ -n ${IN_VM:-} ]]; then

@@ -6,13 +6,15 @@ in-memory model is what makes the core testable on a machine without IPVS.
 
 from __future__ import annotations
 
+import errno as _errno
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..model import ObservedState, ObservedVS, VSKey
-from ..plan import Op
+from ..model import ObservedState, ObservedVS, VSKey, join_host_port
+from ..plan import Op, OpKind
 
 # The mark on the dummy interface ipvsproxy made (its IFLA_IFALIAS, `ip link show` prints it as
 # "alias ..."): the agent binds, unbinds and deletes only on a dummy carrying it (dataplane/netlink.py).
@@ -34,6 +36,42 @@ class Failure:
 
     op: Op
     message: str
+    errno: int = 0  # the kernel's (or its model's) error number; 0 when there is none
+
+
+def harmless(op: Op, errno: int) -> bool:
+    """A refusal that means the operation's aim already holds: deleting what is
+    gone (someone else removed it), binding what is bound, unbinding what is
+    not. Every dataplane counts these as success."""
+    if op.kind in (OpKind.DEL_VS, OpKind.DEL_RS):
+        return errno in (_errno.ESRCH, _errno.ENOENT)
+    if op.kind is OpKind.BIND:
+        return errno == _errno.EEXIST
+    if op.kind is OpKind.UNBIND:
+        return errno == _errno.EADDRNOTAVAIL
+    return False
+
+
+_WHAT = {
+    OpKind.ADD_VS: "add virtual server", OpKind.EDIT_VS: "edit virtual server",
+    OpKind.DEL_VS: "delete virtual server", OpKind.ADD_RS: "add real server",
+    OpKind.EDIT_RS: "set weight of real server", OpKind.DEL_RS: "delete real server",
+    OpKind.BIND: "bind address", OpKind.UNBIND: "unbind address",
+}
+
+
+def describe_failure(op: Op, err: BaseException | int) -> str:
+    """'Service demo/web:http: add real server 10.0.0.5:8080 to TCP 10.96.0.10:80: File exists'."""
+    what = _WHAT[op.kind]
+    if op.real is not None:
+        what += f" {join_host_port(op.real.address, op.real.port)} of"
+    target = str(op.key) if op.key is not None else str(op.address)
+    code = err if isinstance(err, int) else getattr(err, "errno", 0)
+    reason = os.strerror(code) if isinstance(code, int) and code else str(err)
+    if op.kind in (OpKind.ADD_VS, OpKind.EDIT_VS) and code == _errno.ENOENT:
+        reason += f" (is the scheduler module ip_vs_{op.vs.scheduler if op.vs else '?'} loadable?)"
+    who = f"Service {op.service}: " if op.service else ""
+    return f"{who}{what} {target}: {reason}"
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,18 +34,16 @@ from ..model import (
     VirtualServer,
     VSKey,
     family_of,
-    join_host_port,
 )
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
 from .addr_wire import AddrRequest, AddrWire
-from .base import INTERFACE_MARK, Counters, DataplaneError, Failure, InterfaceRefused
+from .base import INTERFACE_MARK, Counters, DataplaneError, Failure, InterfaceRefused, describe_failure, harmless
 from .conntrack import ConntrackCleaner, Removal
 from .ipvs_wire import (
     Cmd,
     Dest,
     DestEntry,
-    IPVSError,
     IPVSUnavailable,
     IPVSWire,
     Request,
@@ -126,18 +125,32 @@ class KernelModules:
 HOST_MODULES = KernelModules()
 
 
-def module_loaded(name: str) -> bool:
-    return HOST_MODULES.loaded(name)
+class Sysctls(typing.Protocol):
+    """Where kernel settings are written (kube-proxy's utilsysctl)."""
+
+    def write(self, path: str, value: str) -> None:
+        """Set `path` (e.g. "net/ipv4/ip_forward") to `value`; a failure is logged, not raised."""
 
 
-def module_available(name: str) -> bool:
-    """Loaded, built in, or present as a module file for the running kernel."""
-    return HOST_MODULES.available(name)
+@dataclass(frozen=True, slots=True)
+class ProcSysctls:
+    """The running kernel's settings under /proc/sys (the root injectable for tests)."""
+
+    root: str = "/proc/sys"
+
+    def write(self, path: str, value: str) -> None:
+        full = os.path.join(self.root, path)
+        try:
+            with open(full) as f:
+                if f.read().strip() == value:
+                    return
+            with open(full, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            log.warning("cannot set %s=%s: %s", path.replace("/", "."), value, exc)
 
 
-def load_module(name: str) -> bool:
-    """modprobe a module when it is not loaded (or built in) yet; True when it is there after."""
-    return HOST_MODULES.load(name)
+HOST_SYSCTLS = ProcSysctls()
 
 
 # Unmarked dummies adopted (and marked) by name: the ones older versions created (ipvsproxy0 by
@@ -179,18 +192,6 @@ def _kernel_link_local(addr: str, msg: Any) -> bool:
         return False
     flags = msg.get_attr("IFA_FLAGS")
     return not ((flags if flags is not None else msg["flags"]) & IFA_F_NODAD)
-
-
-def write_sysctl(path: str, value: str) -> None:
-    full = f"/proc/sys/{path}"
-    try:
-        with open(full) as f:
-            if f.read().strip() == value:
-                return
-        with open(full, "w") as f:
-            f.write(value)
-    except OSError as exc:
-        log.warning("cannot set %s=%s: %s", path.replace("/", "."), value, exc)
 
 
 class StatsView(Mapping[str, int]):
@@ -247,51 +248,47 @@ def observed_vs(entry: SvcEntry, dests: Iterable[DestEntry]) -> ObservedVS:
     return obs
 
 
-def describe_failure(op: Op, err: BaseException) -> str:
-    """'Service demo/web:http: add real server 10.0.0.5:8080 to TCP 10.96.0.10:80: File exists'."""
-    what = {
-        OpKind.ADD_VS: "add virtual server", OpKind.EDIT_VS: "edit virtual server",
-        OpKind.DEL_VS: "delete virtual server", OpKind.ADD_RS: "add real server",
-        OpKind.EDIT_RS: "set weight of real server", OpKind.DEL_RS: "delete real server",
-        OpKind.BIND: "bind address", OpKind.UNBIND: "unbind address",
-    }[op.kind]
-    if op.real is not None:
-        what += f" {join_host_port(op.real.address, op.real.port)} of"
-    target = str(op.key) if op.key is not None else str(op.address)
-    reason = os.strerror(err.errno) if isinstance(err, OSError | IPVSError) and err.errno else str(err)
-    if op.kind in (OpKind.ADD_VS, OpKind.EDIT_VS) and getattr(err, "errno", 0) == errno.ENOENT:
-        reason += f" (is the scheduler module ip_vs_{op.vs.scheduler if op.vs else '?'} loadable?)"
-    who = f"Service {op.service}: " if op.service else ""
-    return f"{who}{what} {target}: {reason}"
-
-
 class NetlinkDataplane:
-    """Programs the running kernel. Needs root with CAP_NET_ADMIN."""
+    """Programs the running kernel. Needs root with CAP_NET_ADMIN.
+
+    Every kernel handle is injectable (kube-proxy's KernelHandler, utilsysctl and
+    NetLinkHandle; kube-router's LinuxNetworking): `modules` (sysfs, the module
+    index, modprobe), `sysctls`, `links` (pyroute2's IPRoute: links and address
+    dumps), `wire` (IPVS), `addr` (address binds), `conntrack`. Left out, each is
+    the running kernel's; a test hands in fakes to run setup() and the interface
+    rules on a host without IPVS (tests/unit/test_netlink_setup.py).
+    """
 
     def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256,
-                 modules: KernelModules | None = None) -> None:
+                 modules: KernelModules | None = None, sysctls: Sysctls | None = None, links: Any = None,
+                 wire: IPVSWire | None = None, addr: AddrWire | None = None,
+                 conntrack: ConntrackCleaner | None = None) -> None:
         self.cfg = cfg
         self.read_only = read_only
         self.modules = modules or HOST_MODULES
+        self.sysctls: Sysctls = sysctls or HOST_SYSCTLS
         self.counters = Counters()
         self._usable: dict[str, bool] = {}
         self.registry = default_registry()
         if cfg.load_modules and not read_only:
             self.modules.load("ip_vs")
         try:
-            self.wire = IPVSWire(batch_size=batch_size)
+            self.wire = wire or IPVSWire(batch_size=batch_size)
         except IPVSUnavailable:
             raise DataplaneError(NO_IPVS) from None
         except PermissionError:
             raise DataplaneError("cannot open netlink for IPVS: permission denied (run as root with "
                                  "CAP_NET_ADMIN)") from None
-        from pyroute2 import IPRoute
+        if links is None:
+            from pyroute2 import IPRoute
 
-        self.ipr = IPRoute()
-        self.addr = AddrWire(batch_size=batch_size)  # binds/unbinds, batched like IPVS messages
+            links = IPRoute()
+        self.ipr = links
+        self.addr = addr or AddrWire(batch_size=batch_size)  # binds/unbinds, batched like IPVS messages
         self._ifindex: int | None = None
         self._alias: str | None = None  # the interface's alias when it was looked up
-        self.conntrack = ConntrackCleaner()  # its socket and worker thread start on the first UDP/SCTP removal
+        # its socket and worker thread start on the first UDP/SCTP removal
+        self.conntrack = conntrack or ConntrackCleaner()
 
     # ---- setup --------------------------------------------------------------
     def setup(self) -> None:
@@ -303,10 +300,10 @@ class NetlinkDataplane:
                 if not self.modules.load(mod):
                     log.warning("kernel module %s is not loaded and could not be loaded", mod)
         for path, value in SYSCTLS.items():
-            write_sysctl(path, value)
+            self.sysctls.write(path, value)
         if cfg.strict_arp:
             for path, value in STRICT_ARP.items():
-                write_sysctl(path, value)
+                self.sysctls.write(path, value)
         self.ensure_interface()
         timeouts = [int(cfg.tcp_timeout), int(cfg.tcpfin_timeout), int(cfg.udp_timeout)]
         if any(timeouts):
@@ -445,8 +442,8 @@ class NetlinkDataplane:
         results = self.wire.execute([r for _, r in reqs if r is not None])
         removed: list[Removal] = []
         for (op, _), err in zip(reqs, results, strict=True):
-            if err is not None and not self._harmless(op, err):
-                failures.append(Failure(op, describe_failure(op, err)))
+            if err is not None and not harmless(op, err.errno):
+                failures.append(Failure(op, describe_failure(op, err), err.errno))
                 continue
             self.counters.ops[op.kind.value] += 1
             if op.key is not None and op.key.protocol != Protocol.TCP:
@@ -469,11 +466,6 @@ class NetlinkDataplane:
         w, a = self.wire.counters, self.addr.counters
         return w.messages_sent + a.messages_sent, w.sendmsg_calls + a.sendmsg_calls
 
-    @staticmethod
-    def _harmless(op: Op, err: IPVSError) -> bool:
-        """Deleting what is already gone is success (someone else removed it)."""
-        return op.kind in (OpKind.DEL_VS, OpKind.DEL_RS) and err.errno in (errno.ESRCH, errno.ENOENT)
-
     def _addresses(self, ops: Sequence[Op], failures: list[Failure]) -> None:
         """Bind (or unbind) addresses on our interface: all BIND (or all UNBIND)
         ops in batches of RTM_NEWADDR/RTM_DELADDR, each error on its own op."""
@@ -483,19 +475,18 @@ class NetlinkDataplane:
         try:
             idx = self.ensure_interface() if add else self.ifindex()
         except Exception as exc:
-            failures += [Failure(op, describe_failure(op, exc)) for op in ops]
+            failures += [Failure(op, describe_failure(op, exc), getattr(exc, "errno", 0) or 0) for op in ops]
             return
         if idx is None:  # no interface: nothing of ours is bound
             return
         results = self.addr.execute([AddrRequest(add, op.address or "", idx) for op in ops])
-        harmless = errno.EEXIST if add else errno.EADDRNOTAVAIL  # already (un)bound
         for op, err in zip(ops, results, strict=True):
             if err is None:
                 self.counters.ops[op.kind.value] += 1
-            elif err.errno != harmless:
+            elif not harmless(op, err.errno or 0):  # already (un)bound is not a failure
                 if err.errno == errno.ENODEV:
                     self._ifindex = None  # the interface went away behind our back: look it up again
-                failures.append(Failure(op, describe_failure(op, err)))
+                failures.append(Failure(op, describe_failure(op, err), err.errno or 0))
 
     def remove_interface(self) -> bool:
         """Delete our dummy (only ever a dummy ifindex() accepted)."""

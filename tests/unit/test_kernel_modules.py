@@ -10,10 +10,10 @@ fake sysfs and /lib/modules trees and a recording modprobe.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.netlink import KernelModules, NetlinkDataplane
-from ipvsproxy.schedulers import default_registry
 
 
 def kernel(tmp_path: Path, loaded: list[str], builtin: list[str], files: list[str],
@@ -61,13 +61,9 @@ def test_a_kernel_without_an_index_has_only_what_sysfs_shows(tmp_path: Path) -> 
 
 def _dataplane(mods: KernelModules, load_modules: bool) -> NetlinkDataplane:
     """The dataplane's module logic without its netlink sockets (no IPVS on the host)."""
-    dp = NetlinkDataplane.__new__(NetlinkDataplane)
-    dp.cfg = AgentConfig(node_name="n", load_modules=load_modules)
-    dp.read_only = False
-    dp.modules = mods
-    dp.registry = default_registry()
-    dp._usable = {}
-    return dp
+    none: Any = object()  # no socket is touched by scheduler_usable
+    return NetlinkDataplane(AgentConfig(node_name="n", load_modules=load_modules), modules=mods,
+                            links=none, wire=none, addr=none, conntrack=none)
 
 
 def test_a_built_in_scheduler_is_usable_whether_or_not_the_agent_loads_modules(tmp_path: Path) -> None:
