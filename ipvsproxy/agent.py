@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import AgentConfig
 from .core import NodeCore
@@ -37,7 +37,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ObjectEventPoster = Callable[[str, str, str, str, str], None]  # (kind, namespace, name, reason, message)
+
+class ObjectEventPoster(Protocol):
+    """Posts a Warning Event on an object; `version` (its resourceVersion) makes a
+    recorder post one Event per version of the object, not one per relist."""
+
+    def __call__(self, kind: str, namespace: str, name: str, reason: str, message: str, *,
+                 version: str = "") -> None: ...
 
 
 class Agent:
@@ -90,11 +96,11 @@ class Agent:
         self._node_seen = False
 
     # ---- problem reporting -------------------------------------------------
-    def _object_problem(self, kind: str, namespace: str, name: str, message: str) -> None:
+    def _object_problem(self, kind: str, namespace: str, name: str, message: str, version: str) -> None:
         """Logged by the tracker; a Warning Event on the object when the API is the source."""
         if self.object_events is not None:
             try:
-                self.object_events(kind, namespace, name, "InvalidObject", message)
+                self.object_events(kind, namespace, name, "InvalidObject", message, version=version)
             except Exception as exc:  # Events are best effort
                 log.warning("could not post InvalidObject Event on %s %s/%s: %s", kind, namespace, name, exc)
 

@@ -33,7 +33,9 @@ from .objects import (
 
 log = logging.getLogger(__name__)
 
-ProblemHook = Callable[[str, str, str, str], None]  # (kind, namespace, name, message)
+# (kind, namespace, name, message, resourceVersion): the version lets an Event recorder say
+# a problem once per version of the object (a relist files the same version again).
+ProblemHook = Callable[[str, str, str, str, str], None]
 
 
 class GroupKey(NamedTuple):
@@ -78,7 +80,9 @@ class Tracker:
         ns, name = object_key(obj)
         log.warning("%s", message)
         if self.on_problem:
-            self.on_problem(kind, ns, name, message)
+            meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+            version = str(meta.get("resourceVersion") or "") if isinstance(meta, Mapping) else ""
+            self.on_problem(kind, ns, name, message, version)
 
     def _mark(self, service_id: str) -> None:
         self._dirty.setdefault(service_id, self.clock())

@@ -349,7 +349,6 @@ class KubeSource:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._responses: set[Any] = set()
-        self._local = threading.local()  # the object being filed, for Event de-duplication
         self._event_queue: queue.Queue[dict[str, Any]] = queue.Queue(EVENT_QUEUE)
         self._event_thread: threading.Thread | None = None
         self._event_lock = threading.Lock()
@@ -397,12 +396,7 @@ class KubeSource:
         return (self.services, *eps, self.nodes)
 
     def _file(self, res: Resource, obj: Any) -> None:
-        meta = obj.get("metadata") if isinstance(obj, dict) else None
-        self._local.rv = str(meta.get("resourceVersion") or "") if isinstance(meta, dict) else ""
-        try:
-            self.tracker.upsert(res.kind, res.convert(obj) if res.convert else obj)
-        finally:
-            self._local.rv = ""
+        self.tracker.upsert(res.kind, res.convert(obj) if res.convert else obj)
 
     def _list(self, res: Resource, from_cache: bool = True) -> str:
         """List one kind page by page, filing each page as it comes; returns the
@@ -711,10 +705,10 @@ class KubeSource:
         self.post_object_event("Service", svc.namespace, svc.name, reason, message, uid=svc.uid)
 
     def post_object_event(self, kind: str, namespace: str, name: str, reason: str, message: str,
-                          uid: str = "") -> None:
+                          uid: str = "", *, version: str = "") -> None:
         """Queue a Warning Event on an object; the same message for the same object
-        version (e.g. seen again in a relist) is posted once."""
-        rv = getattr(self._local, "rv", "")
+        `version` (its resourceVersion: e.g. seen again in a relist) is posted once."""
+        rv = version
         key = (kind, namespace, name, message)
         with self._event_lock:
             if rv and self._warned.get(key) == rv:

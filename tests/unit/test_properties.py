@@ -242,7 +242,7 @@ def test_parse_raises_only_invalid_object(ko: tuple[str, Any]) -> None:
 @given(st.lists(bad_object(), min_size=1, max_size=6))
 def test_tracker_and_translate_never_raise(objs: list[tuple[str, Any]]) -> None:
     seen: list[str] = []
-    t = Tracker(NODE, on_problem=lambda kind, ns, name, msg: seen.append(msg))
+    t = Tracker(NODE, on_problem=lambda kind, ns, name, msg, version: seen.append(msg))
     for kind, _ in objs:  # a good version first, so mangled ones are updates
         t.upsert(kind, TEMPLATES[kind][0])
     for kind, obj in objs:
