@@ -80,7 +80,7 @@ class Agent:
         )
         self.core = NodeCore(
             self.tracker, self.reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
-            on_report=self._on_report, ready=lambda: self.tracker.ready(self.source_kinds), clock=clock,
+            on_report=self._on_report, ready=self.tracker.ready, clock=clock,
         )
         # Woken by every change the tracker records; syncs at most once per --min-sync-period.
         self.runner = Runner(self.core.tick, min_interval=cfg.min_sync_period,
@@ -91,7 +91,6 @@ class Agent:
         self._servers: list[Any] = []
         self._stop_source: Callable[[], None] | None = None
         self.stats_dataplane = stats_dataplane
-        self.source_kinds = ("Service", "EndpointSlice", "Node")
         self.service_health: ServiceHealthServer | None = None  # health-check node ports (run() only)
         self._node_seen = False
 
@@ -186,7 +185,6 @@ class Agent:
             source = self._kube_source()
             source.start()
             self._stop_source = source.stop
-            self.source_kinds = source.kinds
 
     # ---- running ---------------------------------------------------------------
     def once(self) -> SyncReport:

@@ -50,6 +50,11 @@ class GroupKey(NamedTuple):
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
+# What a node proxy follows, listed once: the API source watches these (core/v1 Endpoints
+# stand in for EndpointSlices on old clusters), and the first sync waits for each.
+WATCHED_KINDS = ("Service", "EndpointSlice", "Node")
+
+
 def object_key(obj: Any) -> tuple[str, str]:
     """(namespace, name) of a raw object, as the tracker files it ("default" when unnamespaced)."""
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
@@ -200,7 +205,7 @@ class Tracker:
             self.changed.set()
 
     # ---- reads (from the reconciler) --------------------------------------
-    def ready(self, kinds: Iterable[str] = ("Service", "EndpointSlice", "Node")) -> bool:
+    def ready(self, kinds: Iterable[str] = WATCHED_KINDS) -> bool:
         """The first sync waits until every kind has been listed once."""
         with self._lock:
             return all(k in self.listed for k in kinds)

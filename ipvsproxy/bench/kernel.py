@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..config import AgentConfig
@@ -58,22 +57,35 @@ def clean() -> float:
     return t
 
 
-def instrument(dp: Any) -> dict[str, float]:
-    """Split NetlinkDataplane.apply into IPVS netlink (encode + kernel) and address binding."""
+class TimedWire:
+    """A netlink codec (IPVS or addresses) whose `execute` is timed into `acc[key]`;
+    handed to NetlinkDataplane as its wire, so nothing private is patched."""
+
+    def __init__(self, inner: Any, acc: dict[str, float], key: str) -> None:
+        self.inner, self.acc, self.key = inner, acc, key
+
+    def execute(self, requests: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.inner.execute(requests)
+        finally:
+            self.acc[self.key] += time.perf_counter() - t
+
+    def __getattr__(self, name: str) -> Any:  # counters, dumps, close ... of the inner codec
+        return getattr(self.inner, name)
+
+
+def open_instrumented() -> tuple[Any, dict[str, float]]:
+    """A NetlinkDataplane whose apply splits into IPVS netlink (encode + kernel) and address binding."""
+    from ..dataplane.addr_wire import AddrWire
+    from ..dataplane.ipvs_wire import IPVSWire
+    from ..dataplane.netlink import HOST_MODULES, NetlinkDataplane
+
+    HOST_MODULES.load("ip_vs")  # before the IPVS socket opens (NetlinkDataplane would do it for its own)
     acc = {"ipvs_netlink_s": 0.0, "addresses_s": 0.0}
-
-    def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
-        def wrapper(*args: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                acc[key] += time.perf_counter() - t
-        return wrapper
-
-    setattr(dp.wire, "execute", timed(dp.wire.execute, "ipvs_netlink_s"))  # noqa: B010
-    setattr(dp, "_addresses", timed(dp._addresses, "addresses_s"))  # noqa: B010
-    return acc
+    dp = NetlinkDataplane(agent_config(), wire=TimedWire(IPVSWire(), acc, "ipvs_netlink_s"),  # type: ignore[arg-type]
+                          addr=TimedWire(AddrWire(), acc, "addresses_s"))  # type: ignore[arg-type]
+    return dp, acc
 
 
 def _take(acc: dict[str, float]) -> dict[str, float]:
@@ -101,8 +113,7 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
     out: dict[str, Any] = {"scenarios": {}, "references": {}, "ratios": {}}
     sc = out["scenarios"]
     out["flush_before_s"] = clean()
-    dp = open_netlink()
-    acc = instrument(dp)
+    dp, acc = open_instrumented()
     try:
         note("kernel: cold start through NetlinkDataplane")
         fw = open_firewall() if nftables else None

@@ -61,7 +61,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config import incluster_config as incluster
 
 from ..objects import Service, proxy_name_selector
-from ..tracker import Tracker, object_key
+from ..tracker import WATCHED_KINDS, Tracker, object_key
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def _retry_after(exc: BaseException | None) -> float:
 class KubeSource:
     """Feeds a Tracker from the API server until stop()."""
 
-    kinds = ("Service", "EndpointSlice", "Node")
+    kinds = WATCHED_KINDS
 
     def __init__(
         self,
