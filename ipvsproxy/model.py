@@ -76,8 +76,15 @@ Scope: TypeAlias = "Collection[VSKey] | Full"
 
 
 def family_of(address: str) -> int:
-    """AF_INET or AF_INET6 for a textual IP address."""
+    """AF_INET or AF_INET6 for a textual IP address (or CIDR). The one place that
+    tells the families apart by spelling; everything else asks here."""
     return AF_INET6 if ":" in address else AF_INET
+
+
+def ip_version(address: str) -> int:
+    """4 or 6 for a textual IP address (or CIDR), as nftables set names and
+    ipaddress networks count them."""
+    return 6 if family_of(address) == AF_INET6 else 4
 
 
 def canonical_ip(address: str) -> str:
@@ -112,7 +119,7 @@ class VSKey(NamedTuple):
 
 def join_host_port(address: str, port: int) -> str:
     """'10.0.0.1:80' or '[fd00::1]:80'."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return f"[{address}]:{port}" if family_of(address) == AF_INET6 else f"{address}:{port}"
 
 
 class Real(NamedTuple):

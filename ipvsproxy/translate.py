@@ -24,6 +24,7 @@ from .model import (
     VirtualServer,
     VSKey,
     family_of,
+    ip_version,
 )
 from .objects import Endpoint, EndpointSlice, Node, Service, ServicePort, ServiceType
 from .schedulers import Registry
@@ -67,7 +68,7 @@ def node_addresses(node: Node | None, cidrs: Sequence[IPNetwork]) -> list[str]:
         return list(node.addresses)
     return [
         a for a in node.addresses
-        if any(ipaddress.ip_address(a) in net for net in cidrs if net.version == (6 if ":" in a else 4))
+        if any(ipaddress.ip_address(a) in net for net in cidrs if net.version == ip_version(a))
     ]
 
 

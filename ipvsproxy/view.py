@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .logfmt import escape
-from .model import F_PERSISTENT, F_SCHED1, F_SCHED2, F_SCHED3, ObservedState, ObservedVS, Protocol
+from .model import F_PERSISTENT, F_SCHED1, F_SCHED2, F_SCHED3, ObservedState, ObservedVS, Protocol, join_host_port
 from .observe.records import Record
 
 API_VERSION = "ipvsproxy.io/v1"
@@ -122,8 +122,7 @@ def _name(item: dict[str, Any]) -> str:
 
 
 def _vip(item: dict[str, Any]) -> str:
-    addr = f"[{item['address']}]" if ":" in item["address"] else item["address"]
-    return f"{item['protocol']} {addr}:{item['port']}"
+    return f"{item['protocol']} {join_host_port(item['address'], item['port'])}"
 
 
 def table(doc: dict[str, Any], *, wide: bool = False, stats: bool = False, rate: bool = False) -> str:
@@ -146,9 +145,8 @@ def table(doc: dict[str, Any], *, wide: bool = False, stats: bool = False, rate:
             if r is None:
                 row = row + ["<none>", "", "", "", ""] + (["", ""] if wide else [])
             else:
-                addr = f"[{r['address']}]" if ":" in r["address"] else r["address"]
-                row = row + [f"{addr}:{r['port']}", str(r["weight"]), r["state"], human(r["activeConns"]),
-                             human(r["inactiveConns"])]
+                row = row + [join_host_port(r["address"], r["port"]), str(r["weight"]), r["state"],
+                             human(r["activeConns"]), human(r["inactiveConns"])]
                 if wide:
                     row += [r["target"] or "-", r["node"] or "-"]
             counters = r if r is not None else item  # a real server's own counters

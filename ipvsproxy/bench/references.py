@@ -16,13 +16,20 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ..model import AF_INET6, F_OWNED, F_SCHED1, F_SCHED2, DesiredState, Protocol, VirtualServer, VSKey
+from ..model import (
+    AF_INET6,
+    F_OWNED,
+    F_SCHED1,
+    F_SCHED2,
+    DesiredState,
+    Protocol,
+    VirtualServer,
+    VSKey,
+    ip_version,
+    join_host_port,
+)
 
 _PROTO_FLAG = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
-
-
-def _hostport(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _sched_flags(vs: VirtualServer) -> str:
@@ -38,7 +45,7 @@ def ipvsadm_rules(desired: DesiredState) -> str:
     lines: list[str] = []
     for key in sorted(desired.services, key=_sort_key):
         vs = desired.services[key]
-        svc = f"{_PROTO_FLAG[Protocol(key.protocol)]} {_hostport(key.address, key.port)}"
+        svc = f"{_PROTO_FLAG[Protocol(key.protocol)]} {join_host_port(key.address, key.port)}"
         line = f"-A {svc} -s {vs.scheduler}"
         if vs.timeout:
             line += f" -p {vs.timeout}"
@@ -49,7 +56,7 @@ def ipvsadm_rules(desired: DesiredState) -> str:
             line += f" -b {flags}"
         lines.append(line)
         for r in vs.reals:
-            lines.append(f"-a {svc} -r {_hostport(r.address, r.port)} -m -w {r.weight}")
+            lines.append(f"-a {svc} -r {join_host_port(r.address, r.port)} -m -w {r.weight}")
     return "\n".join(lines) + "\n"
 
 
@@ -61,7 +68,7 @@ def ip_batch(addresses: Iterable[str], dev: str) -> str:
     """`ip -batch` input binding the addresses to the dummy interface."""
     out = []
     for a in sorted(addresses):
-        out.append(f"address add {a}/128 dev {dev} nodad" if ":" in a else f"address add {a}/32 dev {dev}")
+        out.append(f"address add {a}/128 dev {dev} nodad" if ip_version(a) == 6 else f"address add {a}/32 dev {dev}")
     return "\n".join(out) + "\n"
 
 

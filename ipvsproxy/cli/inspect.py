@@ -11,6 +11,7 @@ import click
 from .. import view
 from ..agent import Agent
 from ..logfmt import escape
+from ..model import join_host_port
 from ..observe import records
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
@@ -65,8 +66,8 @@ def _describe(op: Op) -> str:
         verb = {OpKind.ADD_RS: "add", OpKind.DEL_RS: "delete", OpKind.EDIT_RS: "set weight of"}[op.kind]
         extra = f" to {op.real.weight}" if op.kind is OpKind.EDIT_RS else ""
         note = f" ({op.note})" if op.note else ""
-        addr = f"[{op.real.address}]" if ":" in op.real.address else op.real.address
-        return f"{sign} {verb} real server {addr}:{op.real.port}{extra} on {op.key}{note}"
+        real = join_host_port(op.real.address, op.real.port)
+        return f"{sign} {verb} real server {real}{extra} on {op.key}{note}"
     verb = {OpKind.ADD_VS: "add", OpKind.EDIT_VS: "change", OpKind.DEL_VS: "delete"}[op.kind]
     sched = f" ({op.vs.scheduler})" if op.vs else ""
     note = f" [{op.note}]" if op.note else ""

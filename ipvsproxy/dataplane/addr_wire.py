@@ -24,6 +24,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..model import family_of
 from .netlink_wire import NetlinkWire, open_socket
 
 __all__ = ["AddrError", "AddrRequest", "AddrWire", "encode_addr"]
@@ -49,7 +50,7 @@ class AddrRequest:
     index: int
 
     def __str__(self) -> str:
-        prefix = 128 if ":" in self.address else 32
+        prefix = 128 if family_of(self.address) == socket.AF_INET6 else 32
         verb = "add" if self.add else "delete"
         return f"{verb} address {self.address}/{prefix} on interface {self.index}"
 
@@ -71,7 +72,7 @@ def encode_addr(req: AddrRequest, seq: int, flags: int) -> bytes:
         cmd, flags = RTM_NEWADDR, flags | NLM_F_CREATE | NLM_F_EXCL
     else:
         cmd = RTM_DELADDR
-    if ":" in req.address:
+    if family_of(req.address) == socket.AF_INET6:
         raw = socket.inet_pton(socket.AF_INET6, req.address)
         return _MSG6.pack(64, cmd, flags, seq, 0, socket.AF_INET6, 128,
                           IFA_F_NODAD if req.add else 0, RT_SCOPE_UNIVERSE, req.index,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
 
-from ..model import Protocol
+from ..model import Protocol, join_host_port
 from .netlink_wire import NLA as _NLA
 from .netlink_wire import U32 as _U32
 from .netlink_wire import Counters, NetlinkWire, nla, open_socket
@@ -181,13 +181,11 @@ class IPVSUnavailable(IPVSError):
 
 
 # --- formatting ----------------------------------------------------------------------------
-def _hostport(family: int, address: str, port: int) -> str:
-    return f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
 
 
 def _svc_str(svc: Svc) -> str:
     proto = Protocol.name_of(svc.protocol) or f"proto {svc.protocol}"
-    return f"{proto} {_hostport(svc.family, svc.address, svc.port)}"
+    return f"{proto} {join_host_port(svc.address, svc.port)}"
 
 
 def describe(req: Request) -> str:
@@ -197,7 +195,7 @@ def describe(req: Request) -> str:
         verb = {Cmd.NEW_SERVICE: "add", Cmd.SET_SERVICE: "edit"}.get(cmd, "delete")
         return f"{verb} service {_svc_str(svc)}"
     verb = {Cmd.NEW_DEST: "add", Cmd.SET_DEST: "edit"}.get(cmd, "delete")
-    dest = _hostport(d.family or svc.family, d.address, d.port)
+    dest = join_host_port(d.address, d.port)
     return f"{verb} destination {dest} {'to' if cmd == Cmd.NEW_DEST else 'of'} service " + (
         _svc_str(svc))
 

@@ -44,7 +44,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig
-from ..model import FULL, DesiredState, Protocol, Scope, ServiceKind, VirtualServer, VSKey, canonical_ip
+from ..model import (
+    FULL,
+    DesiredState,
+    Protocol,
+    Scope,
+    ServiceKind,
+    VirtualServer,
+    VSKey,
+    canonical_ip,
+    ip_version,
+)
 
 if TYPE_CHECKING:
     from .nft_wire import NftWire
@@ -384,7 +394,7 @@ class NftFirewall:
         # The cluster CIDRs are filled with --masquerade-all too: the masq sets
         # stay empty then, and no-local-endpoint needs to know the pods.
         for net in _collapse(cfg.cluster_cidrs):
-            v = 6 if ":" in net else 4
+            v = ip_version(net)
             self._static.append((f"cluster{v}", (net,)))
             self._has_cluster[v] = True
         # What the desired state asks for: element -> how many contributions.
@@ -415,7 +425,7 @@ class NftFirewall:
         addr, proto, port = vs.key.address, vs.key.protocol, vs.key.port
         if Protocol.name_of(proto) is None or self.cfg.excluded(addr):
             return []
-        v = 6 if ":" in addr else 4
+        v = ip_version(addr)
         key = (addr, proto, port)
         kind = vs.service.kind if vs.service is not None else ServiceKind.CLUSTER_IP
         out: list[tuple[str, Elem]] = [(f"services{v}", key)]
@@ -433,7 +443,7 @@ class NftFirewall:
                 # external kinds are masqueraded from anywhere, ClusterIPs not.
                 out.append((f"masq_any{v}", key))
         out += [(f"hairpin{v}", (r.address, proto, r.port, r.address))
-                for r in vs.reals if (":" in r.address) == (v == 6)]
+                for r in vs.reals if ip_version(r.address) == v]
         if kind == ServiceKind.LOAD_BALANCER and vs.source_ranges:
             nets = []
             for text in vs.source_ranges:

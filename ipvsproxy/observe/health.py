@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ..model import family_of
+
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 5.0  # seconds a connection may stay silent before it is closed
@@ -201,7 +203,7 @@ def serve(address: str, routes: Mapping[str, Route], *, default: Route | None = 
     """Serve GET (and HEAD) routes on host:port in a daemon thread; returns the
     server. `default` answers every path no route names (else 404)."""
     host, port = _split(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = family_of(host)
 
     conn_timeout = timeout
 

@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
+from ..model import join_host_port
 from .health import MAX_CONNECTIONS, REQUEST_TIMEOUT, BoundedHTTPServer, Route, serve
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,7 @@ class ServiceHealthServer:
 
     def _serve(self, addr: str, port: int, sid: str) -> BoundedHTTPServer:
         host = addr or "::"
-        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return serve(text, {}, default=self._route(sid), max_connections=self.max_connections,
+        return serve(join_host_port(host, port), {}, default=self._route(sid), max_connections=self.max_connections,
                      timeout=self.timeout, name=f"hc-{port}")
 
     def _close(self, sid: str) -> None:
