@@ -54,8 +54,20 @@ class ServiceType(StrEnum):
         return self in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER)
 
 
+class _Namespaced:
+    """The `namespace/name` id of a namespaced record (a mixin: the dataclass holds the fields)."""
+
+    __slots__ = ()
+    namespace: str
+    name: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 @dataclass(frozen=True, slots=True)
-class Service:
+class Service(_Namespaced):
     namespace: str
     name: str
     type: ServiceType = ServiceType.CLUSTER_IP
@@ -72,10 +84,6 @@ class Service:
     source_ranges: tuple[str, ...] = ()
     uid: str = ""
     health_check_node_port: int = 0  # served only for LoadBalancer + externalTrafficPolicy Local
-
-    @property
-    def id(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +106,7 @@ class SlicePort:
 
 
 @dataclass(frozen=True, slots=True)
-class EndpointSlice:
+class EndpointSlice(_Namespaced):
     namespace: str
     name: str
     service: str  # owning Service name (label kubernetes.io/service-name)
@@ -106,10 +114,6 @@ class EndpointSlice:
     ports: tuple[SlicePort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     legacy: bool = False  # mirrored from a v1 Endpoints object
-
-    @property
-    def id(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
     @property
     def service_id(self) -> str:

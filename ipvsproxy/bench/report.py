@@ -191,12 +191,18 @@ def _plot_cost(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
         pts = [(n, y) for n, y in zip(ns, ys, strict=True) if y is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set_xlabel(f"Services (x {runs[0]['endpoints']} endpoints)")
-    ax.set_ylabel("seconds (host, in-memory dataplane)")
-    ax.set_title("Control-plane cost against cluster size")
+    _label(ax, f"Services (x {runs[0]['endpoints']} endpoints)", "seconds (host, in-memory dataplane)",
+           "Control-plane cost against cluster size")
+    return _save(plt, fig, outdir, "bench-cost-vs-size.png")
+
+
+def _label(ax: Any, x: str, y: str, title: str) -> None:
+    """Axis labels, title, grid and a small legend: what every size plot carries."""
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, outdir, "bench-cost-vs-size.png")
 
 
 def _plot_churn(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
@@ -235,11 +241,7 @@ def _plot_rss(plt: Any, runs: list[dict[str, Any]], outdir: str) -> list[str]:
             ax.plot(*zip(*pts, strict=True), style, label=f"{'RSS' if key == 'rss_mib' else 'peak'} "
                     f"({'one list response' if mode == 'full' else 'paged list, 500/page, as the agent lists'})")
     ax.axhline(RSS_LIMIT_MIB, color="red", lw=1, label=f"target {RSS_LIMIT_MIB:g} MiB")
-    ax.set_xlabel(f"Services (x {runs[0]['endpoints']} endpoints)")
-    ax.set_ylabel("MiB")
-    ax.set_title("Agent memory after cold start (fresh process)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, f"Services (x {runs[0]['endpoints']} endpoints)", "MiB", "Agent memory after cold start (fresh process)")
     return _save(plt, fig, outdir, "bench-rss-vs-size.png")
 
 

@@ -93,18 +93,24 @@ class Idle(Exception):
     """A watch stream was silent for the idle timeout: resume at once on a new one."""
 
 
-def _read_timeout(exc: BaseException) -> bool:
-    """A socket read timed out (urllib3 wraps it in ReadTimeoutError or ProtocolError)."""
+def _chain(exc: BaseException, then: Callable[[BaseException], BaseException | None]) -> Iterator[BaseException]:
+    """An exception and those behind it (each once), following `then` from one to the next."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if type(e).__name__ in ("ReadTimeoutError", "TimeoutError") or isinstance(e, TimeoutError):
-            return True
-        args = getattr(e, "args", ())
-        nested = next((a for a in args if isinstance(a, BaseException)), None)
-        e = e.__cause__ or e.__context__ or nested
-    return False
+        yield e
+        e = then(e)
+
+
+def _read_timeout(exc: BaseException) -> bool:
+    """A socket read timed out (urllib3 wraps it in ReadTimeoutError or ProtocolError)."""
+    def then(e: BaseException) -> BaseException | None:
+        nested = next((a for a in getattr(e, "args", ()) if isinstance(a, BaseException)), None)
+        return e.__cause__ or e.__context__ or nested
+
+    return any(type(e).__name__ in ("ReadTimeoutError", "TimeoutError") or isinstance(e, TimeoutError)
+               for e in _chain(exc, then))
 
 
 class EndpointsSource(enum.Enum):
@@ -253,15 +259,12 @@ def load_client(kubeconfig: str | None = None, api_server: str | None = None) ->
 
 def _connect_failure(exc: BaseException) -> bool:
     """The TCP connection itself failed (refused, no route, timed out connecting)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e).__name__ in ("NewConnectionError", "ConnectTimeoutError") or isinstance(e, ConnectionRefusedError):
-            return True
+    def then(e: BaseException) -> BaseException | None:
         reason = getattr(e, "reason", None)
-        e = reason if isinstance(reason, BaseException) else (e.__cause__ or e.__context__)
-    return False
+        return reason if isinstance(reason, BaseException) else (e.__cause__ or e.__context__)
+
+    return any(type(e).__name__ in ("NewConnectionError", "ConnectTimeoutError")
+               or isinstance(e, ConnectionRefusedError) for e in _chain(exc, then))
 
 
 _FORBIDDEN = re.compile(r'cannot (\S+) resource "([^"]+)"(?: in API group "([^"]*)")?')
