@@ -184,6 +184,12 @@ def test_health_check_node_port_follows_the_local_endpoint_and_the_service(lab: 
     assert f"{LB_LOCAL}:80" not in ipvsadm()
 
 
+def nolocal(v: int) -> str:
+    """The nftables set of externalTrafficPolicy-Local keys without a local endpoint, as `nft` lists it."""
+    return subprocess.run(["nft", "list", "set", "inet", "ipvsproxy", f"nolocal{v}"], capture_output=True,
+                          text=True).stdout
+
+
 def test_etp_local_without_local_endpoint_serves_pods_and_drops_outsiders(lab: Lab) -> None:
     """Rule 2: same address and port, two sources: a pod on the node is served by
     the remote endpoint, a client off the node is dropped (not refused, not served)."""
@@ -193,6 +199,10 @@ def test_etp_local_without_local_endpoint_serves_pods_and_drops_outsiders(lab: L
               cluster_policy, eps("open", [(lab.remote, "other")]))
     wait_until(lambda: answer(lab.pod, LB_LOCAL, 80) == "remote", timeout=120,
                what="the pod reaches the LB IP through the remote endpoint")
+    # One sync programs IPVS, then nftables: on a loaded machine the pod can be served before
+    # the nftables transaction lands, so the drop is probed once the set holds the keys.
+    wait_until(lambda: f"{LB_LOCAL} . tcp . 80" in (n := nolocal(4)) and f"{lab.node_ip} . tcp . 31080" in n,
+               timeout=60, what="the keys in the nolocal4 set")
     # the control: the outside client reaches the same remote endpoint through a Cluster-policy LB IP
     assert answer(lab.outside, LB_CLUSTER, 80) == "remote"
     assert answer(lab.outside, lab.node_ip, 31081) == "remote"
@@ -205,8 +215,7 @@ def test_etp_local_without_local_endpoint_serves_pods_and_drops_outsiders(lab: L
     print(f"SEMANTICS ETP=Local without a local endpoint: {results}")
     assert results == {"pod -> LB IP": "remote", "pod -> NodePort": "remote",
                        "outside -> LB IP": "timeout", "outside -> NodePort": "timeout"}
-    nft = subprocess.run(["nft", "list", "set", "inet", "ipvsproxy", "nolocal4"], capture_output=True,
-                         text=True).stdout
+    nft = nolocal(4)
     assert f"{LB_LOCAL} . tcp . 80" in nft and f"{lab.node_ip} . tcp . 31080" in nft
     # a local endpoint comes back: everyone is served by it, nothing is dropped
     lab.write(local_policy, eps("edge", [(lab.remote, "other"), (lab.local, NODE)]),
@@ -224,6 +233,7 @@ def test_etp_local_fallback_over_ipv6(lab: Lab) -> None:
     lab.write(v6, eps("edge6", [(lab.remote, "other")], "IPv6"))
     wait_until(lambda: answer(lab.pod, lb6, 80) == "remote", timeout=120,
                what="the pod reaches the IPv6 LB IP through the remote endpoint")
+    wait_until(lambda: f"{lb6} . tcp . 80" in nolocal(6), timeout=60, what="the key in the nolocal6 set")
     results = {"pod": answer(lab.pod, lb6, 80), "outside": answer(lab.outside, lb6, 80)}
     print(f"SEMANTICS ETP=Local without a local endpoint, IPv6: {results}")
     assert results == {"pod": "remote", "outside": "timeout"}
