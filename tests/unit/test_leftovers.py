@@ -342,3 +342,17 @@ def test_kube_proxy_pids(tmp_path: Path) -> None:
     (tmp_path / "91").mkdir()  # exited: no comm
     (tmp_path / "self").mkdir()
     assert kube_proxy_pids(str(tmp_path)) == (77, 90)
+
+
+def test_the_command_refuses_in_one_line_while_kube_proxy_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from ipvsproxy.cli import kubeproxy
+    from ipvsproxy.cli.main import cli, register
+
+    register()
+    monkeypatch.setattr(kubeproxy, "kube_proxy_pids", lambda: (4242,))
+    res = CliRunner().invoke(cli, ["cleanup-kube-proxy", "--dataplane", "memory"])
+    assert res.exit_code == 1
+    assert res.output == ("ipvsproxy: error: kube-proxy is still running on this node (pid 4242): stop it first; "
+                          "its next sync would re-create what this removes\n")
