@@ -35,6 +35,17 @@ if [[ ${1:-} == --in-guest ]]; then
         modprobe -q "$m" 2>/dev/null || true
     done
     ip link set lo up
+    # virtme-init mounts an empty tmpfs over /var/cache; bring the host's build cache
+    # (/var/cache/ipvsproxy: the Kubernetes binaries the kernel tests run) back, from a
+    # plain (non-recursive) bind of / that does not carry that tmpfs.
+    if [[ ! -d /var/cache/ipvsproxy ]]; then
+        mkdir -p /run/vm-hostroot
+        if mount --bind / /run/vm-hostroot && [[ -d /run/vm-hostroot/var/cache/ipvsproxy ]]; then
+            mkdir -p /var/cache/ipvsproxy
+            mount --bind /run/vm-hostroot/var/cache/ipvsproxy /var/cache/ipvsproxy ||
+                echo "vm-run: WARNING: cannot bind /var/cache/ipvsproxy into the guest" >&2
+        fi
+    fi
     # The command runs in its own session with stdin from /dev/null; whatever it leaves behind
     # (a background server that still holds the guest's stdout would keep vng waiting) is
     # killed when it returns.

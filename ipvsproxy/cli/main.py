@@ -57,9 +57,10 @@ def register() -> None:
     from .bench import bench
     from .cleanup import cleanup
     from .inspect import diff, list_cmd, schedulers
+    from .kubeproxy import cleanup_kube_proxy
     from .run import run
 
-    for command in (run, list_cmd, diff, schedulers, cleanup, bench):
+    for command in (run, list_cmd, diff, schedulers, cleanup, cleanup_kube_proxy, bench):
         cli.add_command(command)
 
 

@@ -19,6 +19,8 @@ from ..plan import Op, OpKind
 # The mark on the dummy interface ipvsproxy made (its IFLA_IFALIAS, `ip link show` prints it as
 # "alias ..."): the agent binds, unbinds and deletes only on a dummy carrying it (dataplane/netlink.py).
 INTERFACE_MARK = "managed-by: ipvsproxy"
+# kube-proxy's dummy (IPVS mode): the Service addresses on it are kube-proxy's, never the node's own.
+KUBE_PROXY_DUMMY = "kube-ipvs0"
 
 
 class DataplaneError(RuntimeError):

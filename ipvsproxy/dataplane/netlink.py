@@ -38,7 +38,9 @@ from ..model import (
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
 from .addr_wire import AddrRequest, AddrWire
-from .base import INTERFACE_MARK, Counters, DataplaneError, Failure, InterfaceRefused, describe_failure, harmless
+from .base import (
+    INTERFACE_MARK, KUBE_PROXY_DUMMY, Counters, DataplaneError, Failure, InterfaceRefused, describe_failure, harmless,
+)
 from .conntrack import ConntrackCleaner, Removal
 from .ipvs_wire import (
     Cmd,
@@ -370,13 +372,17 @@ class NetlinkDataplane:
 
     def local_addresses(self) -> set[str]:
         """Every address on an interface other than ours (rtnetlink): the node's
-        own, which an external or load-balancer IP must never be bound over."""
-        ours = self.ifindex()
+        own, which an external or load-balancer IP must never be bound over.
+
+        Not kube-proxy's dummy (kube-ipvs0): what it holds are Service addresses that
+        kube-proxy bound, which ipvsproxy binds on its own interface too when it takes
+        the node over; else they would vanish with kube-ipvs0 (docs/operating.md)."""
+        skip = {self.ifindex(), *self.ipr.link_lookup(ifname=KUBE_PROXY_DUMMY)}
         out = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_addr(family=family):
                 addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")  # LOCAL: not a peer's
-                if addr and msg["index"] != ours and "%" not in addr:
+                if addr and msg["index"] not in skip and "%" not in addr:
                     out.add(str(ipaddress.ip_address(addr)))  # spelled as Service IPs are
         return out
 

@@ -142,7 +142,8 @@ class Relay:
 class Cluster:
     """etcd + kube-apiserver on loopback; `start()`, `stop()`, `restart_apiserver()`, `compact()`."""
 
-    def __init__(self, *, watch_cache: bool = True, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, watch_cache: bool = True, extra_args: tuple[str, ...] = (),
+                 ready_timeout: float = 90.0) -> None:
         self.bin = kubernetes_bin()
         for name in ("kube-apiserver",):
             if not (self.bin / name).is_file():
@@ -153,6 +154,7 @@ class Cluster:
         base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
         self.dir = Path(tempfile.mkdtemp(prefix="ipvsproxy-realapi-", dir=base))
         self.watch_cache, self.extra_args = watch_cache, extra_args
+        self.ready_timeout = ready_timeout  # seconds; the emulated test VM needs ~50-110 s
         self.etcd_port, self.peer_port, self.port = free_port(), free_port(), free_port()
         self.etcd: subprocess.Popen[bytes] | None = None
         self.apiserver: subprocess.Popen[bytes] | None = None
@@ -216,7 +218,7 @@ class Cluster:
         ]
         log = open(d / "apiserver.log", "ab")  # noqa: SIM115 - the process keeps it
         self.apiserver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + self.ready_timeout
         while not self._ready():
             if self.apiserver.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"kube-apiserver did not become ready: {self._tail('apiserver.log')}")
