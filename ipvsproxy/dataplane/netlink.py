@@ -39,7 +39,14 @@ from ..plan import Op, OpKind
 from ..schedulers import default_registry
 from .addr_wire import AddrRequest, AddrWire
 from .base import (
-    INTERFACE_MARK, KUBE_PROXY_DUMMY, Counters, DataplaneError, Failure, InterfaceRefused, describe_failure, harmless,
+    INTERFACE_MARK,
+    KUBE_PROXY_DUMMY,
+    Counters,
+    DataplaneError,
+    Failure,
+    InterfaceRefused,
+    describe_failure,
+    harmless,
 )
 from .conntrack import ConntrackCleaner, Removal
 from .ipvs_wire import (
