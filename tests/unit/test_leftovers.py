@@ -3,8 +3,10 @@
 The node is a fake whose iptables, ipset, links and IPVS table refuse what the real tools refuse
 (a rule that is not there, a chain that is not empty or still jumped to, a set a rule matches
 on, a device or virtual server that does not exist), so a plan in the wrong order fails here as
-it would on a node. The iptables-save and ipset save texts are what kube-proxy v1.20.2 wrote in
-the test VM (tests/kernel/test_migrate.py), with a foreign rule and set added.
+it would on a node. The iptables-save and ipset save texts follow what kube-proxy v1.20.2 wrote
+in the test VM (tests/kernel/test_migrate.py: its chains, jumps and sets), plus the
+ipset-matching rules and set members its writeIptablesRules adds for such Services (the VM's
+snapshot had its sets still empty), and a foreign rule and set.
 """
 
 from __future__ import annotations
