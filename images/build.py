@@ -28,6 +28,7 @@ import dataclasses
 import fcntl
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -292,7 +293,11 @@ def debian_sources() -> Path:
 
 def mmdebstrap(out: Path, variant: str, packages: list[str], hooks: list[str], slim: bool = True) -> None:
     """A Debian bookworm root file system as a tar (mmdebstrap root mode, reproducible timestamps)."""
-    cmd = ["mmdebstrap", "--mode=root", f"--variant={variant}", "--format=tar", "--quiet"]
+    cmd = ["mmdebstrap", "--mode=root", f"--variant={variant}", "--format=tar", "--quiet",
+           "--aptopt=APT::Install-Recommends false"]  # like the Dockerfile's --no-install-recommends
+    # merged /usr from the start (symlinks + usr-is-merged), as Debian's bookworm images are; without it apt
+    # satisfies "usrmerge | usr-is-merged" with usrmerge, which drags in perl (40 MB)
+    cmd.append("--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr")
     if packages:
         cmd.append("--include=" + ",".join(packages))
     if slim:
@@ -393,9 +398,10 @@ def _agnhost_inputs(h: Any) -> None:
     h.update(json.dumps(AGNHOST_PACKAGES).encode())
 
 
-# What agnhost's Alpine image adds with apk (its Dockerfile), from Debian: the e2e tests exec
-# curl, nc, ss, dig, iperf and bash in agnhost pods.
-AGNHOST_PACKAGES = ["bash", "curl", "netcat-openbsd", "iproute2", "bind9-dnsutils", "iperf", "ca-certificates"]
+# What agnhost's Alpine image adds with apk (its Dockerfile), from Debian: the e2e tests exec curl,
+# nc, ss, iperf and bash in agnhost pods. Left out: bind-tools' dig (only the DNS tests use it, and
+# Debian's bind9-dnsutils pulls libicu, 36 MB) and the CoreDNS binary (a download, not in the tree).
+AGNHOST_PACKAGES = ["bash", "curl", "netcat-openbsd", "iproute2", "iperf"]
 
 
 def _agnhost_build(work: Path) -> tuple[list[Path], ImageConfig]:
@@ -470,6 +476,77 @@ def load_contents(path: Path = SPEC) -> Contents:
     )
 
 
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of a Dockerfile, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, rest = line.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def _kv_pairs(args: str) -> dict[str, str]:
+    """ENV/LABEL/ARG arguments in key=value form (values may be double-quoted)."""
+    return {k: v[0] for k, *v in (w.split("=", 1) for w in shlex.split(args)) if v}
+
+
+def dockerfile_drift(text: str, c: Contents) -> list[str]:
+    """How the Dockerfile differs from images/ipvsproxy.toml; empty when they say the same."""
+    ins = dockerfile_instructions(text)
+    kinds: dict[str, list[str]] = {}
+    for kw, rest in ins:
+        kinds.setdefault(kw, []).append(rest)
+    problems: list[str] = []
+
+    def differ(what: str, dockerfile: object, listed: object) -> None:
+        if dockerfile != listed:
+            problems.append(f"{what}: Dockerfile {dockerfile!r} != images/ipvsproxy.toml {listed!r}")
+
+    args: dict[str, str] = {}
+    for rest in kinds.get("ARG", []):
+        args.update(_kv_pairs(rest))
+    differ("base image", args.get("BASE_IMAGE", "").split("@")[0], c.base)
+    apt: dict[str, str] = {}
+    runs = kinds.get("RUN", [])
+    for rest in runs:
+        for cmd in rest.split("&&"):
+            words = cmd.split()
+            if words[:2] == ["apt-get", "install"]:
+                apt.update(w.partition("=")[::2] for w in words[2:] if not w.startswith("-"))
+    differ("apt packages", apt, c.apt)
+    env: dict[str, str] = {}
+    for rest in kinds.get("ENV", []):
+        env.update(_kv_pairs(rest))
+    differ("ENV", env, dict(c.config.env))
+    labels: dict[str, str] = {}
+    for rest in kinds.get("LABEL", []):
+        labels.update(_kv_pairs(rest))
+    differ("LABEL", labels, dict(c.config.labels))
+    differ("ENTRYPOINT", [json.loads(e) for e in kinds.get("ENTRYPOINT", [])], [list(c.config.entrypoint)])
+    differ("CMD", [json.loads(e) for e in kinds.get("CMD", [])], [list(c.config.cmd)])
+    differ("last WORKDIR", (kinds.get("WORKDIR") or ["/"])[-1], c.config.workdir)
+    differ("USER", (kinds.get("USER") or [""])[-1], c.config.user)
+    copied: list[str] = []
+    for rest in kinds.get("COPY", []):
+        copied += [w.rstrip("/") for w in rest.split() if not w.startswith("--")][:-1]
+    differ("COPY sources", sorted(copied), sorted([c.lock, *c.sources]))
+    python = next((n for n in c.apt if n.startswith("python3.") and "-" not in n), "")
+    joined = " ".join(runs)
+    for needed in (f"{python} -m venv {c.venv}", f"-r {c.lock}", "--require-hashes", "--only-binary=:all:",
+                   "--no-deps --no-build-isolation ."):
+        if needed not in joined:
+            problems.append(f"Dockerfile RUN lacks {needed!r} (the offline build does it: images/build.py)")
+    return problems
+
+
 def _ipvsproxy_inputs(h: Any) -> None:
     c = load_contents()
     hash_paths(h, ROOT, ["images/ipvsproxy.toml", c.lock, *c.sources])
@@ -494,6 +571,9 @@ def _wheels(c: Contents) -> Path:
 
 def _ipvsproxy_build(work: Path) -> tuple[list[Path], ImageConfig]:
     c = load_contents()
+    drift = dockerfile_drift((ROOT / "Dockerfile").read_text(), c)
+    if drift:
+        raise BuildError("the Dockerfile and images/ipvsproxy.toml differ: " + "; ".join(drift))
     wheels = _wheels(c)
     src = work / "src"
     src.mkdir()
@@ -546,9 +626,14 @@ def recipes() -> dict[str, Recipe]:
 
 
 def cache_key(r: Recipe) -> str:
+    """A hash of everything the archive is made from: the recipe's own code (its two functions and the shared
+    packing code, not the rest of this file, so editing one recipe rebuilds one image) and its inputs."""
     h = hashlib.sha256()
     h.update(r.ref.encode())
-    hash_paths(h, ROOT, ["images/build.py"])
+    for fn in (r.inputs, r.build, pack_oci, _add_bytes, _blob, RootfsTar, mmdebstrap, go_env, ImageConfig,
+               _wheels, load_contents, dockerfile_drift):
+        h.update(inspect.getsource(fn).encode())
+    h.update(repr((SLIM_EXCLUDES, SLIM_INCLUDES, EPOCH)).encode())
     r.inputs(h)
     return h.hexdigest()[:16]
 
@@ -563,18 +648,33 @@ def locked(path: Path) -> Iterator[IO[str]]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def publish(built: Built, cache: Path) -> Built:
+    """Hard-link the archive to CACHE/NAME.oci.tar: the top level holds exactly one archive per image, the one
+    this checkout asked for last (a cluster script can import CACHE/*.oci.tar)."""
+    top = cache / f"{built.name}.oci.tar"
+    tmp = cache / f".{built.name}.oci.tar.new"
+    tmp.unlink(missing_ok=True)
+    os.link(built.archive, tmp)
+    tmp.replace(top)
+    rec = dataclasses.replace(built, archive=top)
+    (cache / f".{built.name}.json.new").write_text(json.dumps(rec.to_json(), indent=1) + "\n")
+    (cache / f".{built.name}.json.new").replace(cache / f"{built.name}.json")
+    return rec
+
+
 def ensure(r: Recipe, cache: Path, log: Callable[[str], None]) -> Built:
-    cache.mkdir(parents=True, exist_ok=True)
+    store = cache / "store"
+    store.mkdir(parents=True, exist_ok=True)
     key = cache_key(r)
     stem = f"{r.name}-{r.ref.rsplit(':', 1)[1]}-{key}"
-    archive, record = cache / f"{stem}.oci.tar", cache / f"{stem}.json"
+    archive, record = store / f"{stem}.oci.tar", store / f"{stem}.json"
     with locked(cache / f".{r.name}.lock"):
         if archive.is_file() and record.is_file():
             d = json.loads(record.read_text())
-            return Built(**{**d, "archive": archive})
+            return publish(Built(**{**d, "archive": archive}), cache)
         log(f"building {r.name} ({r.ref}): {r.doc}")
         start = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=cache, prefix=f".build-{r.name}-") as tmp:
+        with tempfile.TemporaryDirectory(dir=store, prefix=f".build-{r.name}-") as tmp:
             layers, config = r.build(Path(tmp))
             partial = Path(tmp) / "image.oci.tar"
             digest, compressed, unpacked = pack_oci(layers, config, r.ref, partial)
@@ -583,7 +683,7 @@ def ensure(r: Recipe, cache: Path, log: Callable[[str], None]) -> Built:
         d = built.to_json()
         record.write_text(json.dumps(d, indent=1) + "\n")
         log(f"built {r.name} in {built.seconds:.0f}s")
-        return built
+        return publish(built, cache)
 
 
 def human(n: int) -> str:
