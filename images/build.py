@@ -345,6 +345,7 @@ class Recipe:
     doc: str
     inputs: Callable[[Any], None]  # feeds the cache key
     build: Callable[[Path], tuple[list[Path], ImageConfig]]  # work dir -> layer tars, config
+    helpers: tuple[Any, ...] = ()  # other code the build runs: its source is part of the cache key
 
 
 def _pause_inputs(h: Any) -> None:
@@ -561,7 +562,10 @@ def _wheels(c: Contents) -> Path:
     if (dest / ".complete").is_file():
         return dest
     dest.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--require-hashes",
+    # pip from the project's .venv (scripts/setup.sh): Debian's python3 has no pip unless python3-pip is installed
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    python = str(venv_python) if venv_python.is_file() else sys.executable
+    run([python, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--require-hashes",
          "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--platform",
          "manylinux_2_36_x86_64", "--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64",
          "-d", str(dest), "-r", str(lock)], what="pip download (requirements.lock)")
@@ -615,9 +619,10 @@ def recipes() -> dict[str, Recipe]:
                    _busybox_inputs, _busybox_build),
             Recipe("agnhost", "k8s.gcr.io/e2e-test-images/agnhost:2.21",
                    "the e2e suite's agnhost (netexec, serve-hostname, ...) from test/images/agnhost",
-                   _agnhost_inputs, _agnhost_build),
+                   _agnhost_inputs, _agnhost_build, (mmdebstrap, go_env, need_tree)),
             Recipe("ipvsproxy", c.ref, "the agent, as images/ipvsproxy.toml lists (the chart's default image)",
-                   _ipvsproxy_inputs, _ipvsproxy_build),
+                   _ipvsproxy_inputs, _ipvsproxy_build,
+                   (mmdebstrap, _wheels, load_contents, Contents, dockerfile_drift, _kv_pairs)),
         )
     }
 
@@ -630,8 +635,7 @@ def cache_key(r: Recipe) -> str:
     packing code, not the rest of this file, so editing one recipe rebuilds one image) and its inputs."""
     h = hashlib.sha256()
     h.update(r.ref.encode())
-    for fn in (r.inputs, r.build, pack_oci, _add_bytes, _blob, RootfsTar, mmdebstrap, go_env, ImageConfig,
-               _wheels, load_contents, dockerfile_drift):
+    for fn in (r.inputs, r.build, pack_oci, _add_bytes, _blob, RootfsTar, ImageConfig, *r.helpers):
         h.update(inspect.getsource(fn).encode())
     h.update(repr((SLIM_EXCLUDES, SLIM_INCLUDES, EPOCH)).encode())
     r.inputs(h)
