@@ -21,7 +21,8 @@
 #            --prepare-source      fetch and unpack it, install Go, swap in Debian's reflect2, then stop:
 #                                  the tree is ready for `go build` in GOPATH mode (scripts/build-images.sh)
 #            --print-bin           print the bin directory and exit (for scripts and tests)
-# Env:       KUBERNETES_BINARIES   space-separated subset to install (default: all six)
+# Env:       KUBERNETES_BINARIES   space-separated subset to install (default: all six; kubectl v1.20.2 too
+#                                  when named here: the e2e suite execs it, scripts/conformance.sh)
 #            KUBERNETES_PREBUILT   the prebuilt folder (default $ROOT/../shared/kubernetes-v1.20.2)
 # Idempotent and quiet; fast when the cache is complete; fails loudly.
 set -euo pipefail
@@ -35,6 +36,7 @@ DEB_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 GO_PACKAGE=golang-1.19-go
 GOROOT_BIN=/usr/lib/go-1.19/bin
 ALL_BINARIES=(kube-apiserver kube-proxy kubelet kube-controller-manager kube-scheduler e2e.test)
+OPTIONAL_BINARIES=(kubectl)  # only when asked for (KUBERNETES_BINARIES=kubectl): scripts/conformance.sh
 RUN_PACKAGES=(etcd-server etcd-client openssl xz-utils)
 BUILD_PACKAGES=("$GO_PACKAGE" rsync golang-github-modern-go-reflect2-dev dpkg-dev make)
 
@@ -57,7 +59,7 @@ for arg in "$@"; do
     esac
 done
 for b in "${WANTED[@]}"; do
-    [[ " ${ALL_BINARIES[*]} " == *" $b "* ]] || { echo "install-kubernetes: unknown binary $b" >&2; exit 2; }
+    [[ " ${ALL_BINARIES[*]} ${OPTIONAL_BINARIES[*]} " == *" $b "* ]] || { echo "install-kubernetes: unknown binary $b" >&2; exit 2; }
 done
 
 log() { printf 'install-kubernetes: %s\n' "$*" >&2; }
@@ -204,7 +206,11 @@ build_from_source() {
         else
             run_quiet go build -trimpath -ldflags "$ldflags" -o "$out/$b" "./cmd/$b"
         fi
-        "$out/$b" --version >/dev/null 2>&1 || [[ $b == e2e.test ]] || { log "$b --version failed"; exit 1; }
+        if [[ $b == kubectl ]]; then
+            "$out/$b" version --client >/dev/null 2>&1 || { log "$b version --client failed"; exit 1; }
+        elif [[ $b != e2e.test ]]; then
+            "$out/$b" --version >/dev/null 2>&1 || { log "$b --version failed"; exit 1; }
+        fi
         install -m 0755 "$out/$b" "$BIN/$b"
         printf 'built from %s=%s in %ss\n' "$DEB_SOURCE" "$DEB_VERSION" "$((SECONDS - start))" >"$BIN/.$b.ok"
     done
