@@ -5,6 +5,11 @@
 #   docker build -t ipvsproxy:0.1.0 .
 #   docker build --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:<digest> -t ipvsproxy:0.1.0 .
 #
+# What the image contains is listed ONCE, in images/ipvsproxy.toml (packages and versions, lock file,
+# virtualenv, entrypoint, env, user). scripts/build-images.sh builds the same image offline from that
+# list (no Docker, no registry: docs/images.md), and tests/unit/test_image_contents.py fails when this
+# file says anything else. Change both together.
+#
 # What the container needs at run time (and nothing more; the chart sets exactly this):
 #   - hostNetwork: true. The agent programs the node's own network namespace: IPVS virtual
 #     servers, the dummy interface (ipvsproxy0) holding Service addresses, nftables rules.

@@ -240,6 +240,9 @@ class Agent:
             self._servers.append(serve(cfg.metrics_bind_address, {
                 "/metrics": lambda: (200, "text/plain; version=0.0.4", self.metrics.text()),
                 "/healthz": healthz_route(self.health, detail=detail),
+                # kube-proxy's status endpoint on its metrics port; the e2e test "should check kube-proxy
+                # urls" and tooling that asks which mode a node's proxy runs in read it
+                "/proxyMode": lambda: (200, "text/plain; charset=utf-8", b"ipvs"),
             }))
 
     def run(self, install_signals: bool = True) -> None:

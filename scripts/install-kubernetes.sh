@@ -18,8 +18,11 @@
 #
 # Options:   --from-source         ignore the prebuilt copy and build (still fast when already built)
 #            --download-source     only fetch and unpack the Debian source package, then stop
+#            --prepare-source      fetch and unpack it, install Go, swap in Debian's reflect2, then stop:
+#                                  the tree is ready for `go build` in GOPATH mode (scripts/build-images.sh)
 #            --print-bin           print the bin directory and exit (for scripts and tests)
-# Env:       KUBERNETES_BINARIES   space-separated subset to install (default: all six)
+# Env:       KUBERNETES_BINARIES   space-separated subset to install (default: all six; kubectl v1.20.2 too
+#                                  when named here: the e2e suite execs it, scripts/conformance.sh)
 #            KUBERNETES_PREBUILT   the prebuilt folder (default $ROOT/../shared/kubernetes-v1.20.2)
 # Idempotent and quiet; fast when the cache is complete; fails loudly.
 set -euo pipefail
@@ -33,6 +36,7 @@ DEB_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 GO_PACKAGE=golang-1.19-go
 GOROOT_BIN=/usr/lib/go-1.19/bin
 ALL_BINARIES=(kube-apiserver kube-proxy kubelet kube-controller-manager kube-scheduler e2e.test)
+OPTIONAL_BINARIES=(kubectl)  # only when asked for (KUBERNETES_BINARIES=kubectl): scripts/conformance.sh
 RUN_PACKAGES=(etcd-server etcd-client openssl xz-utils)
 BUILD_PACKAGES=("$GO_PACKAGE" rsync golang-github-modern-go-reflect2-dev dpkg-dev make)
 
@@ -43,17 +47,19 @@ read -r -a WANTED <<<"${KUBERNETES_BINARIES:-${ALL_BINARIES[*]}}"
 
 from_source=0
 download_only=0
+prepare_only=0
 for arg in "$@"; do
     case $arg in
         --from-source) from_source=1 ;;
         --download-source) download_only=1 ;;
+        --prepare-source) prepare_only=1 ;;
         --print-bin) echo "$BIN"; exit 0 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "install-kubernetes: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
 for b in "${WANTED[@]}"; do
-    [[ " ${ALL_BINARIES[*]} " == *" $b "* ]] || { echo "install-kubernetes: unknown binary $b" >&2; exit 2; }
+    [[ " ${ALL_BINARIES[*]} ${OPTIONAL_BINARIES[*]} " == *" $b "* ]] || { echo "install-kubernetes: unknown binary $b" >&2; exit 2; }
 done
 
 log() { printf 'install-kubernetes: %s\n' "$*" >&2; }
@@ -157,6 +163,15 @@ EOF
     touch "$CACHE/src/.unpacked"
 }
 
+patch_reflect2() {  # vendor/github.com/modern-go/reflect2 1.0.1 crashes at run time with Go >= 1.18: Debian's 1.0.2
+    [[ -f $CACHE/src/.reflect2 ]] && return 0
+    local tree=$CACHE/src/tree
+    rm -rf "$tree/vendor/github.com/modern-go/reflect2"
+    cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/"
+    rm -f "$tree/vendor/github.com/modern-go/reflect2/go.mod"
+    touch "$CACHE/src/.reflect2"
+}
+
 build_from_source() {
     apt_install "${BUILD_PACKAGES[@]}"
     fetch_source
@@ -166,13 +181,8 @@ build_from_source() {
     ln -sfn "$tree" "$gopath/src/$pkg"
     export GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOPATH=$gopath GOCACHE=$CACHE/go-build
     export PATH=$GOROOT_BIN:$PATH
+    patch_reflect2
     cd "$gopath/src/$pkg"  # GOPATH mode: the import path comes from where we stand
-    if [[ ! -f $CACHE/src/.reflect2 ]]; then
-        rm -rf vendor/github.com/modern-go/reflect2
-        cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/
-        rm -f vendor/github.com/modern-go/reflect2/go.mod
-        touch "$CACHE/src/.reflect2"
-    fi
     if [[ ! -f $CACHE/src/.openapi ]]; then
         log "generating OpenAPI definitions (make gen_openapi, about 2 minutes)"
         run_quiet make gen_openapi
@@ -196,7 +206,11 @@ build_from_source() {
         else
             run_quiet go build -trimpath -ldflags "$ldflags" -o "$out/$b" "./cmd/$b"
         fi
-        "$out/$b" --version >/dev/null 2>&1 || [[ $b == e2e.test ]] || { log "$b --version failed"; exit 1; }
+        if [[ $b == kubectl ]]; then
+            "$out/$b" version --client >/dev/null 2>&1 || { log "$b version --client failed"; exit 1; }
+        elif [[ $b != e2e.test ]]; then
+            "$out/$b" --version >/dev/null 2>&1 || { log "$b --version failed"; exit 1; }
+        fi
         install -m 0755 "$out/$b" "$BIN/$b"
         printf 'built from %s=%s in %ss\n' "$DEB_SOURCE" "$DEB_VERSION" "$((SECONDS - start))" >"$BIN/.$b.ok"
     done
@@ -210,6 +224,12 @@ mkdir -p "$BIN" || { log "cannot create $BIN (set IPVSPROXY_CACHE to a writable 
 if [[ $download_only == 1 ]]; then
     fetch_source
     log "source unpacked in $CACHE/src/tree"
+    exit 0
+fi
+if [[ $prepare_only == 1 ]]; then
+    apt_install "${BUILD_PACKAGES[@]}"
+    fetch_source
+    patch_reflect2
     exit 0
 fi
 complete && exit 0

@@ -2,12 +2,15 @@
 # The project's test command (README, .ci/run): every stage runs, then a summary; non-zero if any failed.
 #
 #   setup    scripts/setup.sh (apt packages, .venv)            skipped with SKIP_SETUP=1 or inside the VM
-#   ruff     ruff check ipvsproxy tests
-#   mypy     mypy ipvsproxy (strict: pyproject.toml)
+#   ruff     ruff check ipvsproxy tests images
+#   mypy     mypy ipvsproxy images/build.py (strict: pyproject.toml)
 #   unit     pytest (host; pyproject's addopts deselect kernel and realapi tests); tests/contract's
 #            dataplane contract runs here on the in-memory dataplane, and in the kernel stage on netlink
 #   realapi  pytest -m realapi tests/realapi: the agent against a real kube-apiserver v1.20.2 + etcd on the
 #            host (binaries from scripts/install-kubernetes.sh's cache). Skipped with SKIP_REALAPI=1 or in the VM.
+#   images   scripts/build-images.sh (offline OCI archives; cached by content, so cheap when nothing changed),
+#            then pytest -m images tests/images: each archive imported into a private containerd on the host
+#            and run with runc. Skipped with SKIP_IMAGES=1 or in the VM.
 #   kernel   pytest -m kernel tests/kernel tests/contract, all in ONE boot of the IPVS test VM (scripts/vm-run.sh);
 #            run directly when IN_VM is set (already inside the guest). Skipped with SKIP_KERNEL=1.
 #
@@ -68,8 +71,8 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 
-run_stage ruff "0" ruff check ipvsproxy tests
-run_stage mypy "0" mypy ipvsproxy
+run_stage ruff "0" ruff check ipvsproxy tests images
+run_stage mypy "0" mypy ipvsproxy images/build.py
 
 # Host unit tests; "no tests collected" (5) is a failure while tests/unit holds test files.
 unit_ok="0"
@@ -84,6 +87,14 @@ elif [[ -n ${SKIP_REALAPI:-} && ${SKIP_REALAPI} != 0 ]]; then
 else
     # shellcheck disable=SC2086
     run_stage realapi "0" pytest -m realapi tests/realapi -p no:cacheprovider ${REALAPI_PYTEST_ARGS:-}
+fi
+
+if [[ -n ${IN_VM:-} ]]; then
+    skip_stage images "inside the VM"
+elif [[ -n ${SKIP_IMAGES:-} && ${SKIP_IMAGES} != 0 ]]; then
+    skip_stage images "SKIP_IMAGES"
+else
+    run_stage images "0" bash -c 'bash scripts/build-images.sh && pytest -m images tests/images -p no:cacheprovider'
 fi
 
 mkdir -p results

@@ -116,6 +116,8 @@ def test_healthz_and_metrics(running: Running) -> None:
     # per Service port by default (no address label); the web Service's other virtual servers have none yet
     assert 'ipvsproxy_service_connections_total{namespace="demo",port="http",service="web"} 42.0' in text
     assert 'direction="in"' in text and "ipvsproxy_network_programming_duration_seconds_bucket" in text
+    # kube-proxy's /proxyMode on the metrics port (e2e "[sig-network] Networking should check kube-proxy urls")
+    assert get(f"http://127.0.0.1:{port(agent, 1)}/proxyMode") == (200, "ipvs")
 
 
 def test_stop_leaves_kernel_state(running: Running) -> None:

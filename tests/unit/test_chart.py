@@ -217,6 +217,17 @@ def test_install_dry_run_renders_notes() -> None:
     assert "-- ipvsproxy list" in notes
 
 
+@pytest.mark.parametrize("version", ["1.20.2", "1.24.0", K8S_VERSION])
+def test_installs_on_every_kubernetes_the_agent_reads(version: str) -> None:
+    """kubeVersion admits v1.20 on: the agent reads v1beta1 slices and core/v1 Endpoints (was >=1.25,
+    and `helm install` refused the v1.20.2 cluster of tests/cluster)."""
+    proc = run_helm("template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", version)
+    assert "kind: DaemonSet" in proc.stdout
+    refused = run_helm("template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", "1.19.0",
+                       check=False)
+    assert refused.returncode != 0 and "kubeVersion" in refused.stderr + refused.stdout
+
+
 def test_chart_metadata_matches_package() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     cfg = configparser.ConfigParser()

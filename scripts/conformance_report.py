@@ -1,0 +1,150 @@
+"""The results table of scripts/conformance.sh: each selected e2e test x each proxy.
+
+Why a separate step: the e2e runs happen inside the VM and leave JUnit files behind; the table
+(results/conformance/table.md, pasted into docs/conformance.md) is rebuilt from them on the host,
+also after a partial run (`scripts/conformance.sh --report`). The selection is what e2e.test itself
+lists for the focus (`--ginkgo.dryRun`), so a test that never ran is shown as "not run", not lost.
+
+    python3 scripts/conformance_report.py --out results/conformance --proxies "ipvsproxy kube-proxy" --skip REGEX
+Exit status: 0 when every test that passed with kube-proxy passed with ipvsproxy too (and both ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+E2E = Path(os.environ.get("IPVSPROXY_CACHE", "/var/cache/ipvsproxy")) / "kubernetes-v1.20.2" / "bin" / "e2e.test"
+FOCUS = r"\[sig-network\] (Services|Networking)"
+
+# Why the default skip list skips (scripts/conformance.sh's header says the same).
+OUR_SKIPS = [
+    (r"\[Disruptive\]", "skipped: [Disruptive] (restart kube-proxy / the API server or delete iptables rules "
+                        "over SSH to the node, no SSH into the VM; the SCTP tests carry the tag too)"),
+    (r"\[Feature:Networking-IPv4\]", "skipped: needs Internet access from pods (traffic must not leave the VM)"),
+    (r"\[Feature:Networking-IPv6\]", "skipped: needs Internet access from pods (traffic must not leave the VM)"),
+    (r"\[Feature:Networking-Performance\]", "skipped: 1 GB iperf performance run (no pass/fail value, hours "
+                                            "under emulation)"),
+    (r"[Ll]oad.?[Bb]alancer", "skipped: needs a cloud provider's load balancer"),
+    (r"ESIPP", "skipped: needs a cloud provider's load balancer"),
+    (r"\[Slow\]", "skipped: [Slow] (--quick)"),
+]
+
+
+def selection(focus: str) -> list[str]:
+    proc = subprocess.run([str(E2E), "--ginkgo.dryRun", f"--ginkgo.focus={focus}", "--ginkgo.noColor"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    names = re.findall(r'"msg":"PASSED (.*?)","total"', proc.stdout)
+    return sorted(set(names))
+
+
+def parse_junit(path: Path) -> dict[str, tuple[str, str, float]]:
+    """testcase name -> (status, detail, seconds); status: pass, fail, skip."""
+    out: dict[str, tuple[str, str, float]] = {}
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        name = tc.get("name", "").strip()
+        secs = float(tc.get("time") or 0)
+        failure = tc.find("failure")
+        if failure is None:
+            failure = tc.find("error")
+        skipped = tc.find("skipped")
+        if failure is not None:
+            msg = (failure.get("message") or failure.text or "").strip().splitlines()
+            out[name] = ("fail", msg[0][:160] if msg else "", secs)
+        elif skipped is not None:
+            msg = (skipped.get("message") or skipped.text or "").strip().splitlines()
+            out[name] = ("skip", msg[0][:160] if msg else "", secs)
+        else:
+            out[name] = ("pass", "", secs)
+    return out
+
+
+def our_skip(name: str, skip: str) -> str | None:
+    if not re.search(skip, name):
+        return None
+    for rx, why in OUR_SKIPS:
+        if rx in skip and re.search(rx, name):
+            return why
+    return "skipped: --skip " + skip
+
+
+def cell(name: str, results: dict[str, tuple[str, str, float]] | None, skip: str) -> str:
+    why = our_skip(name, skip)
+    if why:
+        return why
+    if results is None:
+        return "not run (no JUnit file)"
+    if name not in results:
+        return "not run"
+    status, detail, secs = results[name]
+    if status == "pass":
+        return f"**pass** ({secs:.0f} s)"
+    if status == "fail":
+        return f"**FAIL** ({secs:.0f} s): {detail}".replace("|", "\\|")
+    if not detail:  # ginkgo reports specs outside --ginkgo.focus / --ginkgo.skip as skipped, without a message
+        return "not run (outside this run's focus)"
+    return f"skipped by the suite: {detail}".replace("|", "\\|")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--proxies", default="ipvsproxy kube-proxy")
+    ap.add_argument("--skip", default="")
+    ap.add_argument("--focus", default=FOCUS)
+    args = ap.parse_args()
+    proxies = args.proxies.split()
+    names = selection(args.focus)
+    if not names:
+        print(f"conformance_report: e2e.test lists no test for {args.focus!r} ({E2E})", file=sys.stderr)
+        return 1
+    results: dict[str, dict[str, tuple[str, str, float]] | None] = {}
+    walls: dict[str, str] = {}
+    for p in proxies:
+        junits = sorted((args.out / p).glob("junit_*.xml"))
+        merged: dict[str, tuple[str, str, float]] = {}
+        for j in junits:
+            merged.update(parse_junit(j))
+        results[p] = merged if junits else None
+        secs = args.out / p / "seconds"
+        walls[p] = f"{int(secs.read_text()):d} s" if secs.is_file() else "-"
+    lines = [f"| test | {' | '.join(proxies)} |", "|---|" + "---|" * len(proxies)]
+    counts: dict[str, dict[str, int]] = {p: {"pass": 0, "fail": 0, "skip": 0, "not run": 0} for p in proxies}
+    for n in names:
+        cells = [cell(n, results[p], args.skip) for p in proxies]
+        for p, c in zip(proxies, cells, strict=True):
+            key = ("pass" if c.startswith("**pass") else "fail" if c.startswith("**FAIL")
+                   else "not run" if c.startswith("not run") else "skip")
+            counts[p][key] += 1
+        lines.append(f"| {n.replace('|', '/')} | {' | '.join(cells)} |")
+    summary = [f"Selection: `--ginkgo.focus='{args.focus}'`: {len(names)} tests in e2e.test v1.20.2.", ""]
+    for p in proxies:
+        c = counts[p]
+        summary.append(f"- {p}: {c['pass']} pass, {c['fail']} fail, {c['skip']} skipped, {c['not run']} not run "
+                       f"(e2e.test wall time {walls[p]})")
+    ok = True
+    if "ipvsproxy" in proxies and "kube-proxy" in proxies and results["ipvsproxy"] and results["kube-proxy"]:
+        ipv, kp = results["ipvsproxy"], results["kube-proxy"]
+        missing = [n for n in names if kp.get(n, ("",))[0] == "pass" and ipv.get(n, ("",))[0] != "pass"]
+        ok = not missing
+        summary.append("")
+        summary.append("ipvsproxy passes every selected test kube-proxy passes." if ok else
+                       "Passed with kube-proxy but not with ipvsproxy: " + "; ".join(missing))
+    else:
+        ok = False
+        summary.append("")
+        summary.append("Not both columns ran: no comparison.")
+    text = "\n".join(summary + ["", *lines]) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""scripts/conformance_report.py turns e2e JUnit files into the ipvsproxy vs kube-proxy table.
+
+The table is the evidence docs/conformance.md quotes, so its classification must be right: a pass,
+a failure with its first line, the suite's own skip with its message, a spec outside the run's focus
+(ginkgo lists those as skipped with no message) and a test our skip list removes (with our reason),
+and the verdict "ipvsproxy passes every test kube-proxy passes" only when both columns ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+A = "[sig-network] Services should serve a basic endpoint from pods  [Conformance]"
+B = "[sig-network] Services should prevent NodePort collisions"
+C = "[sig-network] Networking Granular Checks: Services should update nodePort: http [Slow]"
+D = "[sig-network] Services should work after restarting kube-proxy [Disruptive]"
+E = "[sig-network] Services should be able to change the type and ports of a service [Slow] [DisabledForLargeClusters]"
+SKIP = r"\[Disruptive\]|[Ll]oad.?[Bb]alancer"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("conformance_report", ROOT / "scripts" / "conformance_report.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["conformance_report"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _load()
+
+
+def junit(cases: list[tuple[str, str]]) -> str:
+    body = []
+    for name, kind in cases:
+        inner = {"pass": "",
+                 "fail": '<failure type="Failure">test/e2e/network/service.go:100\nTimed out after 120s</failure>',
+                 "suite-skip": '<skipped message="skipped: Requires at least 2 nodes (not 1)"></skipped>',
+                 "unfocused": "<skipped></skipped>"}[kind]
+        body.append(f'<testcase name="{name}" classname="Kubernetes e2e suite" time="12.5">{inner}</testcase>')
+    return f'<?xml version="1.0"?><testsuite tests="{len(cases)}">{"".join(body)}</testsuite>'
+
+
+def run(tmp_path: Path, monkeypatch: Any, columns: dict[str, list[tuple[str, str]]]) -> tuple[int, str]:
+    out = tmp_path / "conformance"
+    for proxy, cases in columns.items():
+        (out / proxy).mkdir(parents=True)
+        (out / proxy / "junit_01.xml").write_text(junit(cases))
+        (out / proxy / "seconds").write_text("600\n")
+    monkeypatch.setattr(report, "selection", lambda focus: [A, B, C, D, E])
+    monkeypatch.setattr(sys, "argv", ["conformance_report.py", "--out", str(out), "--skip", SKIP])
+    rc = report.main()
+    return rc, (out / "table.md").read_text()
+
+
+def row(table: str, name: str) -> list[str]:
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {name} |")]
+    return [c.strip() for c in line.strip("|").split(" | ")][1:]
+
+
+def test_cells_and_verdict(tmp_path: Path, monkeypatch: Any) -> None:
+    rc, table = run(tmp_path, monkeypatch, {
+        "ipvsproxy": [(A, "pass"), (B, "fail"), (C, "unfocused"), (D, "unfocused")],
+        "kube-proxy": [(A, "pass"), (B, "pass"), (C, "suite-skip"), (D, "unfocused")],
+    })
+    assert row(table, A) == ["**pass** (12 s)", "**pass** (12 s)"]
+    assert row(table, B)[0].startswith("**FAIL** (12 s): test/e2e/network/service.go:100")
+    assert row(table, B)[1] == "**pass** (12 s)"
+    assert row(table, C) == ["not run (outside this run's focus)",
+                             "skipped by the suite: skipped: Requires at least 2 nodes (not 1)"]
+    assert all(c.startswith("skipped: [Disruptive]") for c in row(table, D))
+    assert row(table, E) == ["not run", "not run"]  # not in either JUnit file
+    assert rc == 1
+    assert "Passed with kube-proxy but not with ipvsproxy: " + B in table
+    assert "- ipvsproxy: 1 pass, 1 fail, 1 skipped, 2 not run (e2e.test wall time 600 s)" in table
+
+
+def test_verdict_holds_when_ipvsproxy_passes_what_kube_proxy_passes(tmp_path: Path, monkeypatch: Any) -> None:
+    rc, table = run(tmp_path, monkeypatch, {
+        "ipvsproxy": [(A, "pass"), (B, "pass")],
+        "kube-proxy": [(A, "pass"), (B, "fail")],
+    })
+    assert rc == 0
+    assert "ipvsproxy passes every selected test kube-proxy passes." in table
+
+
+def test_no_comparison_without_both_columns(tmp_path: Path, monkeypatch: Any) -> None:
+    rc, table = run(tmp_path, monkeypatch, {"ipvsproxy": [(A, "pass")]})
+    assert rc == 1
+    assert "Not both columns ran: no comparison." in table
+    assert row(table, A) == ["**pass** (12 s)", "not run (no JUnit file)"]
