@@ -20,7 +20,8 @@
 # scripts/build-images.sh) is imported into containerd's k8s.io namespace; the pause image is
 # containerd's sandbox image. Binaries: scripts/install-kubernetes.sh's cache (KUBERNETES_BIN).
 # Env: STATE (default /run/ipvsproxy-cluster), IPVSPROXY_CACHE, IMAGES, KUBERNETES_BIN, NODE_NAME (ipvsproxy-node),
-#      READY_TIMEOUT (seconds for each wait, default 600).
+#      READY_TIMEOUT (seconds for each wait, default 600), SANDBOX_IMAGE (k8s.gcr.io/pause:3.2),
+#      KCM_CONTROLLERS (the controller-manager's --controllers).
 # Access is deliberately simple (a throwaway cluster in a VM): static tokens for the admin and the
 # node, the kubelet's API open to the API server (anonymous, AlwaysAllow).
 set -euo pipefail
@@ -38,8 +39,10 @@ API_PORT=6443
 READY_TIMEOUT=${READY_TIMEOUT:-600}
 ADMIN_TOKEN=ipvsproxy-cluster-admin-token
 NODE_TOKEN=ipvsproxy-cluster-node-token
-SANDBOX_IMAGE=${SANDBOX_IMAGE:-registry.k8s.io/pause:3.2}
+SANDBOX_IMAGE=${SANDBOX_IMAGE:-k8s.gcr.io/pause:3.2}
 KUBECTL=$ROOT/.cache/bin/kubectl
+# only the controllers a one-node cluster uses (each costs CPU under emulation); KCM_CONTROLLERS='*' for all
+KCM_CONTROLLERS=${KCM_CONTROLLERS:-serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset,replicationcontroller,daemonset,statefulset,job,endpoint,endpointslice,endpointslicemirroring,podgc}
 
 log() { printf 'cluster: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -207,17 +210,19 @@ state = "/run/containerd"
 EOF
 }
 
-import_images() {
-    local f n=0
+import_images() {  # import_images SMALL|LARGE: archives under / over 8 MB (the pause image is small)
+    local f n=0 size
     shopt -s nullglob
-    for f in "$IMAGES"/*.tar; do
-        ctr -n k8s.io images import --no-unpack=false "$f" >>"$STATE/log/images.log" 2>&1 \
-            || { tail -n 5 "$STATE/log/images.log" >&2; die "cannot import $f"; }
+    for f in "$IMAGES"/*.oci.tar; do
+        size=$(stat -c %s "$f")
+        if [[ $1 == SMALL ]] && (( size > 8000000 )); then continue; fi
+        if [[ $1 == LARGE ]] && (( size <= 8000000 )); then continue; fi
+        ctr -n k8s.io images import "$f" >>"$STATE/log/images-$1.log" 2>&1 \
+            || { tail -n 5 "$STATE/log/images-$1.log" >&2; die "cannot import $f"; }
         n=$((n + 1))
     done
     shopt -u nullglob
-    (( n > 0 )) || die "no image archives in $IMAGES (scripts/build-images.sh)"
-    log "imported $n image archives: $(ctr -n k8s.io images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
+    [[ $1 == LARGE ]] || (( n > 0 )) || die "no image archives in $IMAGES (scripts/build-images.sh)"
 }
 
 start() {
@@ -256,8 +261,8 @@ start() {
     pki
     write_configs
 
-    # Everything starts at once (each component retries until what it needs is up): under
-    # emulation the Go binaries take tens of seconds just to start.
+    # Under emulation the Go binaries take tens of seconds just to start: etcd, containerd and the
+    # API server start at once, the kubelet as soon as the pause image is in (it retries the API).
     daemon etcd etcd --name node --data-dir "$STATE/etcd" \
         --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
         --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
@@ -276,25 +281,16 @@ start() {
         --service-cluster-ip-range=$SERVICE_CIDR --service-node-port-range=30000-32767 \
         --kubelet-preferred-address-types=InternalIP \
         --allow-privileged=true --profiling=false --logtostderr=true --v=0
-    # only the controllers this node needs (each costs CPU under emulation)
-    daemon kube-controller-manager "$KBIN/kube-controller-manager" \
-        --kubeconfig="$STATE/admin.kubeconfig" --authentication-kubeconfig="$STATE/admin.kubeconfig" \
-        --authorization-kubeconfig="$STATE/admin.kubeconfig" \
-        --controllers=serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset,daemonset,endpoint,endpointslice,endpointslicemirroring \
-        --service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \
-        --service-cluster-ip-range=$SERVICE_CIDR --allocate-node-cidrs=false \
-        --leader-elect=false --port=0 --bind-address=127.0.0.1 --logtostderr=true --v=0
-    daemon kube-scheduler "$KBIN/kube-scheduler" \
-        --kubeconfig="$STATE/admin.kubeconfig" --authentication-kubeconfig="$STATE/admin.kubeconfig" \
-        --authorization-kubeconfig="$STATE/admin.kubeconfig" \
-        --leader-elect=false --port=0 --bind-address=127.0.0.1 --logtostderr=true --v=0
-
     wait_for etcd etcdctl --endpoints http://127.0.0.1:2379 endpoint health || { check_alive etcd; exit 1; }
     mark etcd
     wait_for containerd ctr --address /run/containerd/containerd.sock version || { check_alive containerd; exit 1; }
     mark containerd
-    import_images
-    mark images
+    # the small images (pause) before the kubelet starts, the large ones while it registers: under
+    # emulation unpacking them takes minutes
+    import_images SMALL
+    mark images-small
+    import_images LARGE &
+    local large=$!
 
     daemon kubelet "$KBIN/kubelet" \
         --kubeconfig="$STATE/kubelet.kubeconfig" --root-dir=/var/lib/kubelet \
@@ -312,13 +308,30 @@ start() {
     wait_for kube-apiserver sh -c "[ \"\$('$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get --raw /readyz 2>/dev/null)\" = ok ]" \
         || { check_alive kube-apiserver; exit 1; }
     mark kube-apiserver
+    # the controller-manager gives the API server 10 s at start, then exits: start it (and the
+    # scheduler) once the API server is ready
+    daemon kube-controller-manager "$KBIN/kube-controller-manager" \
+        --kubeconfig="$STATE/admin.kubeconfig" --authentication-kubeconfig="$STATE/admin.kubeconfig" \
+        --authorization-kubeconfig="$STATE/admin.kubeconfig" \
+        --controllers="$KCM_CONTROLLERS" \
+        --service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \
+        --service-cluster-ip-range=$SERVICE_CIDR --allocate-node-cidrs=false \
+        --leader-elect=false --port=0 --bind-address=127.0.0.1 --logtostderr=true --v=0
+    daemon kube-scheduler "$KBIN/kube-scheduler" \
+        --kubeconfig="$STATE/admin.kubeconfig" --authentication-kubeconfig="$STATE/admin.kubeconfig" \
+        --authorization-kubeconfig="$STATE/admin.kubeconfig" \
+        --leader-elect=false --port=0 --bind-address=127.0.0.1 --logtostderr=true --v=0
     wait_for "the node to register" kc get node "$NODE_NAME" || { check_alive kubelet; exit 1; }
     mark node-registered
     wait_for "the node to be Ready" sh -c "'$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get node '$NODE_NAME' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" \
         || { for c in kubelet kube-controller-manager kube-scheduler; do check_alive $c; done; exit 1; }
     mark node-ready
-    wait_for "the default service account" kc -n default get serviceaccount default || exit 1
+    wait_for "the default service account" kc -n default get serviceaccount default \
+        || { check_alive kube-controller-manager; exit 1; }
     mark default-serviceaccount
+    wait "$large" || die "importing the images failed"
+    mark images
+    log "images: $(ctr -n k8s.io images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
     log "ready: export KUBECONFIG=$STATE/admin.kubeconfig"
 }
 

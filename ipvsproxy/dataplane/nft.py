@@ -70,6 +70,10 @@ NftRunner = Callable[[dict[str, Any]], dict[str, Any]]
 Elem = tuple[Any, ...]
 ElementReader = Callable[["SetSpec"], set[Elem]]  # one set's elements, as the kernel holds them
 
+# Protocols go to nft as numbers: nft resolves a name through /etc/protocols, which a minimal
+# image (debian:bookworm-slim, no netbase) lacks ("Error: Could not resolve protocol name", seen
+# in the chart's DaemonSet on a real node). Listings may still print names: both are read.
+_TCP, _ICMP, _ICMPV6 = 6, 1, 58
 
 
 class NftError(RuntimeError):
@@ -222,7 +226,7 @@ CHAINS = (
 def _rule_specs() -> list[RuleSpec]:
     rules: list[RuleSpec] = []
     for v in (4, 6):
-        ip, icmp = _ip(v), ("icmp" if v == 4 else "ipv6-icmp")
+        ip, icmp = _ip(v), (_ICMP if v == 4 else _ICMPV6)
         rules += [
             RuleSpec("prerouting", f"masq-any-v{v}", (_CT_NEW, _match(_dst_key(v), f"@masq_any{v}"), _SET_MARK)),
             RuleSpec("prerouting", f"masq-outside-v{v}", (
@@ -242,7 +246,7 @@ def _rule_specs() -> list[RuleSpec]:
                 _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local", "!="),
                 {"drop": None})),
             RuleSpec("input", f"vip-tcp-v{v}", (
-                _CT_NEW, _match(_payload(ip, "daddr"), f"@vips{v}"), _match(_meta("l4proto"), "tcp"),
+                _CT_NEW, _match(_payload(ip, "daddr"), f"@vips{v}"), _match(_meta("l4proto"), _TCP),
                 _match(_dst_key(v), f"@services{v}", "!="), {"reject": {"type": "tcp reset"}})),
             RuleSpec("input", f"vip-other-v{v}", (
                 _CT_NEW, _match(_payload(ip, "daddr"), f"@vips{v}"), _match(_meta("l4proto"), icmp, "!="),
@@ -287,20 +291,15 @@ def _empty() -> dict[str, set[Elem]]:
 
 
 def _elem_json(value: Any) -> Any:
-    """One tuple element -> JSON: CIDRs as prefixes, protocols by name."""
+    """One tuple element -> JSON: CIDRs as prefixes (protocols stay numbers)."""
     if isinstance(value, str) and "/" in value:
         net = _net(value)
         return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
     return value
 
 
-def _proto_name(number: int) -> str | int:
-    name = Protocol.name_of(number)
-    return name.lower() if name else number
-
-
 def _to_json(elem: Elem) -> Any:
-    parts = [_proto_name(x) if i == 1 and isinstance(x, int) else x for i, x in enumerate(elem)]
+    parts = list(elem)
     if len(parts) == 1:
         return _elem_json(parts[0])
     return {"concat": [_elem_json(p) for p in parts]}

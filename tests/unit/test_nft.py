@@ -263,9 +263,9 @@ def test_one_vip_added_is_only_element_adds_in_one_transaction(nft: FakeNft) -> 
     got = {c["add"]["element"]["name"]: c["add"]["element"]["elem"] for c in tx}
     assert got == {
         "vips4": ["10.96.0.20"],
-        "services4": [{"concat": ["10.96.0.20", "tcp", 443]}],
-        "masq4": [{"concat": ["10.96.0.20", "tcp", 443]}],
-        "hairpin4": [{"concat": ["10.244.1.5", "tcp", 8443, "10.244.1.5"]}],
+        "services4": [{"concat": ["10.96.0.20", 6, 443]}],
+        "masq4": [{"concat": ["10.96.0.20", 6, 443]}],
+        "hairpin4": [{"concat": ["10.244.1.5", 6, 8443, "10.244.1.5"]}],
     }
     assert n == 4
 
@@ -278,9 +278,9 @@ def test_removal_is_element_deletes(nft: FakeNft) -> None:
     assert all(list(c) == ["delete"] and list(c["delete"]) == ["element"] for c in tx)
     got = {c["delete"]["element"]["name"]: c["delete"]["element"]["elem"] for c in tx}
     assert got == {
-        "services4": [{"concat": ["192.168.1.10", "tcp", 30080]}],
-        "masq4": [{"concat": ["192.168.1.10", "tcp", 30080]}],
-        "hairpin4": [{"concat": ["10.244.2.7", "tcp", 8080, "10.244.2.7"]}],
+        "services4": [{"concat": ["192.168.1.10", 6, 30080]}],
+        "masq4": [{"concat": ["192.168.1.10", 6, 30080]}],
+        "hairpin4": [{"concat": ["10.244.2.7", 6, 8080, "10.244.2.7"]}],
     }
     assert n == 3
     assert ("192.168.1.10",) not in fw.elements()["vips4"]  # a node address was never a VIP
@@ -368,7 +368,7 @@ def test_load_balancer_source_ranges(nft: FakeNft) -> None:
     assert els["fw_allow6"] == {("2001:db8:1::7", TCP, 80, "2001:db8::/32")}
     sent = [c["add"]["element"] for c in nft.transactions[0] if "element" in c.get("add", {})]
     allow = next(e for e in sent if e["name"] == "fw_allow4")["elem"]
-    assert {"concat": ["198.51.100.7", "tcp", 80, {"prefix": {"addr": "203.0.113.0", "len": 24}}]} in allow
+    assert {"concat": ["198.51.100.7", 6, 80, {"prefix": {"addr": "203.0.113.0", "len": 24}}]} in allow
     assert fw.sync(state(lb4, lb6, open_lb, cluster_ip)) == 0  # /32 read back as a bare address: no churn
 
 
@@ -619,3 +619,14 @@ def test_scoped_syncs_look_only_at_the_scope_and_match_a_full_recompute() -> Non
         assert fw.elements() == fw.desired_elements(desired)
     assert ("10.96.0.77",) not in fw.elements()["vips4"]
     assert fw.sync(state(*current.values())) == 0  # a full pass finds nothing left to do
+
+
+def test_protocols_go_to_nft_as_numbers(nft: FakeNft) -> None:
+    """nft resolves protocol names through /etc/protocols, which the image (bookworm-slim, no
+    netbase) lacks: every rule and element the agent sends names protocols by number."""
+    fw = NftFirewall(cfg(), nft=nft)
+    fw.sync(state(*BASE))
+    sent = json.dumps(nft.transactions)
+    for name in ('"tcp"', '"udp"', '"sctp"', '"icmp"', '"ipv6-icmp"'):
+        assert name not in sent
+    assert '"right": 6' in sent or '"right": 6,' in sent
