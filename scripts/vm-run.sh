@@ -12,7 +12,7 @@
 # Environment: VM_KERNEL=/boot/vmlinuz-... to pick a kernel (default: the newest one),
 # VM_MEMORY (default 2G), VM_TIMEOUT (seconds for the whole vng run, default 3600),
 # VM_LOCK (the flock file, default /tmp/ipvsproxy-vm.lock; another path lets a second VM run beside).
-# See /work/shared/kernel-vm.md for why the VM exists and why --disable-kvm.
+# See docs/troubleshooting.md ("The test VM") for why the VM exists and why --disable-kvm.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
