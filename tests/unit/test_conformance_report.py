@@ -8,11 +8,11 @@ and the verdict "ipvsproxy passes every test kube-proxy passes" only when both c
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from tests import scriptload
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,16 +24,7 @@ E = "[sig-network] Services should be able to change the type and ports of a ser
 SKIP = r"\[Disruptive\]|[Ll]oad.?[Bb]alancer"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("conformance_report", ROOT / "scripts" / "conformance_report.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["conformance_report"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = _load()
+report = scriptload.load("scripts/conformance_report.py", "conformance_report")
 
 
 def junit(cases: list[tuple[str, str]]) -> str:

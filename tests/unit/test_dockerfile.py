@@ -20,30 +20,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import scriptload
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 # Written by others; the build needs them, but this test does not fail while they are missing.
 LATE_FILES = {"README.md", "LICENSE"}
+build = scriptload.load("images/build.py", "images_build")
 
 
 def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        keyword, _, rest = line.partition(" ")
-        out.append((keyword.upper(), rest.strip()))
-    assert not pending, "Dockerfile ends inside a continuation"
-    return out
+    """(INSTRUCTION, arguments) pairs, as the offline image build reads them (images/build.py)."""
+    text = DOCKERFILE.read_text()
+    assert not text.rstrip().endswith("\\"), "Dockerfile ends inside a continuation"
+    return list(build.dockerfile_instructions(text))
 
 
 def only(keyword: str) -> list[str]:

@@ -12,29 +12,19 @@ download) replaced by recorders.
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
+from tests import scriptload
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("images_build", ROOT / "images" / "build.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["images_build"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _load_build()
+build = scriptload.load("images/build.py", "images_build")
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
