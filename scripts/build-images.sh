@@ -25,24 +25,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APT_PACKAGES=(mmdebstrap busybox-static gcc libc6-dev binutils python3)
 
-log() { printf 'build-images: %s\n' "$*" >&2; }
+LOG_PREFIX=build-images
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 case ${1:-} in
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-    [[ $status == installed ]] || missing+=("$p")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-    [[ $(id -u) == 0 ]] || { log "missing apt packages (${missing[*]}); run as root"; exit 1; }
-    log "installing apt packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install "${APT_PACKAGES[@]}"
 
 # The Kubernetes tree (pause.c, agnhost) and Go; quick when it is already there.
 need_tree=0

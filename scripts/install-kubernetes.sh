@@ -62,34 +62,9 @@ for b in "${WANTED[@]}"; do
     [[ " ${ALL_BINARIES[*]} ${OPTIONAL_BINARIES[*]} " == *" $b "* ]] || { echo "install-kubernetes: unknown binary $b" >&2; exit 2; }
 done
 
-log() { printf 'install-kubernetes: %s\n' "$*" >&2; }
-
-run_quiet() {  # run a command, show its output only if it fails
-    local out rc=0
-    out=$("$@" 2>&1) || rc=$?
-    if [[ $rc != 0 ]]; then
-        printf '%s\n' "$out" | tail -n 60 >&2
-        log "FAILED ($rc): $*"
-        exit "$rc"
-    fi
-}
-
-apt_install() {  # apt_install PACKAGE... : install those not yet installed
-    local missing=() p status
-    for p in "$@"; do
-        status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-        [[ $status == installed ]] || missing+=("$p")
-    done
-    [[ ${#missing[@]} == 0 ]] && return 0
-    if [[ $(id -u) != 0 ]]; then
-        log "missing apt packages (${missing[*]}); run as root"
-        exit 1
-    fi
-    log "installing apt packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    run_quiet apt-get update -q
-    run_quiet apt-get install -y -q --no-install-recommends "${missing[@]}"
-}
+LOG_PREFIX=install-kubernetes
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 complete() {  # every wanted binary is in BIN and was installed by this script (stamp beside it)
     local b

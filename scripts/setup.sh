@@ -23,33 +23,11 @@ APT_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static ipvsadm iproute2 
               iptables ipset mmdebstrap gcc libc6-dev binutils containerd runc containernetworking-plugins)
 VIRTME_NG=${VIRTME_NG:-virtme-ng}
 
-log() { printf 'setup: %s\n' "$*" >&2; }
+LOG_PREFIX=setup
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
-run_quiet() {  # run a command, show its output only if it fails
-    local out rc=0
-    out=$("$@" 2>&1) || rc=$?
-    if [[ $rc != 0 ]]; then
-        printf '%s\n' "$out" | tail -n 40 >&2
-        log "FAILED ($rc): $*"
-        exit "$rc"
-    fi
-}
-
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-    [[ $status == installed ]] || missing+=("$p")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-    if [[ $(id -u) != 0 ]]; then
-        log "missing apt packages (${missing[*]}); run this script as root"
-        exit 1
-    fi
-    log "installing apt packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    run_quiet apt-get update -q
-    run_quiet apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
-fi
+apt_install "${APT_PACKAGES[@]}"
 if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
     log "no kernel in /boot after installing linux-image-amd64"
     exit 1
