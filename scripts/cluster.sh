@@ -280,7 +280,13 @@ start() {
         --api-audiences=https://kubernetes.default.svc.cluster.local \
         --service-cluster-ip-range=$SERVICE_CIDR --service-node-port-range=30000-32767 \
         --kubelet-preferred-address-types=InternalIP \
-        --allow-privileged=true --profiling=false --logtostderr=true --v=0
+        --allow-privileged=true --profiling=false --logtostderr=true --v=0 \
+        --disable-admission-plugins=TaintNodesByCondition
+    # TaintNodesByCondition (on by default) creates the node with node.kubernetes.io/not-ready:NoSchedule
+    # and leaves its removal to the controller-manager's nodelifecycle controller, which this cluster
+    # does not run (under emulation its 40 s grace period marks a busy node NotReady and evicts pods):
+    # without the plugin the node is schedulable once Ready. (Found by the cluster test: the echo
+    # pods stayed Pending with no node while the DaemonSet pod, which tolerates every taint, ran.)
     wait_for etcd etcdctl --endpoints http://127.0.0.1:2379 endpoint health || { check_alive etcd; exit 1; }
     mark etcd
     wait_for containerd ctr --address /run/containerd/containerd.sock version || { check_alive containerd; exit 1; }
@@ -326,6 +332,8 @@ start() {
     wait_for "the node to be Ready" sh -c "'$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get node '$NODE_NAME' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" \
         || { for c in kubelet kube-controller-manager kube-scheduler; do check_alive $c; done; exit 1; }
     mark node-ready
+    wait_for "the node to be schedulable (no taints)" sh -c "[ -z \"\$('$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get node '$NODE_NAME' -o jsonpath='{.spec.taints}')\" ]" \
+        || { kc get node "$NODE_NAME" -o jsonpath='{.spec.taints}' >&2; exit 1; }
     wait_for "the default service account" kc -n default get serviceaccount default \
         || { check_alive kube-controller-manager; exit 1; }
     mark default-serviceaccount

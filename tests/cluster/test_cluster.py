@@ -240,6 +240,36 @@ def ipvs_table() -> str:
     return subprocess.run(["ipvsadm", "-Ln"], capture_output=True, text=True, check=True).stdout
 
 
+FAILED: list[str] = []  # names of failed steps (tests/cluster/conftest.py fills it)
+
+
+DIAGNOSTICS = [
+    ("pods", ["kubectl", "get", "pods", "-A", "-o", "wide"]),
+    ("describe-pods", ["kubectl", "describe", "pods", "-A"]),
+    ("events", ["kubectl", "get", "events", "-A", "--sort-by=.lastTimestamp"]),
+    ("endpoints", ["kubectl", "get", "svc,endpoints,endpointslices", "-A", "-o", "wide"]),
+    ("ipvsadm", ["ipvsadm", "-Ln"]),
+    ("agent-log", ["kubectl", "logs", "-n", "kube-system", "-l", AGENT_SELECTOR, "--tail=200"]),
+    ("containers", ["ctr", "-n", "k8s.io", "tasks", "ls"]),
+]
+
+
+def dump_diagnostics(state: Path, out: Path) -> None:
+    """After a failed step: what the cluster looked like, into results/cluster-debug/ (CI keeps results/)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, cmd in DIAGNOSTICS:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+            text = proc.stdout + proc.stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"{cmd}: {exc}"
+        (out / f"{name}.txt").write_text(text)
+    for log in sorted((state / "log").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        (out / log.name).write_text("\n".join(lines[-300:]) + "\n")
+    say(f"failed ({', '.join(FAILED)}): diagnostics in {out}")
+
+
 # ---- the cluster ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", autouse=True)
@@ -264,6 +294,8 @@ def cluster() -> Iterator[None]:
         yield
     finally:
         RESULTS.mkdir(exist_ok=True)
+        if FAILED:
+            dump_diagnostics(state, RESULTS / "cluster-debug")
         (RESULTS / "cluster-figures.json").write_text(json.dumps(FIGURES, indent=1) + "\n")
         say("figures: " + json.dumps(FIGURES))
         if not (reuse or os.environ.get("CLUSTER_KEEP")):
@@ -340,6 +372,39 @@ def test_kubernetes_service_from_a_pod() -> None:
                   f'curl -s -m 10 --cacert {sa}/ca.crt -H "Authorization: Bearer $(cat {sa}/token)" '
                   'https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/version')
     assert json.loads(out)["gitVersion"] == "v1.20.2"
+
+
+# Kubernetes' own Service e2e tests, a CI-sized subset (issue 17; the full selection, with kube-proxy as
+# the comparison column, is scripts/conformance.sh): upstream's checks of what a Service means, run by
+# the v1.20.2 e2e.test against the Helm-installed agent.
+E2E_SUBSET = [
+    "Services should serve a basic endpoint from pods",
+    "Services should serve multiport endpoints from pods",
+    "Services should be able to create a functioning NodePort service",
+    "Services should have session affinity work for service with type clusterIP",
+]
+E2E_BIN = Path(os.environ.get("IPVSPROXY_CACHE", "/var/cache/ipvsproxy")) / "kubernetes-v1.20.2" / "bin"
+
+
+def test_upstream_service_e2e_subset() -> None:
+    out = RESULTS / "cluster-e2e"
+    out.mkdir(parents=True, exist_ok=True)
+    focus = r"\[sig-network\] (" + "|".join(E2E_SUBSET) + r") .*\[Conformance\]"
+    t0 = time.monotonic()
+    env = dict(ENV, HOME=str(Path(ENV["KUBECONFIG"]).parent))
+    proc = subprocess.run(
+        [str(E2E_BIN / "e2e.test"), f"--kubeconfig={ENV['KUBECONFIG']}", "--provider=skeleton", "--num-nodes=1",
+         f"--kubectl-path={E2E_BIN / 'kubectl'}", f"--report-dir={out}", "--disable-log-dump",
+         f"--ginkgo.focus={focus}", "--ginkgo.noColor", "--ginkgo.timeout=40m", "--minStartupPods=0",
+         "--allowed-not-ready-nodes=0", "--system-pods-startup-timeout=5m"],
+        capture_output=True, text=True, timeout=2700, env=env)
+    (out / "e2e.log").write_text(proc.stdout + proc.stderr)
+    FIGURES["e2e_subset_s"] = round(time.monotonic() - t0, 1)
+    verdict = [line for line in proc.stdout.splitlines() if line.startswith(("SUCCESS!", "FAIL!"))]
+    FIGURES["e2e_subset"] = verdict[-1] if verdict else f"no verdict (exit {proc.returncode})"
+    say(f"upstream e2e subset: {FIGURES['e2e_subset']}")
+    assert proc.returncode == 0, f"e2e.test failed (results/cluster-e2e/e2e.log): {proc.stdout[-3000:]}"
+    assert f"{len(E2E_SUBSET)} Passed" in verdict[-1], verdict
 
 
 def test_scale_down_and_up() -> None:
