@@ -25,12 +25,10 @@ from .observe import records
 from .observe.health import Health, healthz_route, is_loopback, livez_route, serve
 from .observe.metrics import Metrics, TrafficCollector
 from .observe.servicehealth import ServiceHealthServer
-from .reconcile import EventPoster, Firewall, Reconciler, SyncReport
-from .runner import Runner
+from .reconcile import EventPoster, Firewall, SyncReport
 from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
-from .tracker import Tracker
-from .translate import Config, node_addresses
+from .translate import node_addresses
 
 if TYPE_CHECKING:
     from .sources.kube import KubeSource
@@ -70,21 +68,14 @@ class Agent:
         self.source: KubeSource | None = None  # when the API is the source
         self.metrics = Metrics()
         self.health = Health(max_age=2 * cfg.sync_period + max(30.0, cfg.min_sync_period))
-        self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem, clock=clock)
-        self.reconciler = Reconciler(
-            self.tracker, dataplane,
-            Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses),
-            self.registry, excluded=cfg.excluded, grace=cfg.drain_grace_period,
-            on_problem=self._service_problem, dry_run=dry_run,
-            firewall=None if dry_run else firewall, clock=clock,
+        self.core = NodeCore.build(
+            cfg, dataplane, registry=self.registry, firewall=firewall, dry_run=dry_run,
+            on_object_problem=self._object_problem, on_service_problem=self._service_problem,
+            on_report=self._on_report, clock=clock,
         )
-        self.core = NodeCore(
-            self.tracker, self.reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
-            on_report=self._on_report, ready=self.tracker.ready, clock=clock,
-        )
+        self.tracker, self.reconciler = self.core.tracker, self.core.reconciler
         # Woken by every change the tracker records; syncs at most once per --min-sync-period.
-        self.runner = Runner(self.core.tick, min_interval=cfg.min_sync_period,
-                             clock=clock, wake=self.tracker.changed)
+        self.runner = self.core.runner()
         self.record_state = record_state and not dry_run
         self._record_dirty = False
         self._record_written = -1e9
