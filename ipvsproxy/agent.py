@@ -31,7 +31,7 @@ from .sources.files import FileWatcher, ManifestReader
 from .translate import node_addresses
 
 if TYPE_CHECKING:
-    from .sources.kube import KubeSource
+    from .sources.kube import KubeSource, Timing
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,10 @@ class Agent:
         record_state: bool = True,
         firewall: Firewall | None = None,
         clock: Callable[[], float] = time.monotonic,
+        source_timing: Timing | None = None,
     ) -> None:
         self.clock = clock
+        self.source_timing = source_timing  # the API source's backoff, pauses and jitter (None: real)
         self.cfg, self.dp = cfg, dataplane
         self.registry = registry or default_registry()
         self.events = events
@@ -159,7 +161,7 @@ class Agent:
         source = self.source = KubeSource(
             self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig, api_server=self.cfg.api_server,
             endpoints_source=EndpointsSource.parse(self.cfg.endpoints_source),
-            service_proxy_name=self.cfg.service_proxy_name)
+            service_proxy_name=self.cfg.service_proxy_name, timing=self.source_timing)
         source.on_blocked = self.health.set_blocked  # /healthz names what the API refuses
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event

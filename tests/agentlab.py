@@ -18,7 +18,7 @@ from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import AF_INET, VSKey
 from ipvsproxy.plan import Op
-from ipvsproxy.sources.kube import KubeSource
+from ipvsproxy.sources.kube import KubeSource, Timing
 
 NODE = "n1"
 
@@ -79,14 +79,16 @@ class RecordingDataplane(MemoryDataplane):
 class Live:
     """ipvsproxy's Agent with the real KubeSource, in this process, on a RecordingDataplane."""
 
-    def __init__(self, kubeconfig_path: str, tmp_path: Path, **cfg: Any) -> None:
-        """`cfg` overrides any AgentConfig field (kubeconfig=None: in-cluster credentials)."""
+    def __init__(self, kubeconfig_path: str, tmp_path: Path, *, timing: Timing | None = None,
+                 **cfg: Any) -> None:
+        """`cfg` overrides any AgentConfig field (kubeconfig=None: in-cluster credentials);
+        `timing` is the API source's (its backoff and pauses; None: the real ones)."""
         settings: dict[str, Any] = dict(
             node_name=NODE, kubeconfig=kubeconfig_path, min_sync_period=0.05, sync_period=30,
             healthz_bind_address="", metrics_bind_address="", state_dir=str(tmp_path / "state"))
         settings.update(cfg)
         self.dp = RecordingDataplane()
-        self.agent = Agent(AgentConfig(**settings), self.dp)
+        self.agent = Agent(AgentConfig(**settings), self.dp, source_timing=timing)
         self.thread = threading.Thread(target=self.agent.run, kwargs={"install_signals": False}, daemon=True)
 
     def start(self) -> Live:
