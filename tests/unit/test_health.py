@@ -5,6 +5,7 @@ detail for strangers)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -99,33 +100,32 @@ def test_an_api_refusal_fails_healthz_with_its_reason_but_not_livez() -> None:
     assert code == 200 and json.loads(raw)["lastSuccess"] == h.last_success  # lastUpdated is "now"
 
 
+@contextlib.contextmanager
+def healthz_served(health: Health, bind: str) -> Iterator[int]:
+    """An agent's health endpoints bound to `bind` (port 0: any), serving `health`; the port."""
+    agent = Agent(AgentConfig(node_name="n1", healthz_bind_address=bind, metrics_bind_address=""),
+                  MemoryDataplane(), record_state=False)
+    agent.health = health
+    agent.serve_http()
+    try:
+        yield agent._servers[0].server_address[1]
+    finally:
+        agent.shutdown()
+
+
 def test_health_details_only_on_a_loopback_bind() -> None:
     """Issue 14 item 9: sync errors name Services and addresses; a stranger
     reaching a non-loopback bind learns only healthy or not."""
     h = Health(max_age=60)
     h.failure("Service prod/payments: add-vs TCP 10.96.7.7:443: Cannot allocate memory")
     h.started -= 3600
-    cfg_agent = Agent(AgentConfig(node_name="n1", healthz_bind_address="0.0.0.0:0", metrics_bind_address=""),
-                      MemoryDataplane(), record_state=False)
-    cfg_agent.health = h
-    cfg_agent.serve_http()
-    try:
-        p = cfg_agent._servers[0].server_address[1]
+    with healthz_served(h, "0.0.0.0:0") as p:
         for path in ("/healthz", "/livez"):
             code, _, raw = get(f"http://127.0.0.1:{p}{path}")
             assert code == 503 and b"prod" not in raw and b"10.96" not in raw and b"reason" not in raw
-    finally:
-        cfg_agent.shutdown()
-    loop_agent = Agent(AgentConfig(node_name="n1", healthz_bind_address="127.0.0.1:0", metrics_bind_address=""),
-                       MemoryDataplane(), record_state=False)
-    loop_agent.health = h
-    loop_agent.serve_http()
-    try:
-        p = loop_agent._servers[0].server_address[1]
+    with healthz_served(h, "127.0.0.1:0") as p:
         code, _, raw = get(f"http://127.0.0.1:{p}/healthz")
         assert code == 503 and "Cannot allocate memory" in json.loads(raw)["reason"]
-    finally:
-        loop_agent.shutdown()
 
 
 # ---- hardening: timeouts, a connection cap, no tracebacks ---------------------------------------
