@@ -91,8 +91,8 @@ class Timing:
     """How a source paces itself, passed in: the backoff and watch length (None:
     the module's defaults above), every pause between attempts, the random
     spread of watch lengths and jitter, and the clock that times a watch. Tests
-    pass a pause that records what was asked and returns at once, and a seeded
-    random source, so backoff is checked without waiting for it."""
+    pass a pause that records what was asked and returns at once (and may pass
+    a seeded random source), so backoff is checked without waiting for it."""
 
     initial_backoff: float | None = None
     max_backoff: float | None = None
