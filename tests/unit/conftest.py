@@ -22,7 +22,8 @@ def api() -> Iterator[FakeApiServer]:
 
 @pytest.fixture
 def live(api: FakeApiServer, tmp_path: Path) -> Iterator[Callable[..., Live]]:
-    """live(start=True, timing=kubelab.FAST, **AgentConfig fields) -> a Live agent."""
+    """live(start=True, timing=kubelab.FAST, **AgentConfig fields) -> a Live agent, stopped
+    after the test (and checked to stop promptly)."""
     made: list[Live] = []
 
     def make(start: bool = True, **cfg: Any) -> Live:
@@ -33,7 +34,4 @@ def live(api: FakeApiServer, tmp_path: Path) -> Iterator[Callable[..., Live]]:
     yield make
     for lv in made:
         if lv.thread.is_alive():
-            if lv.pauses is not None:
-                lv.pauses.release()
-            lv.agent.stop()
-            lv.thread.join(5)
+            lv.stop()  # within 4 s, every watch thread gone
