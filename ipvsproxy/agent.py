@@ -25,15 +25,13 @@ from .observe import records
 from .observe.health import Health, healthz_route, is_loopback, livez_route, serve
 from .observe.metrics import Metrics, TrafficCollector
 from .observe.servicehealth import ServiceHealthServer
-from .reconcile import EventPoster, Firewall, Reconciler, SyncReport
-from .runner import Runner
+from .reconcile import EventPoster, Firewall, SyncReport
 from .schedulers import Registry, default_registry
 from .sources.files import FileWatcher, ManifestReader
-from .tracker import Tracker
-from .translate import Config, node_addresses
+from .translate import node_addresses
 
 if TYPE_CHECKING:
-    from .sources.kube import KubeSource
+    from .sources.kube import KubeSource, Timing
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +59,10 @@ class Agent:
         record_state: bool = True,
         firewall: Firewall | None = None,
         clock: Callable[[], float] = time.monotonic,
+        source_timing: Timing | None = None,
     ) -> None:
         self.clock = clock
+        self.source_timing = source_timing  # the API source's backoff, pauses and jitter (None: real)
         self.cfg, self.dp = cfg, dataplane
         self.registry = registry or default_registry()
         self.events = events
@@ -70,21 +70,14 @@ class Agent:
         self.source: KubeSource | None = None  # when the API is the source
         self.metrics = Metrics()
         self.health = Health(max_age=2 * cfg.sync_period + max(30.0, cfg.min_sync_period))
-        self.tracker = Tracker(cfg.node_name, on_problem=self._object_problem, clock=clock)
-        self.reconciler = Reconciler(
-            self.tracker, dataplane,
-            Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses),
-            self.registry, excluded=cfg.excluded, grace=cfg.drain_grace_period,
-            on_problem=self._service_problem, dry_run=dry_run,
-            firewall=None if dry_run else firewall, clock=clock,
+        self.core = NodeCore.build(
+            cfg, dataplane, registry=self.registry, firewall=firewall, dry_run=dry_run,
+            on_object_problem=self._object_problem, on_service_problem=self._service_problem,
+            on_report=self._on_report, clock=clock,
         )
-        self.core = NodeCore(
-            self.tracker, self.reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
-            on_report=self._on_report, ready=self.tracker.ready, clock=clock,
-        )
+        self.tracker, self.reconciler = self.core.tracker, self.core.reconciler
         # Woken by every change the tracker records; syncs at most once per --min-sync-period.
-        self.runner = Runner(self.core.tick, min_interval=cfg.min_sync_period,
-                             clock=clock, wake=self.tracker.changed)
+        self.runner = self.core.runner()
         self.record_state = record_state and not dry_run
         self._record_dirty = False
         self._record_written = -1e9
@@ -168,7 +161,7 @@ class Agent:
         source = self.source = KubeSource(
             self.tracker, self.cfg.node_name, kubeconfig=self.cfg.kubeconfig, api_server=self.cfg.api_server,
             endpoints_source=EndpointsSource.parse(self.cfg.endpoints_source),
-            service_proxy_name=self.cfg.service_proxy_name)
+            service_proxy_name=self.cfg.service_proxy_name, timing=self.source_timing)
         source.on_blocked = self.health.set_blocked  # /healthz names what the API refuses
         if not self.reconciler.dry_run:
             self.events = self.events or source.post_event

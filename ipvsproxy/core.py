@@ -7,8 +7,10 @@ seeded jitter) and says when the next one is due. Time comes from a clock
 passed in, so the schedule is tested with a fake clock; `next_sync_due` is the
 schedule as a pure function.
 
-The daemon (agent.py) adds threads, HTTP, signals and sources around it; the
-benchmark (bench/) drives the same core without them.
+`NodeCore.build` is the one construction path: it wires the tracker, the
+reconciler (with the firewall) and the core from the agent's settings, so the
+daemon (agent.py), which adds threads, HTTP, signals and sources around it,
+and the benchmark (bench/), which drives it without them, run the same core.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ import random
 import time
 from collections.abc import Callable
 
-from .reconcile import Reconciler, SyncReport
-from .tracker import Tracker
+from .config import AgentConfig
+from .dataplane.base import Dataplane
+from .reconcile import EventPoster, Firewall, Reconciler, SyncReport
+from .runner import Runner
+from .schedulers import Registry, default_registry
+from .tracker import ProblemHook, Tracker
+from .translate import Config
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +63,43 @@ def next_sync_due(
     return due
 
 
+def translation_config(cfg: AgentConfig) -> Config:
+    """The part of the agent's settings translation depends on."""
+    return Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses)
+
+
 class NodeCore:
     """One node's proxy state machine. Not thread-safe beyond what the tracker is:
     one caller syncs at a time (the runner's thread, or a test)."""
+
+    @classmethod
+    def build(
+        cls,
+        cfg: AgentConfig,
+        dataplane: Dataplane,
+        *,
+        registry: Registry | None = None,
+        firewall: Firewall | None = None,
+        dry_run: bool = False,
+        on_object_problem: ProblemHook | None = None,
+        on_service_problem: EventPoster | None = None,
+        on_report: ReportHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> NodeCore:
+        """The core `ipvsproxy run` runs, from its settings: a tracker for
+        `cfg.node_name`, a reconciler on `dataplane` (and `firewall`, never on a
+        dry run), the sync schedule of --sync-period and --min-sync-period, the
+        first sync waiting until every watched kind is listed; one `clock` for
+        all three. The hooks are where problems and sync reports go."""
+        tracker = Tracker(cfg.node_name, on_problem=on_object_problem, clock=clock)
+        reconciler = Reconciler(
+            tracker, dataplane, translation_config(cfg), registry or default_registry(),
+            excluded=cfg.excluded, grace=cfg.drain_grace_period, on_problem=on_service_problem,
+            dry_run=dry_run, firewall=None if dry_run else firewall, clock=clock,
+        )
+        return cls(tracker, reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
+                   clock=clock, rng=rng, ready=tracker.ready, on_report=on_report)
 
     def __init__(
         self,
@@ -85,6 +126,11 @@ class NodeCore:
         self.backoff = 0.0
         self.last_error: str | None = None
         self.last_sync = self.last_full = -1e9
+
+    def runner(self) -> Runner:
+        """A bounded-frequency runner for `tick`, on this core's clock, woken by
+        every change the tracker records, at most once per `min_period`."""
+        return Runner(self.tick, min_interval=self.min_period, clock=self.clock, wake=self.tracker.changed)
 
     def request_full(self) -> None:
         """Make the next sync a full one (SIGHUP); the caller pokes its runner."""

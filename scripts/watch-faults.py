@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,37 +27,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.agentlab import ChildProcess  # noqa: E402
 from tests.apiserver import FakeApiServer  # noqa: E402
 from tests.unit.factories import node, service, slice_  # noqa: E402
 
 SERVICES = "/api/v1/services"
 
 
-class Agent:
+class Agent(ChildProcess):
+    """`ipvsproxy run` of the --code checkout on the memory dataplane, following `api`."""
+
     def __init__(self, api: FakeApiServer, code: str | None) -> None:
         self.dir = tempfile.mkdtemp(prefix="ipvsproxy-faults-")
-        env = dict(os.environ, PYTHONPATH=code or str(ROOT))
-        self.log = open(Path(self.dir) / "agent.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from ipvsproxy.cli.main import main; main()", "run", "--dataplane", "memory",
-             "--kubeconfig", api.write_kubeconfig(Path(self.dir) / "kubeconfig"), "--node-name", "n1",
-             "--healthz-bind-address", "", "--metrics-bind-address", "", "--state-dir", self.dir + "/state",
-             "--no-nftables"], env=env, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__("ipvsproxy", Path(self.dir) / "agent.log")
+        self.start([sys.executable, "-c", "from ipvsproxy.cli.main import main; main()", "run", "--dataplane",
+                    "memory", "--kubeconfig", api.write_kubeconfig(Path(self.dir) / "kubeconfig"), "--node-name",
+                    "n1", "--healthz-bind-address", "", "--metrics-bind-address", "", "--state-dir",
+                    self.dir + "/state", "--no-nftables"],
+                   env=dict(os.environ, PYTHONPATH=code or str(ROOT)), cwd=self.dir)
 
     def rss_mib(self) -> float:
+        assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
 
     def stop(self) -> float:
+        """SIGTERM (SIGKILL after 120 s); the seconds it took to exit."""
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.term(120)
         return time.monotonic() - started
 
 
@@ -73,6 +70,16 @@ def populated() -> FakeApiServer:
 
 def watches(api: FakeApiServer) -> list[dict[str, str]]:
     return [q for m, p, q in list(api.requests) if p == SERVICES and q.get("watch") == "true"]
+
+
+def following(code: str | None, bookmarks: bool = True) -> tuple[FakeApiServer, Agent]:
+    """A populated stand-in and an agent following it, once its three watches are open."""
+    api = populated()
+    if not bookmarks:
+        api.set_bookmark_interval(0)
+    agent = Agent(api, code)
+    wait_for(lambda: api.open_watches() >= 3, 30)
+    return api, agent
 
 
 def wait_for(cond: object, timeout: float) -> bool:
@@ -116,10 +123,7 @@ def main() -> None:
         api.stop()
 
     if "hang" in only:
-        api = populated()
-        api.set_bookmark_interval(0)
-        agent = Agent(api, args.code)
-        wait_for(lambda: api.open_watches() >= 3, 30)
+        api, agent = following(args.code, bookmarks=False)
         api.watch_fault("hang", SERVICES)
         api.drop_watches()
         wait_for(lambda: api.open_watches() >= 3, 30)
@@ -133,16 +137,14 @@ def main() -> None:
         api.stop()
 
     if "flood" in only:
-        api = populated()
-        agent = Agent(api, args.code)
-        wait_for(lambda: api.open_watches() >= 3, 30)
+        api, agent = following(args.code)
         time.sleep(1)
         start_rss = agent.rss_mib()
         api.watch_fault("flood", SERVICES)
         api.drop_watches()
         peak = start_rss
         t = time.monotonic()
-        while time.monotonic() - t < 20 and agent.proc.poll() is None:
+        while time.monotonic() - t < 20 and agent.running:
             peak = max(peak, agent.rss_mib())
             time.sleep(0.2)
         print(f"flood: agent RSS {start_rss:.0f} MiB -> peak {peak:.0f} MiB in 20 s of a Service watch with no newline")
@@ -152,9 +154,7 @@ def main() -> None:
         api.stop()
 
     if "sigterm" in only:
-        api = populated()
-        agent = Agent(api, args.code)
-        wait_for(lambda: api.open_watches() >= 3, 30)
+        api, agent = following(args.code)
         api.delay(1000)  # every request from now on hangs
         sent = len(api.requests)
         api.drop_watches()

@@ -20,7 +20,6 @@ from ..config import AgentConfig
 from ..dataplane.base import INTERFACE_MARK, DataplaneError
 from ..model import DesiredState
 from . import references, scenarios
-from .cluster import NODE_NAME
 from .scenarios import Context
 
 INTERFACE = "ipvsbench0"
@@ -40,8 +39,7 @@ def kernel_problem() -> str | None:
 
 
 def agent_config() -> AgentConfig:
-    return AgentConfig(node_name=NODE_NAME, interface=INTERFACE, healthz_bind_address="",
-                       metrics_bind_address="", state_dir="/tmp/ipvsproxy-bench")
+    return scenarios.bench_settings(interface=INTERFACE, state_dir="/tmp/ipvsproxy-bench")
 
 
 def open_netlink() -> Any:

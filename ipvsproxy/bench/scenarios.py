@@ -1,10 +1,11 @@
 """The scenarios, run through the agent's own code path on any dataplane.
 
-Each drives a real Tracker and Reconciler (what `ipvsproxy run` wires up):
-raw dicts go in through Tracker.replace/upsert, Reconciler.sync plans and
-applies. The dataplane is wrapped in :class:`~.dataplanes.Timed` so a sync's
-time splits into control plane (translate, plan, bookkeeping) and dataplane
-(the kernel, or the in-memory model's copying).
+Each drives the core `ipvsproxy run` runs, built the same way
+(`core.NodeCore.build` from the agent's settings): raw dicts go in through
+Tracker.replace/upsert, Reconciler.sync plans and applies. The dataplane
+is wrapped in :class:`~.dataplanes.Timed` so a sync's time splits into
+control plane (translate, plan, bookkeeping) and dataplane (the kernel, or
+the in-memory model's copying).
 
 cold     empty dataplane -> full table (list, then one full sync)
 steady   nothing changed: a relist plus incremental sync, and a full resync
@@ -26,14 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ..core import NodeCore
+from ..config import AgentConfig
+from ..core import NodeCore, translation_config
 from ..dataplane.base import Dataplane
 from ..model import DesiredState, ObservedState
 from ..reconcile import Firewall, Reconciler, SyncReport
-from ..runner import Runner
 from ..schedulers import Registry, default_registry
 from ..tracker import Tracker
-from ..translate import Config, translate
+from ..translate import translate
 from .cluster import NODE_NAME, SyntheticCluster
 from .dataplanes import Timed, TimedFirewall
 from .progress import Progress, summary
@@ -42,11 +43,19 @@ Listing = list[tuple[str, list[dict[str, Any]]]]
 CHURN_KINDS = (("add", 0.4), ("remove", 0.4), ("scale", 0.2))
 
 
+def bench_settings(**overrides: Any) -> AgentConfig:
+    """The agent's settings for a benchmark: the defaults `ipvsproxy run` ships, on
+    the synthetic node, no HTTP, and a resync period longer than any run (the
+    scenarios ask for every full sync themselves)."""
+    return AgentConfig(node_name=NODE_NAME, sync_period=3600.0, healthz_bind_address="",
+                       metrics_bind_address="", **overrides)
+
+
 @dataclass
 class Context:
     cluster: SyntheticCluster
     listing: Listing
-    cfg: Config
+    settings: AgentConfig
     registry: Registry
     progress: Progress
 
@@ -58,7 +67,7 @@ class Context:
         n = len(cluster.services)
         for kind, objects in cluster.listing():
             listing.append((kind, list(progress.iterate(objects, f"render {kind}s", n))))
-        return cls(cluster, listing, Config(NODE_NAME, "rr"), default_registry(), progress)
+        return cls(cluster, listing, bench_settings(), default_registry(), progress)
 
 
 @dataclass
@@ -79,11 +88,11 @@ class Agentlet:
 
 
 def make_agent(ctx: Context, dp: Dataplane, firewall: Firewall | None = None) -> Agentlet:
+    """The agent's core (NodeCore.build, as agent.py builds it) on a timed dataplane and firewall."""
     timed = dp if isinstance(dp, Timed) else Timed(dp)
     fw = TimedFirewall(firewall) if firewall is not None else None
-    tracker = Tracker(NODE_NAME)
-    rec = Reconciler(tracker, cast(Dataplane, timed), ctx.cfg, ctx.registry, grace=30.0, firewall=fw)
-    return Agentlet(NodeCore(tracker, rec, sync_period=3600.0), timed, fw)
+    core = NodeCore.build(ctx.settings, cast(Dataplane, timed), registry=ctx.registry, firewall=fw)
+    return Agentlet(core, timed, fw)
 
 
 def ingest(ctx: Context, tracker: Tracker) -> float:
@@ -144,7 +153,8 @@ def timed_sync(agent: Agentlet, full: bool) -> tuple[SyncReport, dict[str, Any]]
 def expected(ctx: Context, tracker: Tracker) -> DesiredState:
     """The desired state from scratch (pure translate), independent of the reconciler's index."""
     slices = [s for group in tracker.groups.values() for s in group]
-    desired, _ = translate(tracker.services.values(), slices, tracker.node, ctx.cfg, ctx.registry)
+    desired, _ = translate(tracker.services.values(), slices, tracker.node,
+                            translation_config(ctx.settings), ctx.registry)
     return desired
 
 
@@ -310,7 +320,7 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
         got.set()
 
     agent.core.on_report, agent.core.min_period = on_report, min_period
-    runner = Runner(agent.core.tick, min_interval=min_period, wake=agent.tracker.changed)
+    runner = agent.core.runner()
     thread = threading.Thread(target=runner.run, name="bench-runner", daemon=True)
     thread.start()
     got.wait(600)  # the runner's first sync is a full one: not part of the measurement

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..model import family_of
-from .netlink_wire import NetlinkWire, open_socket
+from .netlink_wire import NetlinkWire
 
 __all__ = ["AddrError", "AddrRequest", "AddrWire", "encode_addr"]
 
@@ -95,12 +95,7 @@ class AddrWire(NetlinkWire):
     """An rtnetlink socket that binds and unbinds addresses in batches."""
 
     def __init__(self, batch_size: int = 256, *, ack_all: bool = True) -> None:
-        sock = open_socket(NETLINK_ROUTE)
-        try:
-            self._setup(sock, batch_size, ack_all)
-        except BaseException:
-            sock.close()
-            raise
+        self._open(NETLINK_ROUTE, batch_size, ack_all)
 
     @classmethod
     def for_socket(cls, sock: socket.socket, batch_size: int = 256, ack_all: bool = True) -> AddrWire:

@@ -23,23 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .netlink_wire import (
-    NETLINK_NETFILTER,
-    NFGEN,
-    NLM_F_ACK,
-    NLM_F_REQUEST,
-    NLMSG,
-    NetlinkWire,
-    attrs,
-    nla,
-    open_socket,
-)
+from .netlink_wire import NETLINK_NETFILTER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkWire, attrs, nfnl_message, nla
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
-NLM_F_DUMP = 0x300
 NLA_F_NESTED = 0x8000
-NFNETLINK_V0 = 0
 
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_TIMEOUT, CTA_FILTER = 1, 2, 7, 25
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
@@ -108,7 +96,7 @@ def _tuple(family: int, src: bytes | None, dst: bytes | None, proto: int | None,
 
 
 def encode_dump(family: int, flt: Filter | None, seq: int) -> bytes:
-    body = NFGEN.pack(family, NFNETLINK_V0, 0)
+    body = b""
     if flt is not None:
         if family == socket.AF_INET6 and (flt.orig_dst is not None or flt.reply_src is not None):
             raise ValueError("IPv6 address filters are not trusted (inverted on Linux 6.1)")
@@ -122,15 +110,13 @@ def encode_dump(family: int, flt: Filter | None, seq: int) -> bytes:
         if oflags or rflags:
             body += _nest(CTA_FILTER, nla(CTA_FILTER_ORIG_FLAGS, U32.pack(oflags)),
                           nla(CTA_FILTER_REPLY_FLAGS, U32.pack(rflags)))
-    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    return NLMSG.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    return nfnl_message(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, body)
 
 
 def encode_delete(flow: Flow, seq: int, flags: int) -> bytes:
     orig, _ = _tuple(flow.family, flow.orig_src, flow.orig_dst, flow.proto, flow.orig_sport, flow.orig_dport)
-    body = NFGEN.pack(flow.family, NFNETLINK_V0, 0) + _nest(CTA_TUPLE_ORIG, orig)
-    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-    return NLMSG.pack(16 + len(body), msg_type, flags, seq, 0) + body
+    return nfnl_message(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE, flags, seq, flow.family,
+                        _nest(CTA_TUPLE_ORIG, orig))
 
 
 def encode_create(flow: Flow, timeout: int, seq: int, flags: int) -> bytes:
@@ -138,10 +124,9 @@ def encode_create(flow: Flow, timeout: int, seq: int, flags: int) -> bytes:
     leaves): for tests and benchmarks that fill the table without real flows (`conntrack -I`)."""
     orig, _ = _tuple(flow.family, flow.orig_src, flow.orig_dst, flow.proto, flow.orig_sport, flow.orig_dport)
     reply, _ = _tuple(flow.family, flow.reply_src, flow.orig_src, flow.proto, flow.reply_sport, flow.orig_sport)
-    body = (NFGEN.pack(flow.family, NFNETLINK_V0, 0) + _nest(CTA_TUPLE_ORIG, orig) + _nest(CTA_TUPLE_REPLY, reply)
-            + nla(CTA_TIMEOUT, struct.pack("!I", timeout)))
-    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-    return NLMSG.pack(16 + len(body), msg_type, flags | NLM_F_CREATE | NLM_F_EXCL, seq, 0) + body
+    body = _nest(CTA_TUPLE_ORIG, orig) + _nest(CTA_TUPLE_REPLY, reply) + nla(CTA_TIMEOUT, struct.pack("!I", timeout))
+    return nfnl_message(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, flags | NLM_F_CREATE | NLM_F_EXCL, seq, flow.family,
+                        body)
 
 
 def _decode_tuple(buf: bytearray | bytes, off: int, ln: int) -> tuple[bytes, bytes, int, int, int] | None:
@@ -183,7 +168,7 @@ class ConntrackWire(NetlinkWire):
     """One NETLINK_NETFILTER socket for dumps and batched deletes (any address family)."""
 
     def __init__(self, batch_size: int = 256) -> None:
-        self._setup(open_socket(NETLINK_NETFILTER), batch_size, ack_all=True)
+        self._open(NETLINK_NETFILTER, batch_size, ack_all=True)
 
     def error(self, what: str, err: int, extra: str = "") -> ConntrackError:
         return ConntrackError(err, f"{what}: {_errno.errorcode.get(err, err)} {extra}".rstrip())

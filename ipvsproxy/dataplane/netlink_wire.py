@@ -61,6 +61,13 @@ def nla(kind: int, payload: bytes) -> bytes:
     return NLA.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
+def nfnl_message(subsystem: int, msg: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
+    """One nfnetlink request (ctnetlink, nf_tables): the netlink header, struct nfgenmsg
+    (family, NFNETLINK_V0, resource id 0), then `body`."""
+    header = NLMSG.pack(16 + NFGEN.size + len(body), (subsystem << 8) | msg, flags, seq, 0)
+    return header + NFGEN.pack(family, 0, 0) + body
+
+
 def attrs(buf: bytes | bytearray, off: int, end: int) -> dict[int, tuple[int, int]]:
     """Attribute type -> (payload offset, payload length) for attributes in buf[off:end]."""
     out: dict[int, tuple[int, int]] = {}
@@ -124,6 +131,15 @@ class NetlinkWire:
     _batch: int
     _ack_all: bool
     counters: Counters
+
+    def _open(self, protocol: int, batch_size: int, ack_all: bool) -> None:
+        """`_setup` on a new socket of `protocol`, closed again if that fails."""
+        sock = open_socket(protocol)
+        try:
+            self._setup(sock, batch_size, ack_all)
+        except BaseException:
+            sock.close()
+            raise
 
     def _setup(self, sock: socket.socket, batch_size: int, ack_all: bool) -> None:
         self._sock = sock

@@ -28,18 +28,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from .netlink_wire import (
-    NETLINK_NETFILTER,
-    NFGEN,
-    NLA,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG,
-    NetlinkWire,
-    attrs,
-    nla,
-    open_socket,
-)
+from .netlink_wire import NETLINK_NETFILTER, NLA, NLM_F_DUMP, NLM_F_REQUEST, NetlinkWire, attrs, nfnl_message, nla
 
 __all__ = ["NftWire", "decode_key", "FIELD_SIZES"]
 
@@ -125,12 +114,7 @@ class NftWire(NetlinkWire):
     """A netfilter netlink socket that dumps the elements of nftables sets."""
 
     def __init__(self) -> None:
-        sock = open_socket(NETLINK_NETFILTER)
-        try:
-            self._setup(sock, 1, True)
-        except BaseException:
-            sock.close()
-            raise
+        self._open(NETLINK_NETFILTER, 1, True)
 
     def __enter__(self) -> NftWire:
         return self
@@ -153,11 +137,11 @@ class NftWire(NetlinkWire):
         """
         body = (nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + nla(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
-        nfgen = NFGEN.pack(NFPROTO[family], 0, 0)
+        nfproto = NFPROTO[family]
 
         def request(seq: int) -> bytes:
-            return NLMSG.pack(16 + 4 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + nfgen + body
+            return nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, nfproto,
+                                body)
 
         plain_interval = interval and len(types) == 1
         buf = self._buf

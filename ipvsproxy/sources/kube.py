@@ -52,7 +52,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import tenacity
@@ -65,7 +65,7 @@ from ..tracker import WATCHED_KINDS, Tracker, object_key
 
 log = logging.getLogger(__name__)
 
-# Defaults, read when a KubeSource is made (tests shrink them).
+# Defaults, read when a KubeSource is made (unless its Timing says otherwise).
 WATCH_TIMEOUT = 300  # shortest watch asked for: each asks for this x uniform(1, 2) (client-go: 5-10 minutes)
 WATCH_IDLE_TIMEOUT = 60.0  # a watch stream silent this long is cut and resumed (a hung server is noticed)
 SHORT_WATCH = 1.0  # a watch that ends cleanly this soon with no event is an error (client-go's "very short watch")
@@ -75,6 +75,31 @@ INITIAL_BACKOFF = 0.2  # first retry after a failure, doubling up to MAX_BACKOFF
 MAX_BACKOFF = 30.0
 MAX_RETRY_AFTER = 60.0  # longest Retry-After we honour
 EVENT_QUEUE = 512  # Events waiting to be posted; more are dropped (and logged)
+
+
+def wait_for_stop(stop: threading.Event, seconds: float) -> bool:
+    """The real pause: `seconds`, or less when the source stops (then True)."""
+    return stop.wait(seconds)
+
+
+# How a source waits between attempts: (its stop event, seconds) -> True when it stopped meanwhile.
+Pause = Callable[[threading.Event, float], bool]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a source paces itself, passed in: the backoff and watch length (None:
+    the module's defaults above), every pause between attempts, the random
+    spread of watch lengths and jitter, and the clock that times a watch. Tests
+    pass a pause that records what was asked and returns at once (and may pass
+    a seeded random source), so backoff is checked without waiting for it."""
+
+    initial_backoff: float | None = None
+    max_backoff: float | None = None
+    watch_timeout: int | None = None
+    pause: Pause = wait_for_stop
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.monotonic
 
 
 class Gone(Exception):
@@ -321,9 +346,7 @@ class KubeSource:
         kubeconfig: str | None = None,
         api_server: str | None = None,
         api_client: client.ApiClient | None = None,
-        watch_timeout: int | None = None,
-        max_backoff: float | None = None,
-        initial_backoff: float | None = None,
+        timing: Timing | None = None,
         page_size: int | None = None,
         endpoints_source: EndpointsSource | None = None,
         idle_timeout: float | None = None,
@@ -336,9 +359,11 @@ class KubeSource:
         self._blocked: dict[str, str] = {}  # role -> why it cannot list/watch (e.g. 403), until it can
         self.on_blocked: Callable[[str], None] | None = None  # told each new reason (the agent's /healthz)
         self.core = client.CoreV1Api(self.api)
-        self.watch_timeout = WATCH_TIMEOUT if watch_timeout is None else watch_timeout
-        self.max_backoff = MAX_BACKOFF if max_backoff is None else max_backoff
-        self.initial_backoff = INITIAL_BACKOFF if initial_backoff is None else initial_backoff
+        timing = timing or Timing()
+        self.watch_timeout = WATCH_TIMEOUT if timing.watch_timeout is None else timing.watch_timeout
+        self.max_backoff = MAX_BACKOFF if timing.max_backoff is None else timing.max_backoff
+        self.initial_backoff = INITIAL_BACKOFF if timing.initial_backoff is None else timing.initial_backoff
+        self._pause, self._rng, self._clock = timing.pause, timing.rng, timing.clock
         self.page_size = PAGE_SIZE if page_size is None else page_size
         self.idle_timeout = WATCH_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
         self.short_watch, self.max_line = SHORT_WATCH, MAX_LINE
@@ -475,7 +500,7 @@ class KubeSource:
     def _stream(self, res: Resource, rv: str) -> Iterator[dict[str, Any]]:
         # like client-go's reflector, each watch asks for its own length in [timeout, 2 x timeout),
         # so nodes started together do not reconnect in lockstep
-        timeout = int(self.watch_timeout * random.uniform(1.0, 2.0))
+        timeout = int(self.watch_timeout * self._rng.uniform(1.0, 2.0))
         query: dict[str, Any] = {  # in the order the generated client sends them
             "allowWatchBookmarks": "true", "fieldSelector": res.field_selector,
             "labelSelector": res.label_selector, "resourceVersion": rv,
@@ -486,7 +511,7 @@ class KubeSource:
         self._responses.add(resp)
         self._count("watches")
         ended = False
-        started = time.monotonic()
+        started = self._clock()
         events = 0
         try:
             try:
@@ -510,8 +535,8 @@ class KubeSource:
                 self._count("idle_timeouts")
                 raise Idle from None
             ended = True
-            if not events and time.monotonic() - started < self.short_watch:
-                raise Transient(f"watch {res.kind}: ended after {time.monotonic() - started:.2f}s "
+            if not events and self._clock() - started < self.short_watch:
+                raise Transient(f"watch {res.kind}: ended after {self._clock() - started:.2f}s "
                                 "with no event (a very short watch)")
         finally:
             self._responses.discard(resp)
@@ -551,7 +576,7 @@ class KubeSource:
     def _wait(self, state: tenacity.RetryCallState) -> float:
         """Exponential backoff with equal jitter; a Retry-After header wins if longer."""
         step = min(self.max_backoff, self.initial_backoff * 2 ** min(state.attempt_number - 1, 30))
-        wait: float = step * random.uniform(0.5, 1.0)
+        wait: float = step * self._rng.uniform(0.5, 1.0)
         exc = state.outcome.exception() if state.outcome else None
         return max(wait, _retry_after(exc))
 
@@ -560,7 +585,7 @@ class KubeSource:
         for role in self.kinds:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(5),
-                wait=self._wait, reraise=True,
+                wait=self._wait, sleep=self._sleep, reraise=True,
             ):
                 with attempt:
                     self._list(self._resource(role))
@@ -625,7 +650,7 @@ class KubeSource:
                 else:
                     why = describe(exc)
                 self._block(role, f"watch {role}: {why}")
-                self._stop.wait(self.max_backoff)
+                self._pause(self._stop, self.max_backoff)
 
     def _block(self, role: str, why: str) -> None:
         """A kind cannot be followed: one ERROR line per new reason (not one per retry)."""
@@ -651,7 +676,7 @@ class KubeSource:
             return next(iter(self._blocked.values()), None)
 
     def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
+        if self._pause(self._stop, seconds):
             raise Stopped
 
     def _unreachable(self, exc: BaseException | None) -> None:

@@ -16,6 +16,7 @@ short-lived thread that setns()-es into the namespace, so a request costs no pro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import itertools
@@ -449,6 +450,44 @@ def udp_ask(addr: str, port: int, ns: str | None = None, *, timeout: float = 5.0
             except (TimeoutError, ConnectionRefusedError):
                 continue
     raise TimeoutError(f"no UDP answer from {addr}:{port} (ns={ns}) within {timeout}s")
+
+
+def outcome(attempt: Callable[[], str]) -> str:
+    """What a connection attempt came to: its answer, or "refused", "timeout" or "error: ..."."""
+    try:
+        return attempt()
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return f"error: {exc}"
+
+
+class TcpListener:
+    """Answers every connection on a listening socket with `reply`, from a thread, until close():
+    a server of the node itself (sshd on its address) or of a namespace, without a process."""
+
+    def __init__(self, sock: socket.socket, reply: bytes) -> None:
+        self.sock, self.reply = sock, reply
+        self.sock.settimeout(0.5)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # the accept timeout (to look at `stop`), or closed
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
 
 
 class HeldConnection:

@@ -29,12 +29,12 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import pytest
+from netns import TcpListener, outcome
 
 from ipvsproxy.config import AgentConfig, parse_cidrs
 from ipvsproxy.dataplane.nft import FAMILY, TABLE, NftError, NftFirewall
@@ -93,34 +93,15 @@ def in_netns(name: str | None) -> Iterator[None]:
         os.close(target)
 
 
-class Server:
-    """A TCP server answering its name to every connection."""
-
-    def __init__(self, where: str | None, port: int, name: str) -> None:
-        with in_netns(where):
-            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # v4 and v6
-        self.sock.bind(("::", port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.5)
-        self.name, self.stop = name.encode(), threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn, suppress(OSError):
-                conn.sendall(self.name)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
+def tcp_server(where: str | None, port: int, name: str) -> TcpListener:
+    """A TCP server (IPv4 and IPv6) in namespace `where` (None: the node) answering its name to every connection."""
+    with in_netns(where):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # v4 and v6
+    sock.bind(("::", port))
+    sock.listen(64)
+    return TcpListener(sock, name.encode())
 
 
 def fetch(client: str, address: str, port: int, timeout: float = TIMEOUT) -> str:
@@ -130,15 +111,12 @@ def fetch(client: str, address: str, port: int, timeout: float = TIMEOUT) -> str
         s = socket.socket(fam, socket.SOCK_STREAM)
     with s:
         s.settimeout(timeout)
-        try:
+
+        def answer() -> str:
             s.connect((address, port))
             return s.recv(64).decode() or "closed"
-        except ConnectionRefusedError:
-            return "refused"
-        except TimeoutError:
-            return "timeout"
-        except OSError as exc:
-            return f"error: {exc}"
+
+        return outcome(answer)
 
 
 def ipvsadm(*args: str) -> None:
@@ -209,7 +187,7 @@ def topology() -> Iterator[None]:
         ipvsadm("-A", "-t", vip, "-s", "rr")
         for r in server.reals:
             ipvsadm("-a", "-t", vip, "-r", hp(r.address, r.port), "-m")
-    servers = [Server("ep", 8080, "ep"), Server("pod", 8080, "pod"), Server(None, 2222, "node")]
+    servers = [tcp_server("ep", 8080, "ep"), tcp_server("pod", 8080, "pod"), tcp_server(None, 2222, "node")]
     time.sleep(1)  # addresses settle
     try:
         yield

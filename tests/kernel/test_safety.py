@@ -46,6 +46,7 @@ import pytest
 from netns import Backend, Client, HeldConnection, Netlab, hold_tcp, http_get, in_netns, ns_socket, udp_ask
 
 from ipvsproxy.dataplane.conntrack import tuple_of
+from tests.agentlab import ChildProcess
 
 pytestmark = pytest.mark.kernel
 
@@ -197,31 +198,24 @@ def ct_entries(vip: str, vport: int, addr: str, port: int) -> int:
 # the agent process
 # ------------------------------------------------------------------------------------------------
 
-class AgentProc:
+class AgentProc(ChildProcess):
     """`ipvsproxy run` as a child process, its output in a log file (never the VM's stdout)."""
 
     def __init__(self, workdir: Path, manifests: Path) -> None:
+        super().__init__("ipvsproxy", workdir / "agent.log")
         self.workdir, self.manifests = workdir, manifests
-        self.log = workdir / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.grace: float | None = None
-        self.started = 0.0
         self.starts = 0
         self.start_to_sync: list[float] = []  # seconds from exec to the first successful sync
 
-    def start(self, grace: float) -> None:
+    def start(self, grace: float) -> None:  # type: ignore[override]  (the agent's command is its own)
         assert not self.running, "agent already running"
         cmd = [IPVSPROXY, "run", "--from-file", str(self.manifests), "--node-name", NODE,
                "--state-dir", str(self.workdir / "state"), "--min-sync-period", "200ms", "--sync-period", "10s",
                "--drain-grace-period", f"{grace}s", "--healthz-bind-address", HEALTHZ,
                "--metrics-bind-address", ""]
         self.starts += 1
-        with open(self.log, "ab") as log:
-            log.write(f"==== start #{self.starts}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.started = time.time()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        super().start(cmd, f"start #{self.starts}: ")
         self.grace = grace
 
     def ensure(self, grace: float) -> None:
@@ -232,10 +226,6 @@ class AgentProc:
             self.stop()
         self.start(grace)
         self.wait_synced()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -262,33 +252,12 @@ class AgentProc:
                 raise AssertionError(f"no successful sync after {timeout:.0f}s (healthz {h}):\n{self.tail()}")
             time.sleep(0.1)
 
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, as the kubelet does; the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"the agent ignored SIGTERM for {timeout:.0f}s:\n{self.tail()}") from None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def tail(self, n: int = 40) -> str:
-        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        return "\n".join(lines[-n:])
-
-    def problems(self) -> list[str]:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+        """SIGTERM, as the kubelet does; the exit status (ignoring it fails the test)."""
+        code = self.term(timeout)
+        if self.killed:
+            raise AssertionError(f"the agent ignored SIGTERM for {timeout:.0f}s:\n{self.tail()}")
+        return code
 
 
 def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
@@ -444,6 +413,12 @@ class Lab:
             slice_("dns", "IPv6", [b.ipv6 for b in dns], "UDP", 5353),
         ])
 
+    def web_on_every_backend(self) -> None:
+        """The plain manifests, the agent running on them (started if need be), web on all three backends."""
+        self.write()
+        self.agent.ensure(grace=GRACE)
+        self.wait_table(expect_web(self.backends), "web with 3 real servers")
+
     def web_loop(self) -> Traffic:
         return Traffic("web", lambda: http_get(WEB4, 80, self.client.ns, timeout=10))
 
@@ -530,9 +505,7 @@ def lab(module_netlab: Netlab, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def test_restart_three_times_drops_nothing_and_keeps_drains(lab: Lab) -> None:
     b0, b1, b2 = lab.backends
-    lab.write()
-    lab.agent.ensure(grace=GRACE)
-    lab.wait_table(expect_web([b0, b1, b2]), "web with 3 real servers")
+    lab.web_on_every_backend()
     lab.foreign_intact("the first sync")
     loops = [lab.web_loop().start(), lab.dns_loop(DNS4).start(), lab.dns_loop(DNS6).start(),
              *(t.start() for t in lab.foreign_loops())]
@@ -574,9 +547,7 @@ def test_restart_three_times_drops_nothing_and_keeps_drains(lab: Lab) -> None:
 
 def test_removed_endpoint_drains_then_goes(lab: Lab) -> None:
     b0, b1, b2 = lab.backends
-    lab.write()
-    lab.agent.ensure(grace=GRACE)
-    lab.wait_table(expect_web([b0, b1, b2]), "web with 3 real servers")
+    lab.web_on_every_backend()
     web = lab.web_loop().start()
     try:
         # (a) connections to the removed endpoint complete; its real server goes once they close
@@ -706,9 +677,7 @@ def _big_progress() -> tuple[int, int, int]:
 
 def test_kill9_mid_sync_then_converges(lab: Lab) -> None:
     b0, b1, b2 = lab.backends
-    lab.write()
-    lab.agent.ensure(grace=GRACE)
-    lab.wait_table(expect_web([b0, b1, b2]), "web with 3 real servers")
+    lab.web_on_every_backend()
     web = lab.web_loop().start()
     try:
         write_json(lab.manifests / "big.json", big_manifest())  # the running agent re-reads and syncs

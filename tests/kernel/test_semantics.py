@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import yaml
-from netns import Backend, Client, http_get, http_request, in_netns, wait_until
+from netns import Backend, Client, TcpListener, http_get, http_request, in_netns, outcome, wait_until
 
 from ipvsproxy.agent import Agent
 from ipvsproxy.cli.main import cli, register
@@ -141,14 +141,7 @@ def bound(dev: str) -> str:
 
 def answer(client: Client, addr: str, port: int, timeout: float = 3.0) -> str:
     """The backend that answered, or why nothing did."""
-    try:
-        return http_get(addr, port, client.ns, timeout=timeout)
-    except ConnectionRefusedError:
-        return "refused"
-    except TimeoutError:
-        return "timeout"
-    except OSError as exc:
-        return f"error: {exc}"
+    return outcome(lambda: http_get(addr, port, client.ns, timeout=timeout))
 
 
 def health_check(client: Client, addr: str) -> tuple[int, dict[str, Any]] | str:
@@ -239,36 +232,17 @@ def test_etp_local_fallback_over_ipv6(lab: Lab) -> None:
     assert results == {"pod": "remote", "outside": "timeout"}
 
 
-class NodeListener:
+def node_listener(addr: str, port: int) -> TcpListener:
     """A TCP listener of the node itself (root namespace), like sshd on the node's address."""
-
-    def __init__(self, addr: str, port: int) -> None:
-        self.sock = in_netns(None, socket.create_server, (addr, port))
-        self.sock.settimeout(0.5)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nnode")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
+    return TcpListener(in_netns(None, socket.create_server, (addr, port)),
+                       b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nnode")
 
 
 def test_a_node_address_as_external_ip_is_served_never_bound_and_survives(lab: Lab) -> None:
     """Rule 5: externalIPs: [the node's own address] -- one the Node object does
     not list (the root side of the pod's link), so only rtnetlink can tell."""
     own = lab.pod.gw4
-    ssh_like = NodeListener(own, 2222)
+    ssh_like = node_listener(own, 2222)
     try:
         assert answer(lab.outside, own, 2222) == "node"
         lab.write(svc("web", "198.18.61.3", external_ips=[own]), eps("web", [(lab.remote, "other")]))

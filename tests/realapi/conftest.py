@@ -30,12 +30,6 @@ def cluster() -> Iterator[Cluster]:
         yield c
 
 
-@pytest.fixture
-def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube, "INITIAL_BACKOFF", 0.1)
-    monkeypatch.setattr(kube, "MAX_BACKOFF", 1.0)
-
-
 # ---- objects ------------------------------------------------------------------------------------
 def node(name: str, ip: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
@@ -110,17 +104,21 @@ def wait_until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "cond
     return agentlab.wait_until(cond, timeout, what, interval=0.05)
 
 
+# The source's backoff shrunk (0.1 s doubling to 1 s) so recoveries are seen within a test's waits.
+FAST = kube.Timing(initial_backoff=0.1, max_backoff=1.0)
+
+
 class Live(agentlab.Live):
     """ipvsproxy's Agent with the real KubeSource, in this process, on a RecordingDataplane."""
 
     def __init__(self, cluster: Cluster, tmp_path: Path, *, via_relay: bool = False, token: str | None = None,
                  **cfg: Any) -> None:
         kw = {"via_relay": via_relay} | ({"token": token} if token else {})
-        super().__init__(str(cluster.write_kubeconfig(tmp_path / "kubeconfig", **kw)), tmp_path, **cfg)
+        super().__init__(str(cluster.write_kubeconfig(tmp_path / "kubeconfig", **kw)), tmp_path, timing=FAST, **cfg)
 
 
 @pytest.fixture
-def live(cluster: Cluster, tmp_path: Path, fast: None) -> Iterator[Callable[..., Live]]:
+def live(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., Live]]:
     made: list[Live] = []
 
     def make(c: Cluster | None = None, **kw: Any) -> Live:

@@ -5,13 +5,14 @@ detail for strangers)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.observe.health import Health, healthz_route, livez_route, serve
 from ipvsproxy.observe.servicehealth import ServiceHealthServer, body
+from tests.agentlab import wait_until
 from tests.unit.factories import endpoint, node, port, service, slice_
 
 
@@ -32,17 +34,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def poll(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Wait for a condition (an Event's timed wait between looks, no sleep)."""
-    tick = threading.Event()
-    for _ in range(int(timeout / 0.02)):
-        got = cond()
-        if got:
-            return got
-        tick.wait(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -109,33 +100,32 @@ def test_an_api_refusal_fails_healthz_with_its_reason_but_not_livez() -> None:
     assert code == 200 and json.loads(raw)["lastSuccess"] == h.last_success  # lastUpdated is "now"
 
 
+@contextlib.contextmanager
+def healthz_served(health: Health, bind: str) -> Iterator[int]:
+    """An agent's health endpoints bound to `bind` (port 0: any), serving `health`; the port."""
+    agent = Agent(AgentConfig(node_name="n1", healthz_bind_address=bind, metrics_bind_address=""),
+                  MemoryDataplane(), record_state=False)
+    agent.health = health
+    agent.serve_http()
+    try:
+        yield agent._servers[0].server_address[1]
+    finally:
+        agent.shutdown()
+
+
 def test_health_details_only_on_a_loopback_bind() -> None:
     """Issue 14 item 9: sync errors name Services and addresses; a stranger
     reaching a non-loopback bind learns only healthy or not."""
     h = Health(max_age=60)
     h.failure("Service prod/payments: add-vs TCP 10.96.7.7:443: Cannot allocate memory")
     h.started -= 3600
-    cfg_agent = Agent(AgentConfig(node_name="n1", healthz_bind_address="0.0.0.0:0", metrics_bind_address=""),
-                      MemoryDataplane(), record_state=False)
-    cfg_agent.health = h
-    cfg_agent.serve_http()
-    try:
-        p = cfg_agent._servers[0].server_address[1]
+    with healthz_served(h, "0.0.0.0:0") as p:
         for path in ("/healthz", "/livez"):
             code, _, raw = get(f"http://127.0.0.1:{p}{path}")
             assert code == 503 and b"prod" not in raw and b"10.96" not in raw and b"reason" not in raw
-    finally:
-        cfg_agent.shutdown()
-    loop_agent = Agent(AgentConfig(node_name="n1", healthz_bind_address="127.0.0.1:0", metrics_bind_address=""),
-                       MemoryDataplane(), record_state=False)
-    loop_agent.health = h
-    loop_agent.serve_http()
-    try:
-        p = loop_agent._servers[0].server_address[1]
+    with healthz_served(h, "127.0.0.1:0") as p:
         code, _, raw = get(f"http://127.0.0.1:{p}/healthz")
         assert code == 503 and "Cannot allocate memory" in json.loads(raw)["reason"]
-    finally:
-        loop_agent.shutdown()
 
 
 # ---- hardening: timeouts, a connection cap, no tracebacks ---------------------------------------
@@ -146,7 +136,7 @@ def test_an_idle_connection_is_closed_after_the_timeout() -> None:
         with socket.create_connection(("127.0.0.1", srv.server_address[1])) as s:
             s.settimeout(5)
             assert s.recv(100) == b""  # the server hung up on us (before: it waited forever)
-        poll(lambda: srv.slots.acquire(blocking=False) and (srv.slots.release() or True), what="slot freed")
+        wait_until(lambda: srv.slots.acquire(blocking=False) and (srv.slots.release() or True), what="slot freed")
     finally:
         srv.shutdown()
         srv.server_close()
@@ -158,7 +148,7 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_threads_stay_bounded(
     threads_before = threading.active_count()
     idle = [socket.create_connection(addr) for _ in range(4)]
     try:
-        poll(lambda: threading.active_count() >= threads_before + 4, what="4 handler threads")
+        wait_until(lambda: threading.active_count() >= threads_before + 4, what="4 handler threads")
         extra = [socket.create_connection(addr) for _ in range(20)]
         for s in extra:
             s.settimeout(5)
@@ -176,7 +166,7 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_threads_stay_bounded(
         except OSError:  # still full: closed at once
             return False
 
-    poll(served, what="served again")
+    wait_until(served, what="served again")
     srv.shutdown()
     srv.server_close()
 
@@ -196,7 +186,7 @@ def test_clients_that_reset_or_time_out_leave_no_traceback(capsys: pytest.Captur
             s2.settimeout(5)
             assert s2.recv(10) == b""
             s2.close()
-        poll(lambda: srv.stats.client_errors >= 1 or srv.slots._value == 64,  # type: ignore[attr-defined]
+        wait_until(lambda: srv.stats.client_errors >= 1 or srv.slots._value == 64,  # type: ignore[attr-defined]
              what="handlers done")
     finally:
         srv.shutdown()
@@ -264,11 +254,11 @@ def test_a_busy_port_is_reported_once_and_retried(hc: Any) -> None:
     holder.listen()
     p = holder.getsockname()[1]
     server.update({"a/x": (p, 1), "a/y": (free_port(), 1)})
-    poll(lambda: failures, what="a failure report")
-    assert "a/y" in poll(lambda: server.ports, what="the other port served")
-    poll(lambda: server._failed.get("a/x"), what="failed")
+    wait_until(lambda: failures, what="a failure report")
+    assert "a/y" in wait_until(lambda: server.ports, what="the other port served")
+    wait_until(lambda: server._failed.get("a/x"), what="failed")
     holder.close()
-    poll(lambda: "a/x" in server.ports, what="retried and served")
+    wait_until(lambda: "a/x" in server.ports, what="retried and served")
     assert len(failures) == 1 and failures[0][:2] == ("a/x", p) and "in use" in failures[0][2]
 
 
@@ -319,13 +309,13 @@ def test_agent_opens_and_closes_health_check_ports_as_services_come_and_go(tmp_p
     t = threading.Thread(target=agent.run, kwargs={"install_signals": False}, daemon=True)
     t.start()
     try:
-        poll(lambda: agent.service_health is not None and agent.service_health.ports, what="port opened")
+        wait_until(lambda: agent.service_health is not None and agent.service_health.ports, what="port opened")
         code, _, raw = get(f"http://127.0.0.1:{p}/")
         assert code == 200 and json.loads(raw)["localEndpoints"] == 1
         write(lb, slice_("edge", [endpoint("10.1.0.2", node="n2")]))
-        poll(lambda: get(f"http://127.0.0.1:{p}/")[0] == 503, what="503 without a local endpoint")
+        wait_until(lambda: get(f"http://127.0.0.1:{p}/")[0] == 503, what="503 without a local endpoint")
         write()
-        poll(lambda: refused(p), what="port closed with the Service")
+        wait_until(lambda: refused(p), what="port closed with the Service")
     finally:
         agent.stop()
         t.join(5)

@@ -8,10 +8,10 @@ server that hangs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,38 +20,9 @@ from ipvsproxy.sources import kube
 from ipvsproxy.sources.kube import KubeSource
 from tests.apiserver import FakeApiServer
 from tests.unit.factories import service
-from tests.unit.test_kube_source import Live, drop, key, populate, programmed, rs, wait_until
+from tests.unit.kubelab import FAST, Live, Pauses, drop, key, populate, programmed, rs, wait_until
 
 SERVICES = "/api/v1/services"
-
-
-@pytest.fixture(autouse=True)
-def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube, "INITIAL_BACKOFF", 0.05)
-    monkeypatch.setattr(kube, "MAX_BACKOFF", 0.4)
-    monkeypatch.setattr(kube, "WATCH_TIMEOUT", 100)  # x timeout_scale 0.02: watches end every 2-4 s
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    with FakeApiServer(bookmark_interval=0.1, timeout_scale=0.02) as server:
-        yield server
-
-
-@pytest.fixture
-def live(api: FakeApiServer, tmp_path: Path) -> Iterator[Callable[..., Live]]:
-    made: list[Live] = []
-
-    def make(**cfg: Any) -> Live:
-        lv = Live(api, tmp_path, **cfg).start()
-        made.append(lv)
-        return lv
-
-    yield make
-    for lv in made:
-        if lv.thread.is_alive():
-            lv.agent.stop()
-            lv.thread.join(5)
 
 
 def service_watches(api: FakeApiServer) -> list[dict[str, str]]:
@@ -66,18 +37,20 @@ def test_a_watch_that_ends_at_once_is_an_error_with_backoff(
         api: FakeApiServer, live: Callable[..., Live], caplog: pytest.LogCaptureFixture) -> None:
     populate(api)
     api.watch_fault("empty", SERVICES)
-    lv = live()
-    programmed(lv)
+    pauses = Pauses(hold_after=4)  # the fifth pause is held until released
     caplog.set_level(logging.WARNING, "ipvsproxy.sources.kube")
-    before = len(service_watches(api))
-    started = time.monotonic()
-    wait_until(lambda: len(service_watches(api)) >= before + 5, what="five more watch requests")
-    took = time.monotonic() - started
-    # four backoffs of at least 0.025, 0.05, 0.1 and 0.2 s (equal jitter) lie between them
-    assert took >= 0.15, f"five watch requests in {took:.3f}s"  # before: at once (~1,000 a second)
+    lv = live(timing=dataclasses.replace(FAST, pause=pauses))
+    programmed(lv)
+    waits = pauses.wait_for("watch-Service", 5)
+    # a backoff before every watch after the first (before: none, ~1,000 watches a second), doubling
+    assert len(service_watches(api)) <= len(waits) + 1
+    for i, wait in enumerate(waits):
+        step = min(0.4, 0.05 * 2 ** i)
+        assert step / 2 <= wait <= step, waits  # equal jitter
     assert "very short watch" in caplog.text
     # the server recovers: the watch resumes and changes flow again
     api.watch_fault(None, SERVICES)
+    pauses.release()
     api.create(service("d", cluster_ip="10.96.0.4"))
     wait_until(lambda: key("10.96.0.4") in lv.dp.table(), what="d after recovery")
     assert lv.source.stats["relists_410"] == 0

@@ -1,17 +1,19 @@
 """The live agent end to end: the real kubernetes client in KubeSource, against
 the in-process FakeApiServer, driving the Agent onto the memory dataplane.
 
-Everything runs with real threads and real timing; waits poll with deadlines
-(never fixed long sleeps), and the backoff and watch lengths are shrunk so the
-whole file takes seconds.
+Everything runs with real threads; waits poll with deadlines (never fixed
+sleeps), the backoff and watch lengths are shrunk (kubelab.FAST) so the whole
+file takes seconds, and tests about backoff replace the source's pauses with
+kubelab.Pauses, which records what was asked and waits for nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,106 +24,28 @@ from ipvsproxy import objects
 from ipvsproxy.agent import Agent
 from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.plan import Op, OpKind
+from ipvsproxy.plan import OpKind
 from ipvsproxy.sources import kube
 from ipvsproxy.sources.kube import KubeSource
 from ipvsproxy.tracker import Tracker
-from tests import agentlab
-from tests.agentlab import NODE, key, rs, wait_until
 from tests.apiserver import FakeApiServer
-from tests.unit.factories import node, port, service, slice_
+from tests.unit.factories import node, port, service
+from tests.unit.kubelab import (
+    FAST,
+    NODE,
+    Live,
+    Pauses,
+    drop,
+    ip_slice,
+    key,
+    op_summary,
+    populate,
+    programmed,
+    rs,
+    wait_until,
+)
 
 SCHED = "ipvsproxy.io/scheduler"
-
-
-# ---- helpers -----------------------------------------------------------------------------------
-def ip_slice(svc: str, ips: Sequence[str], **kw: Any) -> dict[str, Any]:
-    return slice_(svc, list(ips), **kw)
-
-
-def op_summary(ops: Sequence[Op]) -> list[tuple[str, str]]:
-    out = []
-    for op in ops:
-        if op.kind in (OpKind.BIND, OpKind.UNBIND):
-            out.append((op.kind.value, str(op.address)))
-        elif op.real is not None:
-            out.append((op.kind.value, f"{op.key.address}:{op.key.port} {op.real.address}"))  # type: ignore[union-attr]
-        else:
-            out.append((op.kind.value, f"{op.key.address}:{op.key.port}"))  # type: ignore[union-attr]
-    return sorted(out)
-
-
-class Live(agentlab.Live):
-    """An Agent running against a FakeApiServer, on a RecordingDataplane."""
-
-    def __init__(self, api: FakeApiServer, tmp_path: Path, **cfg: Any) -> None:
-        self.api = api
-        super().__init__(str(api.write_kubeconfig(tmp_path / "kubeconfig")), tmp_path, **cfg)
-
-    def stop(self, within: float = 5.0) -> None:
-        started = time.monotonic()
-        super().stop(within)
-        assert time.monotonic() - started < 4
-        for t in self.agent.source._threads if self.agent.source else ():
-            assert not t.is_alive(), f"{t.name} still running"
-
-    def settle(self) -> None:
-        """A forced full sync has started after everything so far, and finished (so nothing is pending)."""
-        for _ in range(2):  # the first may join a sync already under way
-            before = self.syncs
-            self.agent.request_full()
-            wait_until(lambda: self.syncs > before, what="a forced sync")  # noqa: B023
-        wait_until(lambda: not self.agent.core.full_requested, what="sync started")
-
-    def watch_requests(self, path: str) -> list[dict[str, str]]:
-        return [q for m, p, q in list(self.api.requests) if m == "GET" and p == path and q.get("watch") == "true"]
-
-
-@pytest.fixture(autouse=True)
-def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube, "INITIAL_BACKOFF", 0.05)
-    monkeypatch.setattr(kube, "MAX_BACKOFF", 0.4)
-    monkeypatch.setattr(kube, "WATCH_TIMEOUT", 100)  # x timeout_scale 0.02: watches end every 2 s
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    with FakeApiServer(bookmark_interval=0.1, timeout_scale=0.02) as server:
-        yield server
-
-
-@pytest.fixture
-def live(api: FakeApiServer, tmp_path: Path) -> Iterator[Callable[..., Live]]:
-    made: list[Live] = []
-
-    def make(start: bool = True, **cfg: Any) -> Live:
-        lv = Live(api, tmp_path, **cfg)
-        made.append(lv)
-        return lv.start() if start else lv
-
-    yield make
-    for lv in made:
-        if lv.thread.is_alive():
-            lv.stop()
-
-
-def drop(api: FakeApiServer) -> None:
-    """Cut every watch connection, once all three are open."""
-    assert api.wait_for_watches(3)
-    api.drop_watches()
-
-
-def populate(api: FakeApiServer, names: Sequence[str] = ("a", "b", "c")) -> None:
-    """Node n1 (192.0.2.1), and per name a Service 10.96.0.N:80 with a slice of one endpoint 10.0.N.1."""
-    api.create(node(NODE))
-    for i, name in enumerate(names, 1):
-        api.create(service(name, cluster_ip=f"10.96.0.{i}"))
-        api.create(ip_slice(name, [f"10.0.{i}.1"]))
-
-
-def programmed(lv: Live, names: Sequence[str] = ("a", "b", "c")) -> None:
-    want = {key(f"10.96.0.{i}"): rs(f"10.0.{i}.1") for i, _ in enumerate(names, 1)}
-    wait_until(lambda: lv.dp.table() == want, what=f"{names} programmed")
 
 
 # ---- objects reach the dataplane ---------------------------------------------------------------
@@ -292,6 +216,8 @@ def test_500s_on_list_and_watch_are_retried_with_backoff(
 
 
 def test_retry_after_is_honoured(api: FakeApiServer, live: Callable[..., Live]) -> None:
+    # urllib3's own Retry (inside the kubernetes client) waits out a 429's Retry-After before the
+    # source sees the response: a real wait, which the source's Timing does not reach
     populate(api, ["a"])
     api.fail_next(1, status=429, path_contains="/api/v1/services?labelSelector", retry_after=1)
     started = time.monotonic()
@@ -318,15 +244,21 @@ def test_an_http_410_on_a_watch_request_relists(api: FakeApiServer, live: Callab
 def test_persistent_410_backs_off_instead_of_hammering_the_server(
         api: FakeApiServer, live: Callable[..., Live]) -> None:
     populate(api, ["a"])
-    lv = live()
+    pauses = Pauses(hold_after=5)  # the sixth pause is held until released
+    lv = live(timing=dataclasses.replace(FAST, pause=pauses))
     programmed(lv, ["a"])
     assert api.wait_for_watches(3)  # before the faults, which would keep them shut
     api.fail_next(10**6, status=410, path_contains="/api/v1/services?allowWatchBookmarks")
     drop(api)
-    time.sleep(1.0)
-    lists = [q for m, p, q in api.requests if p == "/api/v1/services" and "watch" not in q]
-    assert 2 <= len(lists) <= 8  # backoff (0.05 s doubling to 0.4 s), not a hot loop
+    waits = pauses.wait_for("watch-Service", 6)
+    lists = [q for m, p, q in list(api.requests) if p == "/api/v1/services" and "watch" not in q]
+    assert len(lists) <= len(waits) + 2  # the first list, the relist on the first 410, then one per pause
+    assert lv.source.stats["relists_410"] >= 5
+    # backoff between relists (0.05 s doubling to 0.4 s, equal jitter), not a hot loop; the first
+    # pause may be the dropped watch's, so the doubling is checked up to where it must have got
+    assert all(0.025 <= w <= 0.4 for w in waits) and waits[-1] >= 0.2, waits
     api.clear_faults()
+    pauses.release()
     api.create(service("b", cluster_ip="10.96.0.2"))
     wait_until(lambda: key("10.96.0.2") in lv.dp.table(), what="b after the 410s stop")
 
@@ -497,7 +429,7 @@ def test_bad_objects_are_skipped_with_one_warning_and_others_served(
 
 def test_events_go_out_in_the_background_each_one_on_a_fresh_or_clean_connection(api: FakeApiServer) -> None:
     # an Event response left unread used to poison the pooled connection for the next request
-    src = KubeSource(Tracker(NODE), NODE, api_client=kubernetes.client.ApiClient(api.configuration()))
+    src = KubeSource(Tracker(NODE), NODE, api_client=kubernetes.client.ApiClient(api.configuration()), timing=FAST)
     for i in range(40):
         src.post_object_event("Service", "ns", f"s{i}", "InvalidObject", f"bad {i}", uid=f"u{i}")
     src.post_object_event("Node", "default", NODE, "InvalidObject", "bad node")
@@ -574,11 +506,11 @@ def test_once_lists_syncs_and_posts_events_but_dry_run_posts_none(api: FakeApiSe
     populate(api, ["a"])
     api.create(service("web", cluster_ip="10.96.0.10", annotations={SCHED: "bogus"}))
     cfg = AgentConfig(node_name=NODE, kubeconfig=api.write_kubeconfig(tmp_path / "kc"), state_dir=str(tmp_path))
-    dry = Agent(cfg, MemoryDataplane(), dry_run=True, record_state=False).once()
+    dry = Agent(cfg, MemoryDataplane(), dry_run=True, record_state=False, source_timing=FAST).once()
     assert {op.kind for op in dry.ops} >= {OpKind.ADD_VS, OpKind.ADD_RS}
     assert api.events_posted() == []
     dp = MemoryDataplane()
-    Agent(cfg, dp, record_state=False).once()
+    Agent(cfg, dp, record_state=False, source_timing=FAST).once()
     assert set(dp.state.services) == {key("10.96.0.1"), key("10.96.0.10")}
     assert [e["involvedObject"]["name"] for e in posted(api, "InvalidScheduler")] == ["web"]  # flushed before return
 
@@ -586,7 +518,7 @@ def test_once_lists_syncs_and_posts_events_but_dry_run_posts_none(api: FakeApiSe
 def test_source_alone_follows_changes_and_stops_promptly(api: FakeApiServer) -> None:
     populate(api, ["a"])
     tracker = Tracker(NODE)
-    src = KubeSource(tracker, NODE, api_client=kubernetes.client.ApiClient(api.configuration()))
+    src = KubeSource(tracker, NODE, api_client=kubernetes.client.ApiClient(api.configuration()), timing=FAST)
     src.start()
     wait_until(lambda: tracker.ready(), what="listed")
     assert set(tracker.services) == {"default/a"}

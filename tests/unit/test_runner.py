@@ -11,13 +11,16 @@ from typing import Any
 
 import pytest
 
+from ipvsproxy.agent import Agent
+from ipvsproxy.bench import scenarios
+from ipvsproxy.bench.cluster import ClusterSpec, SyntheticCluster
+from ipvsproxy.config import AgentConfig, parse_cidrs
 from ipvsproxy.core import NodeCore, backoff_delay, next_sync_due
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, VSKey
-from ipvsproxy.reconcile import Reconciler, SyncReport
+from ipvsproxy.model import AF_INET, FULL, DesiredState, Scope, VSKey
+from ipvsproxy.reconcile import SyncReport
 from ipvsproxy.runner import Runner
 from ipvsproxy.schedulers import Registry
-from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
 from tests.unit.factories import FakeClock
 from tests.unit.test_reconcile import eps, svc
@@ -40,19 +43,21 @@ def run_until(runner: Runner, clock: FakeClock, end: float) -> None:
 
 
 class Lab:
-    """A node core on the memory dataplane, a runner around it, one fake clock for both."""
+    """A node core on the memory dataplane, built as the agent builds it (NodeCore.build),
+    its runner around it, one fake clock for both."""
 
     def __init__(self, n: int = 3, *, min_period: float = 1.0, sync_period: float = 30.0,
-                 dp: MemoryDataplane | None = None, listed: bool = True, **core: Any) -> None:
+                 dp: MemoryDataplane | None = None, listed: bool = True,
+                 rng: random.Random | None = None) -> None:
         self.clock = FakeClock()
-        self.tracker = Tracker(NODE, clock=self.clock)
         self.dp = dp or MemoryDataplane()
-        self.rec = Reconciler(self.tracker, self.dp, Config(NODE), Registry(), clock=self.clock)
         self.reports: list[tuple[float, SyncReport | None]] = []
-        self.core = NodeCore(self.tracker, self.rec, sync_period=sync_period, min_period=min_period,
-                             clock=self.clock, on_report=lambda r, e: self.reports.append((self.clock(), r)),
-                             **core)
-        self.runner = Runner(self.core.tick, min_interval=min_period, clock=self.clock, wake=self.tracker.changed)
+        self.core = NodeCore.build(
+            AgentConfig(node_name=NODE, sync_period=sync_period, min_sync_period=min_period), self.dp,
+            registry=Registry(), clock=self.clock, rng=rng,
+            on_report=lambda r, e: self.reports.append((self.clock(), r)))
+        self.tracker, self.rec = self.core.tracker, self.core.reconciler
+        self.runner = self.core.runner()
         if listed:
             self.tracker.replace("Service", [svc(f"s{i}", f"198.19.0.{i + 1}") for i in range(n)])
             self.tracker.replace("EndpointSlice", [eps(f"s{i}", [f"198.18.1.{i + 1}"]) for i in range(n)])
@@ -130,8 +135,7 @@ def test_a_failed_sync_is_retried_after_a_jittered_backoff_then_incremental_agai
 
 
 def test_the_first_sync_waits_until_every_kind_is_listed() -> None:
-    lab = Lab(listed=False)
-    lab.core.ready = lab.tracker.ready
+    lab = Lab(listed=False)  # NodeCore.build makes the first sync wait for the listings
     lab.tracker.replace("Service", [svc("a", "198.19.0.1")])
     run_until(lab.runner, lab.clock, lab.clock() + 100)
     assert lab.rec.syncs == 0 and lab.runner.step() is None  # not ready: waits for the next change
@@ -144,7 +148,7 @@ def test_the_first_sync_waits_until_every_kind_is_listed() -> None:
 
 
 def test_a_requested_full_sync_and_a_drain_recheck_are_scheduled() -> None:
-    lab = Lab(1, sync_period=300, drain_check=5)
+    lab = Lab(1, sync_period=300)  # drain_check: 5 s
     run_until(lab.runner, lab.clock, lab.clock() + 10)
     lab.dp.state.services[key(0)].reals[("198.18.1.1", 8080)].active = 2
     lab.tracker.upsert("EndpointSlice", eps("s0", []))  # the endpoint goes: it drains
@@ -173,3 +177,52 @@ def test_a_poke_inside_the_interval_waits_and_stop_ends_the_loop() -> None:
     runner.stop()
     runner.run()  # returns at once: stopped
     assert runner.stopped and calls == [1000.0, 1002.0]
+
+
+class Firewall:
+    """Counts the desired states it is handed."""
+
+    def __init__(self) -> None:
+        self.syncs: list[int] = []
+
+    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int:
+        self.syncs.append(len(desired.services))
+        return 0
+
+
+def test_build_wires_the_agent_settings_into_one_core() -> None:
+    clock, fw = FakeClock(), Firewall()
+    cfg = AgentConfig(node_name=NODE, scheduler="lc", exclude_cidrs=parse_cidrs("198.19.0.2/32"),
+                      nodeport_addresses=parse_cidrs("198.18.0.0/24"), drain_grace_period=7.0,
+                      sync_period=40.0, min_sync_period=2.0)
+    core = NodeCore.build(cfg, MemoryDataplane(), registry=Registry(), firewall=fw, clock=clock)
+    rec = core.reconciler
+    assert rec.cfg == Config(NODE, "lc", parse_cidrs("198.18.0.0/24")) and rec.grace == 7.0
+    assert (core.sync_period, core.min_period) == (40.0, 2.0)
+    assert core.tracker.clock is clock and rec.clock is clock and core.clock is clock
+    runner = core.runner()
+    assert (runner.min_interval, runner.clock, runner.wake) == (2.0, clock, core.tracker.changed)
+    core.tracker.replace("Service", [svc("s0", "198.19.0.1"), svc("s1", "198.19.0.2")])
+    assert runner.step() is None and rec.syncs == 0  # not listed yet: the first sync waits
+    core.tracker.replace("EndpointSlice", [eps("s0", ["198.18.1.1"]), eps("s1", ["198.18.1.2"])])
+    core.tracker.replace("Node", [])
+    assert runner.step() == 2.0 and rec.syncs == 0  # listed: due once --min-sync-period has passed
+    clock.advance(2.0)
+    assert runner.step() == 40.0 and rec.syncs == 1  # synced; the next is the periodic one
+    assert set(rec.dp.state.services) == {key(0)}  # --exclude-cidrs: 198.19.0.2 is never touched
+    assert fw.syncs == [2]  # the firewall was handed the desired state after the sync
+    assert rec.dp.state.services[key(0)].scheduler == "lc"
+    dry = NodeCore.build(cfg, MemoryDataplane(), registry=Registry(), firewall=fw, dry_run=True)
+    assert dry.reconciler.dry_run and dry.reconciler.firewall is None  # a dry run changes nothing
+
+
+def test_the_agent_and_the_benchmark_run_the_same_core() -> None:
+    ctx = scenarios.Context.build(SyntheticCluster(ClusterSpec(5, 2, seed=1)))
+    bench = scenarios.make_agent(ctx, MemoryDataplane()).core
+    agent = Agent(ctx.settings, MemoryDataplane(), registry=ctx.registry, record_state=False).core
+    for core in (agent, bench):
+        assert type(core) is NodeCore and core.reconciler.registry is ctx.registry
+        assert not core.ready()  # both wait for every watched kind before the first sync
+    assert (bench.sync_period, bench.min_period, bench.drain_check) == \
+        (agent.sync_period, agent.min_period, agent.drain_check)
+    assert (bench.reconciler.cfg, bench.reconciler.grace) == (agent.reconciler.cfg, agent.reconciler.grace)

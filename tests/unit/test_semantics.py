@@ -31,6 +31,7 @@ from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config, translate, translate_service
 from tests.apiserver import FakeApiServer
 from tests.unit.factories import NODE, endpoint, key, node, port, reals, run, service, slice_, table
+from tests.unit.kubelab import FAST, wait_until
 
 EPS = ["10.1.0.1", "10.1.0.2"]
 R2 = {("10.1.0.1", 8080), ("10.1.0.2", 8080)}
@@ -152,35 +153,22 @@ def test_from_file_skips_services_of_another_proxy(tmp_path: Path) -> None:
     assert set(tracker.services) == {"default/other"}
 
 
-def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label() -> None:
-    with FakeApiServer(bookmark_interval=0.1, timeout_scale=0.02) as api:
-        api.create(node(NODE))
-        api.create(service("web"))
-        api.create(labelled(service("other", cluster_ip="10.96.0.20"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
-        tracker = Tracker(NODE)
-        src = KubeSource(tracker, NODE, api_client=kubernetes.client.ApiClient(api.configuration()),
-                         initial_backoff=0.05, max_backoff=0.4)
-        src.start()
-        try:
-            _wait(lambda: tracker.ready(), "listed")
-            assert set(tracker.services) == {"default/web"}
-            api.update(labelled(service("web"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
-            _wait(lambda: not tracker.services, "web handed to another proxy")
-        finally:
-            src.stop()
-        queries = [q for m, p, q in list(api.requests) if m == "GET" and p.endswith("/services")]
-        assert queries and all(q.get("labelSelector") == f"!{SERVICE_PROXY_NAME_LABEL}" for q in queries)
-
-
-def _wait(cond: Any, what: str, timeout: float = 5.0) -> None:
-    """Poll with an Event's timed wait between looks (no sleep)."""
-    import threading
-    import time
-
-    end, tick = time.monotonic() + timeout, threading.Event()
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        tick.wait(0.02)
+def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label(api: FakeApiServer) -> None:
+    api.create(node(NODE))
+    api.create(service("web"))
+    api.create(labelled(service("other", cluster_ip="10.96.0.20"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
+    tracker = Tracker(NODE)
+    src = KubeSource(tracker, NODE, api_client=kubernetes.client.ApiClient(api.configuration()), timing=FAST)
+    src.start()
+    try:
+        wait_until(tracker.ready, what="listed")
+        assert set(tracker.services) == {"default/web"}
+        api.update(labelled(service("web"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
+        wait_until(lambda: not tracker.services, what="web handed to another proxy")
+    finally:
+        src.stop()
+    queries = [q for m, p, q in list(api.requests) if m == "GET" and p.endswith("/services")]
+    assert queries and all(q.get("labelSelector") == f"!{SERVICE_PROXY_NAME_LABEL}" for q in queries)
 
 
 def test_service_proxy_name_flag_reaches_the_sources() -> None:
