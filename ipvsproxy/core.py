@@ -150,10 +150,14 @@ class NodeCore:
             return None
         self.failures = 0
         self.last_error = None
-        if report.ops:
-            log.info("sync: %d services translated, %d operations in %.3fs%s",
-                     report.services_translated, len(report.ops), report.duration,
-                     " (full)" if report.full else "")
+        nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
+        kind = " (full)" if report.full else ""
+        if report.ops or report.firewall_changes:
+            log.info("sync: %d services translated, %d operations%s in %.3fs%s",
+                     report.services_translated, len(report.ops), nft, report.duration, kind)
+        else:  # the periodic full resync, every --sync-period: said only at debug level
+            log.debug("sync: %d services translated, nothing to change in %.3fs%s", report.services_translated,
+                      report.duration, kind)
         if self.on_report:
             self.on_report(report, None)
         return report

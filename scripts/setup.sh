@@ -2,7 +2,7 @@
 # Idempotent set-up of a fresh Debian machine for developing and testing ipvsproxy (run as root):
 #   - apt: QEMU, Debian's kernel (it has IPVS; the test VM boots it), busybox-static (vng's initramfs),
 #     ipvsadm, iproute2, kmod, nftables, conntrack, curl; iptables + ipset (the real kube-proxy's IPVS mode
-#     needs them, with conntrack, in the migration test); mmdebstrap, gcc, libc6-dev, binutils (offline
+#     needs them, with conntrack, in the migration test), tcpdump (that test's capture with MIGRATE_PCAP=1); mmdebstrap, gcc, libc6-dev, binutils (offline
 #     image builds), containerd, runc, containernetworking-plugins (running them; the single-node cluster
 #     in the VM, scripts/cluster.sh). Skipped when all are already installed.
 #   - .venv (python3 from PATH) with the project in editable mode, its test extras, and virtme-ng.
@@ -15,12 +15,12 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-# iptables, ipset: the real kube-proxy's IPVS mode (migration test).
+# iptables, ipset: the real kube-proxy's IPVS mode (migration test); tcpdump: its optional capture.
 # mmdebstrap, gcc, libc6-dev, binutils: the offline image build (scripts/build-images.sh);
 # containerd, runc, containernetworking-plugins: import and run those images (tests/images, the cluster in
 # the VM: scripts/cluster.sh).
 APT_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static ipvsadm iproute2 kmod nftables conntrack curl
-              iptables ipset mmdebstrap gcc libc6-dev binutils containerd runc containernetworking-plugins)
+              iptables ipset tcpdump mmdebstrap gcc libc6-dev binutils containerd runc containernetworking-plugins)
 VIRTME_NG=${VIRTME_NG:-virtme-ng}
 
 LOG_PREFIX=setup

@@ -12,7 +12,9 @@
 #            then pytest -m images tests/images: each archive imported into a private containerd on the host
 #            and run with runc. Skipped with SKIP_IMAGES=1 or in the VM.
 #   kernel   pytest -m kernel tests/kernel tests/contract, all in ONE boot of the IPVS test VM (scripts/vm-run.sh);
-#            run directly when IN_VM is set (already inside the guest). Skipped with SKIP_KERNEL=1.
+#            run directly when IN_VM is set (already inside the guest). Skipped with SKIP_KERNEL=1. Includes
+#            tests/kernel/test_migrate.py: etcd + kube-apiserver + the real kube-proxy v1.20.2 in the VM, the
+#            switch to ipvsproxy, cleanup-kube-proxy and the rollback with traffic (figures: results/migrate.json).
 #   cluster  pytest -m cluster tests/cluster in its own boot of the VM (4G): a single-node Kubernetes v1.20.2
 #            without kube-proxy (scripts/cluster.sh), ipvsproxy installed by Helm, traffic from pods, scale,
 #            helm upgrade/uninstall. Needs the image archives (scripts/build-images.sh, cached). Figures in

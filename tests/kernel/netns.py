@@ -370,7 +370,7 @@ class Response:
         return self.body.strip()
 
 
-def _read_response(sock: socket.socket, buf: bytes = b"") -> tuple[Response, bytes]:
+def read_response(sock: socket.socket, buf: bytes = b"") -> tuple[Response, bytes]:
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
@@ -418,7 +418,7 @@ def http_request(addr: str, port: int, ns: str | None = None, *, path: str = "/"
     """One GET (Connection: close) from namespace `ns` (None: root); the full response."""
     with _connect(addr, port, ns, timeout, source, proto) as s:
         s.sendall(_request_bytes(addr, port, path, keepalive=False))
-        resp, _ = _read_response(s)
+        resp, _ = read_response(s)
         return resp
 
 
@@ -505,7 +505,7 @@ class HeldConnection:
         if timeout is not None:
             self.sock.settimeout(timeout)
         self.sock.sendall(_request_bytes(self.addr, self.port, "/", keepalive=True))
-        resp, self._buf = _read_response(self.sock, self._buf)
+        resp, self._buf = read_response(self.sock, self._buf)
         return resp.backend
 
     def close(self) -> None:

@@ -93,6 +93,19 @@ def test_first_sync_is_full_at_once_then_nothing_until_the_period() -> None:
     assert [r.full for r in lab.syncs()] == [True, True]  # the periodic full resync
 
 
+def test_a_sync_that_changes_something_is_logged_a_periodic_noop_only_at_debug(
+        caplog: pytest.LogCaptureFixture) -> None:
+    lab = Lab(2, sync_period=30)
+    with caplog.at_level("DEBUG", logger="ipvsproxy.core"):
+        lab.runner.step()  # the first sync programs 2 Services
+        run_until(lab.runner, lab.clock, 1030.0)  # the periodic full resync finds nothing to do
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ipvsproxy.core"]
+    assert [lvl for lvl, _ in lines] == ["INFO", "DEBUG"], lines
+    assert lines[0][1].startswith("sync: 2 services translated, ") and lines[0][1].endswith("(full)")
+    assert lines[1][1].startswith("sync: 0 services translated, nothing to change in ")
+    assert lines[1][1].endswith("(full)")
+
+
 def test_a_burst_of_changes_coalesces_into_few_syncs() -> None:
     lab = Lab(20, min_period=0.3, sync_period=60)
     run_until(lab.runner, lab.clock, lab.clock() + 1)
