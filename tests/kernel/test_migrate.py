@@ -57,6 +57,7 @@ from typing import Any
 import pytest
 from netns import Backend, Client, Netlab, ns_socket, read_response
 
+from tests.agentlab import ChildProcess
 from tests.realapi.cluster import Cluster, kubernetes_bin
 
 # The kernel stage runs it (scripts/test.sh); alone:
@@ -317,39 +318,6 @@ class Traffic:
 
 # ---- the two proxies --------------------------------------------------------------------------------
 
-class Proc:
-    """A proxy as a child process, its output in a log file (never the VM's stdout)."""
-
-    def __init__(self, name: str, log: Path) -> None:
-        self.name, self.log = name, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-
-    def start(self, cmd: list[str]) -> None:
-        with open(self.log, "ab") as log:
-            log.write(f"==== {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.started = time.time()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def term(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
-
-
 def kube_proxy_synced_at() -> float:
     """kube-proxy's last completed sync (epoch seconds, 0 before the first), from its /metrics."""
     try:
@@ -361,7 +329,7 @@ def kube_proxy_synced_at() -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def wait_for(pred: Callable[[], Any], what: str, timeout: float, proc: Proc | None = None) -> Any:
+def wait_for(pred: Callable[[], Any], what: str, timeout: float, proc: ChildProcess | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -407,8 +375,8 @@ class Mig:
     cluster: Cluster
     workdir: Path
     kubeconfig: Path
-    kube_proxy: Proc
-    agent: Proc
+    kube_proxy: ChildProcess
+    agent: ChildProcess
     traffic: Traffic | None = None
     foreign: list[str] = field(default_factory=list)
     before: dict[str, str] = field(default_factory=dict)  # kube-proxy's virtual servers (ipvsadm -Sn)
@@ -534,7 +502,7 @@ def mig(module_netlab: Netlab, tmp_path_factory: pytest.TempPathFactory) -> Iter
         raise
     FIGURES["apiserver_ready_s"] = round(time.monotonic() - t, 1)
     lab = Mig(module_netlab, backends, clients, cluster, workdir, cluster.write_kubeconfig(workdir / "kubeconfig"),
-              Proc("kube-proxy", workdir / "kube-proxy.log"), Proc("ipvsproxy", workdir / "agent.log"))
+              ChildProcess("kube-proxy", workdir / "kube-proxy.log"), ChildProcess("ipvsproxy", workdir / "agent.log"))
     lab.foreign = save_lines(FOREIGN)
     try:
         c = cluster
