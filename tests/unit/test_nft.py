@@ -26,21 +26,10 @@ from ipvsproxy.dataplane.nft import (
     RULES,
     SET_NAMES,
     NftError,
-    NftFirewall,
     run_nft_cli,
 )
-from ipvsproxy.model import (
-    AF_INET,
-    AF_INET6,
-    FULL,
-    Change,
-    DesiredState,
-    Real,
-    Scope,
-    ServiceRef,
-    VirtualServer,
-    VSKey,
-)
+from ipvsproxy.model import AF_INET, AF_INET6, DesiredState, Real, ServiceRef, VirtualServer, VSKey
+from tests.nftdriver import Firewall
 
 TCP, UDP = 6, 17
 
@@ -180,26 +169,6 @@ class FakeNft:
 
     def elems(self, name: str, family: str = "inet", table: str = "ipvsproxy") -> list[Any]:
         return self.tables[(family, table)]["sets"][name]["elem"]
-
-
-class Firewall(NftFirewall):
-    """The companion as the reconciler drives it: each sync gets the change delta
-    from the state it was last given (every key, or only those of `scope`), and is
-    a full one (a drift check) unless a scope is given."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.seen: dict[VSKey, VirtualServer] = {}
-
-    def sync_state(self, desired: DesiredState, scope: Scope = FULL) -> int:
-        keys = self.seen.keys() | desired.services.keys() if scope is FULL else set(scope)
-        delta = {k: Change(self.seen.get(k), desired.services.get(k)) for k in keys}
-        for k, change in delta.items():
-            if change.new is None:
-                self.seen.pop(k, None)
-            else:
-                self.seen[k] = change.new
-        return self.sync(delta, full=scope is FULL)
 
 
 def svc(address: str, port: int, kind: str = "ClusterIP", reals: tuple[tuple[str, int], ...] = (("10.244.1.5", 8080),),
