@@ -396,6 +396,7 @@ class NftFirewall:
         self._use_wire = nft is None and elements is None
         self.transactions = 0
         self.reads = 0  # whole-table reads (start-up, full syncs, one after a refusal)
+        self.listings = 0  # `nft list` documents sent (reads, cleanup): none on the change path
         self._warned: set[str] = set()
         self._has_cluster = {4: False, 6: False}
         self._static: list[tuple[str, Elem]] = []
@@ -424,10 +425,14 @@ class NftFirewall:
     def desired_elements(self, desired: DesiredState) -> dict[str, set[Elem]]:
         """Every set's elements for a desired state, computed from scratch (for
         checks and tests; the sync path counts deltas)."""
+        return self.desired_elements_of(desired.services.values())
+
+    def desired_elements_of(self, servers: Iterable[VirtualServer]) -> dict[str, set[Elem]]:
+        """Every set's elements for these virtual servers, computed from scratch."""
         want = _empty()
         for name, elem in self._static:
             want[name].add(elem)
-        for vs in desired.services.values():
+        for vs in servers:
             for name, elem in self._contribution(vs):
                 want[name].add(elem)
         return want
@@ -502,6 +507,7 @@ class NftFirewall:
     # ---- kernel ---------------------------------------------------------------
     def _run_terse(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A listing without set elements (`nft -t`) where the runner is the real nft."""
+        self.listings += 1
         return run_nft_cli(doc, terse=True) if self.nft is run_nft_cli else self.nft(doc)
 
     def _structure_listing(self) -> Listing | None:
@@ -518,6 +524,7 @@ class NftFirewall:
         """`nft -j list table inet ipvsproxy`, elements included (None: no table)."""
         if self._structure_listing() is None:
             return None
+        self.listings += 1
         return self.nft({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
 
     def elements(self) -> dict[str, set[tuple[Any, ...]]]:
@@ -601,6 +608,7 @@ class NftFirewall:
         if listing is not None:
             full: Listing | None = None
             if reader is None:  # elements from nft's own listing (a custom runner, or no netlink)
+                self.listings += 1
                 doc = self.nft({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
                 full = parse_listing(doc)
             for spec in SETS:
@@ -683,12 +691,16 @@ class NftFirewall:
         return {verb: {"element": {"family": FAMILY, "table": TABLE, "name": name,
                                    "elem": [_to_json(e) for e in sorted(elems, key=repr)]}}}
 
-    def cleanup(self) -> bool:
-        """Delete table inet ipvsproxy (and only it); True when it existed."""
-        self._verified, self._repair, self._pending = False, False, {}
+    def close(self) -> None:
+        """Close the netlink socket (reopened when a read needs it)."""
         if self._wire is not None:
             self._wire.close()
             self._wire, self._reader = None, None
+
+    def cleanup(self) -> bool:
+        """Delete table inet ipvsproxy (and only it); True when it existed."""
+        self._verified, self._repair, self._pending = False, False, {}
+        self.close()
         if self._structure_listing() is None:
             return False
         self.nft({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})

@@ -364,3 +364,20 @@ def test_sets_read_over_netlink_equal_the_nft_listing_and_full_syncs_repair_drif
     assert fw.sync({}) > 0  # ... and the next sync reads the table (none) and rebuilds it
     assert fw.reads == reads + 2
     assert fw.elements() == fw.desired_elements(desired())
+
+
+def test_companion_cost_with_the_real_nft_reads_nothing_on_the_change_path() -> None:
+    """`ipvsproxy bench --nft-cost`: the companion alone, real nft, in its own network
+    namespace: every change is one transaction and no read, and the table ends as wanted."""
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None:
+        pytest.skip("needs root, nft and unshare (run inside the IPVS test VM)")
+    from ipvsproxy.bench.nftcost import run_isolated
+
+    result = run_isolated((1000,), changes=3, timeout=600)
+    assert "skipped" not in result, result
+    (one,) = result["sizes"]
+    print(f"\nnftables companion at {one['elements']} elements: {one}")
+    assert one["elements"] >= 950 and one["table_matches_desired"]
+    assert one["change_reads"] == 0 and one["change_listings"] == 0
+    assert one["change_transactions"] == 6  # one per change, nothing else
+    assert one["drift_check_changes"] == 0 and one["adoption_changes"] == 0
