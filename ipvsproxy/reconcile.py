@@ -270,6 +270,8 @@ class Reconciler:
             done.add(sid)
             update = self._translate(sid)
             merge_delta(delta, update.changes)
+            if self.firewall is not None:  # at once: a later Service that raises must not lose this one's
+                merge_delta(self.unsent, update.changes)
             todo += update.freed_for - done
         return delta
 
@@ -282,8 +284,6 @@ class Reconciler:
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
         changes = self.retranslate(dirty)  # the one change delta: the planner's scope, the firewall's input
-        if self.firewall is not None:
-            merge_delta(self.unsent, changes)
         now = self.clock()
         full = full or self.need_full
         released = self.retries.released(now, dirty)
