@@ -6,7 +6,7 @@ the host, so it could not see that a change waited for a whole-table read
 runs as the agent runs it (``nft -j -f -`` transactions, set contents read over
 netlink) against tables of a chosen number of set elements, and reports:
 
-* one endpoint added to a Service, and one Service added: the time of the
+* one endpoint added to a Service, removed again, and one Service added: the time of the
   incremental sync, and how many whole-table reads and ``nft list``
   documents it issued (must be 0);
 * the full drift check (a full sync with nothing changed: structure listing,
@@ -73,17 +73,18 @@ def measure(elements: int, changes: int = 20) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     reads, listings, tx = fw.reads, fw.listings, fw.transactions
-    endpoint, service = [], []
+    endpoint, removed, service = [], [], []
     for c in range(changes):
         old = current[_server(c * 7 % n).key]
         new = VirtualServer(old.key, reals=(*old.reals, Real(f"198.19.255.{c + 1}", old.reals[0].port)),
                             service=old.service)
-        current[new.key] = new
         endpoint.append(timed({new.key: Change(old, new)}))
+        removed.append(timed({new.key: Change(new, old)}))  # and gone again: a delete
         added = _server(n + c)
         current[added.key] = added
         service.append(timed({added.key: Change(None, added)}))
     out["one_endpoint_ms"] = _summary(endpoint)
+    out["one_endpoint_removed_ms"] = _summary(removed)
     out["one_service_ms"] = _summary(service)
     out["change_reads"] = fw.reads - reads
     out["change_listings"] = fw.listings - listings

@@ -143,7 +143,8 @@ def text_summary(doc: dict[str, Any]) -> str:
         lines.append(f"nftables companion (real nft): not measured: {nc['skipped']}")
     for one in (nc or {}).get("sizes", []):
         lines.append(f"nftables companion (real nft) at {one['elements']} elements: one endpoint median"
-                     f" {one['one_endpoint_ms']['median']} ms (max {one['one_endpoint_ms']['max']}), one Service"
+                     f" {one['one_endpoint_ms']['median']} ms (max {one['one_endpoint_ms']['max']}), removed median"
+                     f" {one.get('one_endpoint_removed_ms', {}).get('median')} ms, one Service"
                      f" median {one['one_service_ms']['median']} ms; {one['change_reads']} reads on the change"
                      f" path; drift check {one['drift_check_ms']['median']} ms"
                      f" (nft list table {one['nft_list_table_s']} s)")

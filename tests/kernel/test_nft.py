@@ -379,5 +379,5 @@ def test_companion_cost_with_the_real_nft_reads_nothing_on_the_change_path() -> 
     print(f"\nnftables companion at {one['elements']} elements: {one}")
     assert one["elements"] >= 950 and one["table_matches_desired"]
     assert one["change_reads"] == 0 and one["change_listings"] == 0
-    assert one["change_transactions"] == 6  # one per change, nothing else
+    assert one["change_transactions"] == 9  # one per change (3 x endpoint added, removed, Service added)
     assert one["drift_check_changes"] == 0 and one["adoption_changes"] == 0
