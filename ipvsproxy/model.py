@@ -329,9 +329,3 @@ def merge_delta(into: Delta, more: Delta) -> None:
     """Fold a later delta into an earlier one (in place)."""
     for key, change in more.items():
         record_change(into, key, change.old, change.new)
-
-
-def delta_between(old: Mapping[VSKey, VirtualServer], new: Mapping[VSKey, VirtualServer]) -> Delta:
-    """The delta from one set of virtual servers to another (every key of either that
-    differs). O(both): for tests, tools and first syncs, never the change path."""
-    return {k: Change(old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
