@@ -147,7 +147,7 @@ def text_summary(doc: dict[str, Any]) -> str:
                      f" {one.get('one_endpoint_removed_ms', {}).get('median')} ms, one Service"
                      f" median {one['one_service_ms']['median']} ms; {one['change_reads']} reads on the change"
                      f" path; drift check {one['drift_check_ms']['median']} ms"
-                     f" (nft list table {one['nft_list_table_s']} s)")
+                     f" (nft list table {one.get('nft_list_table_error') or str(one['nft_list_table_s']) + ' s'})")
     for t in doc.get("targets", []):
         verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
         lines.append(f"target {t['id']}: {verdict}: {json.dumps(t['measured'])}")
