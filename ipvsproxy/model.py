@@ -305,3 +305,27 @@ class AddressChanges(NamedTuple):
 
     bind: set[str]
     unbind: set[str]
+
+
+class Change(NamedTuple):
+    """One virtual server's change: what it was and what it is now (None: absent)."""
+
+    old: VirtualServer | None
+    new: VirtualServer | None
+
+
+# The change delta of one sync, produced once (reconcile.DesiredIndex) and handed to every
+# backend: its keys are the planner's scope, its (old, new) pairs drive the firewall's counts.
+Delta: TypeAlias = "dict[VSKey, Change]"
+
+
+def record_change(delta: Delta, key: VSKey, old: VirtualServer | None, new: VirtualServer | None) -> None:
+    """Add one change to a delta (in place); a key changed twice keeps its first `old`."""
+    earlier = delta.get(key)
+    delta[key] = Change(old if earlier is None else earlier.old, new)
+
+
+def merge_delta(into: Delta, more: Delta) -> None:
+    """Fold a later delta into an earlier one (in place)."""
+    for key, change in more.items():
+        record_change(into, key, change.old, change.new)

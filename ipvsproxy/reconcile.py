@@ -20,7 +20,17 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from .dataplane.base import Dataplane, Failure
-from .model import FULL, DesiredState, ObservedState, Scope, ServiceKind, VirtualServer, VSKey
+from .model import (
+    FULL,
+    Delta,
+    DesiredState,
+    ObservedState,
+    ServiceKind,
+    VirtualServer,
+    VSKey,
+    merge_delta,
+    record_change,
+)
 from .objects import Service
 from .plan import DrainKey, DrainPolicy, Op, OpKind, OpNote, apply_op, pending_drains, plan
 from .retry import Backoff, Failing, RetrySchedule
@@ -36,10 +46,19 @@ EventPoster = Callable[[Service, str, str], None]
 
 
 class Firewall(Protocol):
-    """Packet-filter companion to IPVS (dataplane/nft.py): kept in step with
-    the desired state after every sync; returns the number of changes."""
+    """Packet-filter companion to IPVS (dataplane/nft.py), kept in step after
+    every sync from the same change delta the planner gets.
 
-    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int: ...
+    `sync` takes the (old, new) virtual servers of the keys that changed and
+    returns the number of changes it made; `full` asks it to also check the
+    kernel for drift (the periodic full sync). `behind`: an earlier sync of
+    it failed and it has changes still to send (the reconciler calls it then
+    even when nothing else changed)."""
+
+    def sync(self, delta: Delta, full: bool = False) -> int: ...
+
+    @property
+    def behind(self) -> bool: ...
 
 
 class SyncError(RuntimeError):
@@ -94,15 +113,15 @@ class DesiredIndex:
             self.state.addresses.discard(vs.key.address)
 
     def update(self, sid: str, servers: Iterable[VirtualServer]) -> IndexUpdate:
-        """Set one Service's virtual servers."""
-        touched: set[VSKey] = set()
+        """Set one Service's virtual servers; returns the change delta with the rest."""
+        changes: Delta = {}
         freed_for: set[str] = set()
         problems: list[str] = []
         for key in self.keys_of.pop(sid, ()):
             old = self.state.services.pop(key)
             self._ref(old, -1)
             del self.owner[key]
-            touched.add(key)
+            record_change(changes, key, old, None)
             freed_for |= self.waiting.pop(key, set())
         for w in self.waiting.values():
             w.discard(sid)
@@ -120,21 +139,21 @@ class DesiredIndex:
                 self.keys_of[holder] = tuple(k for k in self.keys_of[holder] if k != vs.key)
                 self.waiting.setdefault(vs.key, set()).add(holder)
                 problems.append(f"Service {holder}: {vs.key} now belongs to Service {sid}; ignored")
+            record_change(changes, vs.key, self.state.services.get(vs.key), vs)
             self.state.services[vs.key] = vs
             self.owner[vs.key] = sid
             self._ref(vs, +1)
             mine.add(vs.key)
-            touched.add(vs.key)
         if mine:
             self.keys_of[sid] = tuple(mine)
         freed_for.discard(sid)
-        return IndexUpdate(touched, freed_for, problems)
+        return IndexUpdate(changes, freed_for, problems)
 
 
 class IndexUpdate(NamedTuple):
     """What setting one Service's virtual servers changed."""
 
-    touched: set[VSKey]  # keys added, changed or removed
+    changes: Delta  # keys added, changed or removed: (old, new) each
     freed_for: set[str]  # Services to re-translate: a key they wanted is free now
     problems: list[str]  # conflict messages
 
@@ -177,7 +196,9 @@ class Reconciler:
     ) -> None:
         self.firewall = firewall
         self.clock = clock
-        self.changed_keys: Scope = FULL  # what the last compute() re-translated
+        # The change delta not yet handed to the firewall (the planner gets it at once;
+        # the firewall after the dataplane applied it, or at the next sync if that raised).
+        self.unsent: Delta = {}
         self.tracker, self.dp, self.cfg, self.registry = tracker, dataplane, cfg, registry
         self.excluded, self.grace, self.on_problem, self.dry_run = excluded, grace, on_problem, dry_run
         self.index = DesiredIndex()
@@ -236,9 +257,10 @@ class Reconciler:
         if self.on_problem:
             self.on_problem(svc, "InvalidScheduler", problem)
 
-    def retranslate(self, sids: Iterable[str]) -> set[VSKey]:
-        """Re-translate Services (and any that were waiting on a freed key)."""
-        scope: set[VSKey] = set()
+    def retranslate(self, sids: Iterable[str]) -> Delta:
+        """Re-translate Services (and any that were waiting on a freed key);
+        returns what changed, (old, new) per virtual server key."""
+        delta: Delta = {}
         todo = sorted(sids, reverse=True)
         done: set[str] = set()
         while todo:
@@ -247,9 +269,11 @@ class Reconciler:
                 continue
             done.add(sid)
             update = self._translate(sid)
-            scope |= update.touched
+            merge_delta(delta, update.changes)
+            if self.firewall is not None:  # at once: a later Service that raises must not lose this one's
+                merge_delta(self.unsent, update.changes)
             todo += update.freed_for - done
-        return scope
+        return delta
 
     # ---- syncing ----------------------------------------------------------
     def compute(self, full: bool = False) -> Computed:
@@ -259,18 +283,17 @@ class Reconciler:
         dirty, _ = self.tracker.take_dirty()
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
-        translated = self.retranslate(dirty)
+        changes = self.retranslate(dirty)  # the one change delta: the planner's scope, the firewall's input
         now = self.clock()
         full = full or self.need_full
         released = self.retries.released(now, dirty)
         held_keys, held_addresses = self.retries.held(now, dirty)
-        scope = translated | self._retry_scope(released)
+        scope = set(changes) | self._retry_scope(released)
         # Only what this sync really re-plans counts as retried (and is forgotten if it goes
         # through): everything in a full sync; else a changed Service, or one with virtual
         # servers to re-plan (an address no Service claims waits for the next full sync).
         self._attempted = released if full else [f for f in released
                                                   if f.unit in dirty or self._retry_scope([f])]
-        self.changed_keys = FULL if full else translated
         if full:
             self.cache = self.dp.observe()
             for dk in pending_drains(self.index.state, self.cache):
@@ -366,7 +389,9 @@ class Reconciler:
     def sync(self, full: bool = False) -> SyncReport:
         """One sync. Operations the kernel refuses are accounted per Service and
         do not fail it; raises (after applying what it could) when the dataplane
-        or the firewall fails as a whole, and the next sync is then a full one."""
+        or the firewall fails as a whole. After a dataplane failure the next sync
+        is a full one; after a firewall failure the firewall retries its own
+        pending changes (and reads the kernel only if they were refused)."""
         start = self.clock()
         self.syncs += 1
         try:
@@ -392,11 +417,14 @@ class Reconciler:
                 apply_op(self.cache, op)  # the bound addresses stay current between full dumps
             self._track_drain(op, now)
         self._account(report, now)
-        if self.firewall is not None and (ops or full or report.services_translated):
+        if self.firewall is not None and (self.unsent or full or self.firewall.behind):
+            # The firewall owns the delta from here: a failure is retried (and
+            # repaired) by the firewall itself, so it does not make the next
+            # sync a full one for IPVS too.
+            delta, self.unsent = self.unsent, {}
             try:
-                report.firewall_changes = self.firewall.sync(self.index.state, self.changed_keys)
+                report.firewall_changes = self.firewall.sync(delta, full)
             except Exception as exc:
-                self.need_full = True
                 raise SyncError(f"nftables: {exc}") from exc
         done = self.clock()
         report.duration = done - start

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..dataplane.base import Counters, Dataplane, Failure
-from ..model import FULL, DesiredState, ObservedState, ObservedVS, Scope, VSKey
+from ..model import Delta, ObservedState, ObservedVS, VSKey
 from ..plan import Op
 from ..reconcile import Firewall
 
@@ -92,12 +92,16 @@ class TimedFirewall:
         self.inner = inner
         self.seconds = 0.0
 
-    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int:
+    def sync(self, delta: Delta, full: bool = False) -> int:
         t = time.perf_counter()
         try:
-            return self.inner.sync(desired, scope)
+            return self.inner.sync(delta, full)
         finally:
             self.seconds += time.perf_counter() - t
+
+    @property
+    def behind(self) -> bool:
+        return self.inner.behind
 
     def __getattr__(self, name: str) -> Any:  # reads, transactions ... of the inner firewall
         return getattr(self.inner, name)

@@ -50,6 +50,7 @@ class Options:
     nftables: bool = True  # kernel runs: the nftables companion with the real nft, as `run` ships
     profile: str | None = None  # directory for cProfile output of the cold start
     include: tuple[str, ...] = field(default_factory=tuple)
+    nft_cost: tuple[int, ...] = ()  # set-element counts: the companion with the real nft (bench/nftcost.py)
     progress: bool = False
 
 
@@ -144,6 +145,11 @@ def run(opts: Options) -> dict[str, Any]:
         doc["runs"].append(result)
         doc["targets"] = report.targets(doc)
         report.write_json(doc, opts.out)
+    if opts.nft_cost:
+        from . import nftcost
+
+        progress.note(f"nftables companion with the real nft: {', '.join(map(str, opts.nft_cost))} elements")
+        doc["nft_cost"] = nftcost.run_isolated(opts.nft_cost)
     doc["targets"] = report.targets(doc)
     if opts.plot:
         doc["plots"] = report.plot(doc, opts.plot)

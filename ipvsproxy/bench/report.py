@@ -138,6 +138,16 @@ def text_summary(doc: dict[str, Any]) -> str:
             lines.append(f"        RSS ({mode} list): {m['rss_mib']} MiB, peak {m['peak_mib']} MiB")
         for k, v in (r.get("ratios") or {}).items():
             lines.append(f"        {k}: {v}")
+    nc = doc.get("nft_cost")
+    if nc and nc.get("skipped"):
+        lines.append(f"nftables companion (real nft): not measured: {nc['skipped']}")
+    for one in (nc or {}).get("sizes", []):
+        lines.append(f"nftables companion (real nft) at {one['elements']} elements: one endpoint median"
+                     f" {one['one_endpoint_ms']['median']} ms (max {one['one_endpoint_ms']['max']}), removed median"
+                     f" {one.get('one_endpoint_removed_ms', {}).get('median')} ms, one Service"
+                     f" median {one['one_service_ms']['median']} ms; {one['change_reads']} reads on the change"
+                     f" path; drift check {one['drift_check_ms']['median']} ms"
+                     f" (nft list table {one.get('nft_list_table_error') or str(one['nft_list_table_s']) + ' s'})")
     for t in doc.get("targets", []):
         verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
         lines.append(f"target {t['id']}: {verdict}: {json.dumps(t['measured'])}")

@@ -22,9 +22,9 @@ def _sizes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
             try:
                 n = int(part.lower().replace("k", "000").replace("_", ""))
             except ValueError:
-                raise click.BadParameter(f"{part!r} is not a number of Services (examples: 1000, 5k)") from None
+                raise click.BadParameter(f"{part!r} is not a number (examples: 1000, 5k)") from None
             if n < 1:
-                raise click.BadParameter(f"{part!r}: need at least one Service")
+                raise click.BadParameter(f"{part!r}: need at least one")
             out.append(n)
     return tuple(out) or (1000,)
 
@@ -55,6 +55,10 @@ def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @click.option("--nftables/--no-nftables", default=True, show_default=True,
               help="With --dataplane kernel: run the nftables companion with the real nft inside every sync, "
                    "as `ipvsproxy run` ships it, and report its share (firewall_ms).")
+@click.option("--nft-cost", multiple=True, callback=lambda c, p, v: _sizes(c, p, v) if v else (), metavar="N[,N...]",
+              help="Also measure the nftables companion alone with the real nft, in a private network "
+                   "namespace, at these numbers of set elements (e.g. 1k,10k,50k): one change, one drift "
+                   "check. Needs root, nft and unshare.")
 @click.option("--naive-objects", default=2000, show_default=True, type=click.IntRange(0),
               help="Objects (virtual + real servers) the naive pyroute2 loop programs; its per-object cost "
                    "is extrapolated to the whole table.")
@@ -123,6 +127,13 @@ def invariant_failures(doc: dict[str, Any]) -> list[str]:
         for name, ref in (r.get("references") or {}).items():
             if isinstance(ref, dict) and ref.get("table_matches_desired") is False:
                 out.append(f"{where} reference {name}: the kernel table differs from the desired state")
+    for size in (doc.get("nft_cost") or {}).get("sizes", []):
+        where = f"nftables companion at {size['elements']} elements"
+        if size.get("table_matches_desired") is False:
+            out.append(f"{where}: the table differs from the desired state")
+        if size.get("change_reads") or size.get("change_listings"):
+            out.append(f"{where}: an incremental change read the table ({size['change_reads']} reads,"
+                       f" {size['change_listings']} listings)")
     return out
 
 

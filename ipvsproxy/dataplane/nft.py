@@ -26,8 +26,9 @@ same job with nftables (docs/nftables.md prints the rule set):
   modes drop them (the health-check node port keeps load balancers away).
 
 The rules never change at run time; only set elements do. Every sync sends
-the difference between the desired elements and the known kernel contents as
-one ``nft -j -f -`` JSON transaction (one netlink batch: all or nothing).
+the elements that changed (from the reconciler's change delta) as one
+``nft -j -f -`` JSON transaction (one netlink batch: all or nothing); only a
+full sync reads the table back to repair drift (see :class:`NftFirewall`).
 Nothing outside the table is ever touched; cleanup deletes the table.
 """
 
@@ -45,13 +46,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig
 from ..model import (
-    FULL,
+    Delta,
     DesiredState,
     Protocol,
-    Scope,
     ServiceKind,
     VirtualServer,
-    VSKey,
     canonical_ip,
     ip_version,
 )
@@ -77,7 +76,12 @@ _TCP, _ICMP, _ICMPV6 = 6, 1, 58
 
 
 class NftError(RuntimeError):
-    """nft refused a command document (the message is nft's own)."""
+    """nft refused a command document (the message is nft's own), or did not
+    answer in time (`timed_out`: a transaction may then have gone through)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 def run_nft_cli(doc: dict[str, Any], *, binary: str = "nft", timeout: float = 60.0,
@@ -101,7 +105,7 @@ def run_nft_cli(doc: dict[str, Any], *, binary: str = "nft", timeout: float = 60
     except FileNotFoundError:
         raise NftError(f"the nft command ({binary}) is not installed; install the nftables package") from None
     except subprocess.TimeoutExpired:
-        raise NftError(f"nft did not answer within {timeout:.0f}s") from None
+        raise NftError(f"nft did not answer within {timeout:.0f}s", timed_out=True) from None
     if proc.returncode != 0:
         msg = " ".join(line.replace("internal:0:0-0: ", "") for line in proc.stderr.splitlines()
                        if line.strip())
@@ -363,17 +367,22 @@ class NftFirewall:
     """Keeps table ``inet ipvsproxy`` in step with the desired state.
 
     ``nft`` runs one JSON command document and returns the parsed output; the
-    default pipes it to ``nft -j -f -``. The first sync adopts what the kernel
-    has (a restart changes only the difference). Each virtual server's
-    elements are reference-counted, so a sync costs work for the virtual
-    servers that changed, not for the cluster; after a successful transaction
-    the kernel holds exactly the counted elements.
+    default pipes it to ``nft -j -f -``. The firewall is driven by the
+    reconciler's change delta ((old, new) virtual server per changed key, the
+    same delta the planner gets): each virtual server's elements are
+    reference-counted from it, so a sync costs the change, not the cluster.
 
-    The kernel's table is read (and the whole of it diffed) only by a full
-    sync: start-up, the periodic full resync (--sync-period) and the sync
-    after any failure. That is where drift made behind our back is repaired.
-    An incremental sync never reads it: listing a large table costs seconds
-    (minutes under emulation), and a change must not wait for that.
+    An incremental sync sends exactly the element adds and deletes of the
+    changed elements, in one transaction, and reads nothing: a delete goes as
+    "add, then delete" in that transaction, which nft accepts whether or not
+    the element is there (a plain delete of a missing element is refused), so
+    drift cannot block a change. The kernel's table is read (structure
+    tersely, elements over netlink) and diffed whole only at start-up, by a
+    full sync (the agent's --sync-period) and once after a transaction nft
+    refused. After a failure the elements of that transaction stay pending
+    and go with the next sync; a read that fails (or times out) on a table
+    this process already keeps is not retried on the change path: the pending
+    changes are sent without it, and the next full sync checks again.
     """
 
     def __init__(self, cfg: AgentConfig, *, nft: NftRunner | None = None,
@@ -386,7 +395,8 @@ class NftFirewall:
         self._wire: NftWire | None = None
         self._use_wire = nft is None and elements is None
         self.transactions = 0
-        self.reads = 0  # whole-table reads (full syncs only)
+        self.reads = 0  # whole-table reads (start-up, full syncs, one after a refusal)
+        self.listings = 0  # `nft list` documents sent (reads, cleanup): none on the change path
         self._warned: set[str] = set()
         self._has_cluster = {4: False, 6: False}
         self._static: list[tuple[str, Elem]] = []
@@ -400,27 +410,38 @@ class NftFirewall:
         self._counts: dict[str, dict[Elem, int]] = {name: {} for name in SET_NAMES}
         for name, elem in self._static:
             self._counts[name][elem] = 1
-        self._vs: dict[Any, VirtualServer] = {}  # VSKey -> the VirtualServer counted
-        self._addrs: set[str] = set()
-        self._known: dict[str, set[Elem]] | None = None  # the kernel, right after a read
-        self._in_step = False  # the kernel holds exactly self._counts
+        # Elements whose kernel state may differ from the counts, with what the kernel
+        # holds as far as we know (True/False; None: unknown, after a timeout).
+        self._pending: dict[str, dict[Elem, bool | None]] = {}
+        self._verified = False  # the table's structure is ours and its elements are counts + pending
+        self._repair = False  # nft refused a transaction: read the table at the next sync
+
+    @property
+    def behind(self) -> bool:
+        """Changes of a failed sync are still to be sent (or the table to be checked)."""
+        return bool(self._pending) or self._repair or not self._verified
 
     # ---- desired ------------------------------------------------------------
     def desired_elements(self, desired: DesiredState) -> dict[str, set[Elem]]:
-        """Every set's elements for a desired state (computed from scratch)."""
+        """Every set's elements for a desired state, computed from scratch (for
+        checks and tests; the sync path counts deltas)."""
+        return self.desired_elements_of(desired.services.values())
+
+    def desired_elements_of(self, servers: Iterable[VirtualServer]) -> dict[str, set[Elem]]:
+        """Every set's elements for these virtual servers, computed from scratch."""
         want = _empty()
         for name, elem in self._static:
             want[name].add(elem)
-        for addr in desired.addresses:
-            if not self.cfg.excluded(addr):
-                want[f"vips{6 if ':' in addr else 4}"].add((addr,))
-        for vs in desired.services.values():
+        for vs in servers:
             for name, elem in self._contribution(vs):
                 want[name].add(elem)
         return want
 
-    def _contribution(self, vs: VirtualServer) -> list[tuple[str, Elem]]:
-        """The (set, element) pairs one virtual server needs."""
+    def _contribution(self, vs: VirtualServer | None) -> list[tuple[str, Elem]]:
+        """The (set, element) pairs one virtual server needs (its address in
+        vips4/6 when it is bound: a VIP comes and goes with its virtual servers)."""
+        if vs is None:
+            return []
         addr, proto, port = vs.key.address, vs.key.protocol, vs.key.port
         if Protocol.name_of(proto) is None or self.cfg.excluded(addr):
             return []
@@ -461,55 +482,49 @@ class NftFirewall:
                 out += [(f"fw_allow{v}", (*key, n)) for n in _collapse(nets)]
         return out
 
-    def _count(self, desired: DesiredState, scope: Scope = FULL) -> dict[str, dict[Elem, bool]]:
-        """Bring the counts to `desired`, looking only at virtual servers that
-        changed (all of them, or those in a scope); returns the touched
-        elements with whether each was wanted before."""
-        touched: dict[str, dict[Elem, bool]] = {}
+    def _count(self, delta: Delta) -> None:
+        """Bring the counts in step with a change delta; every element whose
+        presence changes joins the pending ones (with what the kernel held)."""
+        pending = self._pending
 
-        def bump(pairs: Iterable[tuple[str, Elem]], delta: int) -> None:
+        def bump(pairs: Iterable[tuple[str, Elem]], step: int) -> None:
             for name, elem in pairs:
                 counts = self._counts[name]
                 n = counts.get(elem, 0)
-                touched.setdefault(name, {}).setdefault(elem, n > 0)
-                if n + delta > 0:
-                    counts[elem] = n + delta
+                if n + step > 0:
+                    counts[elem] = n + step
                 else:
                     counts.pop(elem, None)
+                if (n > 0) != (n + step > 0):
+                    pending.setdefault(name, {}).setdefault(elem, n > 0)
 
-        services = desired.services
-        keys: Iterable[VSKey] = services.keys() | self._vs.keys() if scope is FULL else scope
-        for key in keys:
-            vs, old = services.get(key), self._vs.get(key)
-            if old is vs:
+        for change in delta.values():
+            if change.old is change.new:
                 continue
-            if vs is None:
-                bump(self._contribution(self._vs.pop(key)), -1)
-                continue
-            if old is not None and old == vs:
-                self._vs[key] = vs
-                continue
-            if old is not None:
-                bump(self._contribution(old), -1)
-            bump(self._contribution(vs), +1)
-            self._vs[key] = vs
-        bind, unbind = desired.address_changes(self._addrs, scope)
-        bind = {a for a in bind if not self.cfg.excluded(a)}
-        bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in unbind), -1)
-        bump(((f"vips{6 if ':' in a else 4}", (a,)) for a in bind), +1)
-        self._addrs -= unbind
-        self._addrs |= bind
-        return touched
+            bump(self._contribution(change.old), -1)
+            bump(self._contribution(change.new), +1)
 
     # ---- kernel ---------------------------------------------------------------
-    def _table_exists(self) -> bool:
-        out = self.nft({"nftables": [{"list": {"tables": None}}]})
-        return any(item.get("table", {}).get("family") == FAMILY and item["table"].get("name") == TABLE
-                   for item in out.get("nftables", []))
+    def _run_terse(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A listing without set elements (`nft -t`) where the runner is the real nft."""
+        self.listings += 1
+        return run_nft_cli(doc, terse=True) if self.nft is run_nft_cli else self.nft(doc)
+
+    def _structure_listing(self) -> Listing | None:
+        """Our table's sets, chains and rules (None: no table). `list ruleset -t`
+        is the one listing nft 1.0.6 makes without fetching every element:
+        `list tables` and `list table -t` fetch them all (0.4 s at 50,000 on the host)."""
+        doc = self._run_terse({"nftables": [{"list": {"ruleset": None}}]})
+        if not any(item.get("table", {}).get("family") == FAMILY and item["table"].get("name") == TABLE
+                   for item in doc.get("nftables", [])):
+            return None
+        return parse_listing(doc)
 
     def _list(self) -> dict[str, Any] | None:
-        if not self._table_exists():
+        """`nft -j list table inet ipvsproxy`, elements included (None: no table)."""
+        if self._structure_listing() is None:
             return None
+        self.listings += 1
         return self.nft({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
 
     def elements(self) -> dict[str, set[tuple[Any, ...]]]:
@@ -580,82 +595,95 @@ class NftFirewall:
             self._reader = read
         return self._reader
 
-    def _read(self, structure: bool) -> tuple[list[dict[str, Any]], int]:
-        """Adopt the kernel's table: remember its elements; return the
-        structure commands still needed (none when it is this version's) and
-        how many rules they add. Without `structure` (the periodic drift check
-        of a table this process keeps) only the elements are read."""
+    def _read(self) -> tuple[list[dict[str, Any]], int, dict[str, set[Elem]]]:
+        """Read the kernel's table: the structure commands still needed (none
+        when it is this version's), how many rules they add, and every set's
+        elements as the kernel holds them."""
         reader = self._element_reader()
-        listing: Listing | None = None
-        cmds: list[dict[str, Any]] = []
-        nrules, fresh, exists = 0, set(SET_NAMES), True
-        if structure or reader is None:
-            if reader is not None and self.nft is run_nft_cli:  # elements come from netlink: list without them
-                doc = run_nft_cli({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]},
-                                  terse=True) if self._table_exists() else None
-            else:
-                doc = self._list()
-            exists = doc is not None
-            listing = parse_listing(doc) if doc is not None else None
-            cmds, nrules, fresh = self._structure(listing)
-            if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
-                cmds, nrules = [], 0
-        else:
-            fresh = set()
+        listing = self._structure_listing()
+        cmds, nrules, fresh = self._structure(listing)
+        if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
+            cmds, nrules = [], 0
         known = _empty()
-        if exists:
+        if listing is not None:
+            full: Listing | None = None
+            if reader is None:  # elements from nft's own listing (a custom runner, or no netlink)
+                self.listings += 1
+                doc = self.nft({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+                full = parse_listing(doc)
             for spec in SETS:
                 if spec.name in fresh:
                     continue
                 if reader is not None:
                     known[spec.name] = reader(spec)
-                elif listing is not None and spec.name in listing.sets:
-                    known[spec.name] = {_elem_from_json(e, spec) for e in listing.sets[spec.name].get("elem", [])}
-        self._known = known
+                elif full is not None and spec.name in full.sets:
+                    known[spec.name] = {_elem_from_json(e, spec) for e in full.sets[spec.name].get("elem", [])}
         self.reads += 1
-        return cmds, nrules
+        return cmds, nrules, known
 
-    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int:
-        """Bring the table in step with `desired` in one transaction; returns
-        the number of element and rule changes (0: nothing was sent).
-
-        With a scope (an incremental sync: the keys whose virtual servers may
-        have changed) only those are looked at and only their elements are
-        sent, so a change costs the change, never a read of the table.
-        With FULL (a full sync) the kernel's table is read and diffed whole.
-        A failed transaction raises; the table is then read again by the next
-        sync, whatever its scope (the reconciler makes that one full).
-        """
-        touched = self._count(desired, scope)
-        if scope is FULL or not self._in_step:
+    def sync(self, delta: Delta, full: bool = False) -> int:
+        """Apply a change delta to the table in one transaction; with `full`
+        (or at start-up, or after a refusal) read the table and repair drift
+        too. Returns the number of element and rule changes (0: nothing sent).
+        A failed transaction raises; its changes stay pending (see the class)."""
+        self._count(delta)
+        cmds: list[dict[str, Any]] = []
+        changes = 0
+        dels: list[tuple[str, set[Elem]]] = []
+        adds: list[tuple[str, set[Elem]]] = []
+        read = full or not self._verified or self._repair
+        if read:
+            self._repair = False  # one attempt: a read that fails is not retried on the change path
             try:
-                cmds, changes = self._read(structure=not self._in_step)
-            except NftError:
-                self._in_step = False
-                raise
-        else:
-            cmds, changes = [], 0
-        diff: list[tuple[str, set[Elem], set[Elem]]] = []  # (set, gone, new)
-        if self._known is not None:  # just read: the whole table against the counts
+                cmds, changes, known = self._read()
+            except NftError as exc:
+                if not self._verified:
+                    raise
+                log.warning("nftables: cannot read table %s %s (%s); sending the changes without a drift "
+                            "check (the next full sync checks again)", FAMILY, TABLE, exc)
+                read = False
+        if read:  # the whole table against the counts; nothing stays pending
             for name in SET_NAMES:
-                want, have = self._counts[name].keys(), self._known[name]
-                diff.append((name, have - want, want - have))
-        else:  # the kernel holds the counts as they were: only touched elements can differ
-            for name, before in touched.items():
+                want, have = self._counts[name].keys(), known[name]
+                dels.append((name, have - want))
+                adds.append((name, want - have))
+            pending: dict[str, dict[Elem, bool | None]] = {}
+            for name, gone in dels:
+                pending.setdefault(name, {}).update(dict.fromkeys(gone, True))
+            for name, new in adds:
+                pending.setdefault(name, {}).update(dict.fromkeys(new, False))
+            self._pending = {name: elems for name, elems in pending.items() if elems}
+            safe_deletes = False  # just read: every delete names an element that is there
+        else:  # only the pending elements can differ from the counts
+            for name, elems in self._pending.items():
                 counts = self._counts[name]
-                gone = {e for e, was in before.items() if was and e not in counts}
-                new = {e for e, was in before.items() if not was and e in counts}
-                diff.append((name, gone, new))
-        self._known = None
-        dels = [self._elements_cmd("delete", name, gone) for name, gone, _ in diff if gone]
-        adds = [self._elements_cmd("add", name, new) for name, _, new in diff if new]
-        changes += sum(len(g) + len(n) for _, g, n in diff)
-        cmds += dels + adds  # deletions first: an interval set refuses overlapping elements
+                dels.append((name, {e for e, had in elems.items() if had is not False and e not in counts}))
+                adds.append((name, {e for e, had in elems.items() if had is not True and e in counts}))
+            safe_deletes = True
+        changes += sum(len(e) for _, e in dels) + sum(len(e) for _, e in adds)
+        # Deletions first: an interval set refuses overlapping elements. A delete we cannot be
+        # sure of goes as add + delete, which nft accepts whether or not the element is there.
+        if safe_deletes:
+            cmds += [self._elements_cmd("add", name, gone) for name, gone in dels if gone]
+        cmds += [self._elements_cmd("delete", name, gone) for name, gone in dels if gone]
+        cmds += [self._elements_cmd("add", name, new) for name, new in adds if new]
         if cmds:
-            self._in_step = False
-            self.nft({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]})
+            try:
+                self.nft({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]})
+            except NftError as exc:
+                if exc.timed_out:  # it may have gone through: what the kernel holds is unknown now
+                    for elems in self._pending.values():
+                        for e in elems:
+                            elems[e] = None
+                else:  # refused: the kernel is not what we think; read it at the next sync
+                    self._repair = True
+                raise
+            except Exception:
+                self._repair = True
+                raise
             self.transactions += 1
-        self._in_step = True
+        self._pending = {}
+        self._verified = True
         return changes
 
     @staticmethod
@@ -663,14 +691,17 @@ class NftFirewall:
         return {verb: {"element": {"family": FAMILY, "table": TABLE, "name": name,
                                    "elem": [_to_json(e) for e in sorted(elems, key=repr)]}}}
 
-    def cleanup(self) -> bool:
-        """Delete table inet ipvsproxy (and only it); True when it existed."""
-        self._in_step = False
-        self._known = None
+    def close(self) -> None:
+        """Close the netlink socket (reopened when a read needs it)."""
         if self._wire is not None:
             self._wire.close()
             self._wire, self._reader = None, None
-        if not self._table_exists():
+
+    def cleanup(self) -> bool:
+        """Delete table inet ipvsproxy (and only it); True when it existed."""
+        self._verified, self._repair, self._pending = False, False, {}
+        self.close()
+        if self._structure_listing() is None:
             return False
         self.nft({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})
         return True

@@ -37,8 +37,9 @@ import pytest
 from netns import TcpListener, outcome
 
 from ipvsproxy.config import AgentConfig, parse_cidrs
-from ipvsproxy.dataplane.nft import FAMILY, TABLE, NftError, NftFirewall
+from ipvsproxy.dataplane.nft import FAMILY, TABLE, NftError
 from ipvsproxy.model import AF_INET, AF_INET6, DesiredState, Real, ServiceRef, VirtualServer, VSKey
+from tests.nftdriver import Firewall
 
 pytestmark = pytest.mark.kernel
 
@@ -202,9 +203,9 @@ def topology() -> Iterator[None]:
             sh("ip", "netns", "del", ns(name), check=False)
 
 
-def firewall(cidrs: str = PODS, masquerade_all: bool = False) -> NftFirewall:
-    return NftFirewall(AgentConfig(node_name="node", cluster_cidrs=parse_cidrs(cidrs), masquerade_all=masquerade_all,
-                                   nftables=True))
+def firewall(cidrs: str = PODS, masquerade_all: bool = False) -> Firewall:
+    return Firewall(AgentConfig(node_name="node", cluster_cidrs=parse_cidrs(cidrs), masquerade_all=masquerade_all,
+                                nftables=True))
 
 
 @pytest.fixture
@@ -218,19 +219,19 @@ def test_nodeport_to_remote_endpoint_needs_the_masquerade(clean: None) -> None:
     assert fetch("c1", NODE4, 30080) == "timeout"  # IPVS alone: ep cannot answer c1
     assert fetch("c1", NODE6, 30080) == "timeout"
     fw = firewall()
-    assert fw.sync(desired()) > 0
+    assert fw.sync_state(desired()) > 0
     print("\nnft ruleset after the first sync:\n" + sh("nft", "list", "table", FAMILY, TABLE))
     assert fetch("c1", NODE4, 30080) == "ep"
     assert fetch("c1", NODE6, 30080) == "ep"
     assert fetch("c1", NODE4, 30081) == "timeout"  # traffic policy Local: client address kept
     # the client inside the cluster CIDRs: not masqueraded, no answer again
     fw2 = firewall("198.18.0.0/15,2001:2::/48")
-    assert fw2.sync(desired()) > 0
+    assert fw2.sync_state(desired()) > 0
     assert fetch("c1", NODE4, 30080) == "timeout"
     assert fetch("c1", NODE6, 30080) == "timeout"
     # --masquerade-all
     fw3 = firewall("198.18.0.0/15", masquerade_all=True)
-    assert fw3.sync(desired()) > 0
+    assert fw3.sync_state(desired()) > 0
     assert fetch("c1", NODE4, 30080) == "ep"
     assert fetch("c1", NODE6, 30080) == "ep"
     assert fw3.cleanup() is True
@@ -241,7 +242,7 @@ def test_hairpin(clean: None) -> None:
     assert fetch("pod", VIP4, 80) == "timeout"  # lands on itself with its own source: martian
     print(f"\nhairpin without the firewall: v6 -> {fetch('pod', VIP6, 80)}")
     fw = firewall()
-    fw.sync(desired())
+    fw.sync_state(desired())
     assert fetch("pod", VIP4, 80) == "pod"
     assert fetch("pod", VIP6, 80) == "pod"
     assert fetch("c1", VIP4, 80) == "pod"  # not hairpin, still fine
@@ -250,7 +251,7 @@ def test_hairpin(clean: None) -> None:
 def test_non_service_port_on_a_vip_is_refused(clean: None) -> None:
     assert fetch("c1", VIP4, 2222) == "node"  # without the filter the node's own socket answers
     assert fetch("c1", VIP6, 2222) == "node"
-    firewall().sync(desired())
+    firewall().sync_state(desired())
     assert fetch("c1", VIP4, 2222) == "refused"
     assert fetch("c1", VIP6, 2222) == "refused"
     assert fetch("c1", LB4, 2222) == "refused"
@@ -260,7 +261,7 @@ def test_non_service_port_on_a_vip_is_refused(clean: None) -> None:
 
 def test_load_balancer_source_ranges(clean: None) -> None:
     assert fetch("c2", LB4, 80) == "pod"  # no filter yet
-    firewall().sync(desired())
+    firewall().sync_state(desired())
     assert fetch("c1", LB4, 80) == "pod"  # 198.18.1.0/24 is allowed
     assert fetch("c2", LB4, 80) == "timeout"  # 198.18.2.2 is not: dropped
     assert fetch("c2", VIP4, 80) == "pod"  # the ClusterIP has no ranges
@@ -273,25 +274,25 @@ def test_foreign_table_survives_sync_and_cleanup_and_restart_adopts(clean: None)
     try:
         before = sh("nft", "list", "table", "inet", "keepme")
         fw = firewall()
-        first = fw.sync(desired())
+        first = fw.sync_state(desired())
         assert first > 0
-        assert fw.sync(desired()) == 0  # nothing changed: nothing sent
+        assert fw.sync_state(desired()) == 0  # nothing changed: nothing sent
         want = fw.desired_elements(desired())
         assert {k: v for k, v in fw.elements().items()} == want
         # a restart: a new instance adopts the table and changes nothing
         t0 = time.monotonic()
-        assert firewall().sync(desired()) == 0
+        assert firewall().sync_state(desired()) == 0
         log.info("adoption took %.2fs", time.monotonic() - t0)
         # drift: an element removed by hand and a stale one added; a restart repairs just that
         sh("nft", "delete", "element", "inet", TABLE, "vips4", "{", VIP4, "}")
         sh("nft", "add", "element", "inet", TABLE, "vips4", "{", "198.18.100.99", "}")
         fw2 = firewall()
-        assert fw2.sync(desired()) == 2
+        assert fw2.sync_state(desired()) == 2
         assert fw2.elements()["vips4"] == {(VIP4,), (LB4,)}
         # one Service fewer: only its elements go
         less = desired()
         del less.services[VSKey(AF_INET, 6, NODE4, 30081)]
-        assert fw2.sync(less) == 1  # services4 only (Local: never in a masquerade set)
+        assert fw2.sync_state(less) == 1  # services4 only (Local: never in a masquerade set)
         assert fetch("c1", NODE4, 30080) == "ep"
         assert table_exists("keepme") and table_exists("keepnat", "ip")
         assert fw2.cleanup() is True
@@ -314,7 +315,7 @@ def test_sets_read_over_netlink_equal_the_nft_listing_and_full_syncs_repair_drif
     from ipvsproxy.dataplane.nft_wire import NftWire
 
     fw = firewall(PODS + ",10.96.0.0/12")
-    assert fw.sync(desired()) > 0
+    assert fw.sync_state(desired()) > 0
     listed = fw.elements()
     with NftWire() as wire:
         read = {s.name: wire.elements(FAMILY, TABLE, s.name, s.type, interval=s.interval, cidr=s.cidr) for s in SETS}
@@ -323,12 +324,38 @@ def test_sets_read_over_netlink_equal_the_nft_listing_and_full_syncs_repair_drif
     assert read["fw_allow4"] and read["cluster4"] and read["cluster6"] and read["hairpin6"]  # all shapes present
     sh("nft", "delete", "element", "inet", TABLE, "vips4", "{", VIP4, "}")
     reads = fw.reads
-    assert fw.sync(desired(), scope=set()) == 0  # incremental: trusts its memory, reads nothing
+    assert fw.sync_state(desired(), scope=set()) == 0  # incremental: trusts its memory, reads nothing
     assert fw.reads == reads
-    assert fw.sync(desired()) == 1  # the periodic full sync: reads over netlink, repairs
+    assert fw.sync_state(desired()) == 1  # the periodic full sync: reads over netlink, repairs
     assert fw.reads == reads + 1 and fw.elements()["vips4"] == {(VIP4,), (LB4,)}
+    # drift an incremental change must not trip on: an element it deletes is already gone
+    sh("nft", "delete", "element", "inet", TABLE, "services4", "{", f"{VIP4} . tcp . 80", "}")
+    less = desired()
+    del less.services[VSKey(AF_INET, 6, VIP4, 80)]
+    assert fw.sync_state(less, scope={VSKey(AF_INET, 6, VIP4, 80)}) > 0  # add + delete: nft accepts it
+    assert fw.reads == reads + 1
+    assert fw.elements() == fw.desired_elements(less)
     subprocess.run(["nft", "delete", "table", FAMILY, TABLE], capture_output=True, check=True)
-    with pytest.raises(NftError):  # the table went behind our back: the drift check says so ...
-        fw.sync(desired())
-    assert fw.sync(desired(), scope=set()) > 0  # ... and the next sync rebuilds it
+    with pytest.raises(NftError):  # the table went behind our back: an incremental change is refused ...
+        fw.sync_state(desired(), scope={VSKey(AF_INET, 6, VIP4, 80)})
+    assert fw.reads == reads + 1
+    assert fw.sync({}) > 0  # ... and the next sync reads the table (none) and rebuilds it
+    assert fw.reads == reads + 2
     assert fw.elements() == fw.desired_elements(desired())
+
+
+def test_companion_cost_with_the_real_nft_reads_nothing_on_the_change_path() -> None:
+    """`ipvsproxy bench --nft-cost`: the companion alone, real nft, in its own network
+    namespace: every change is one transaction and no read, and the table ends as wanted."""
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None:
+        pytest.skip("needs root, nft and unshare (run inside the IPVS test VM)")
+    from ipvsproxy.bench.nftcost import run_isolated
+
+    result = run_isolated((1000,), changes=3, timeout=600)
+    assert "skipped" not in result, result
+    (one,) = result["sizes"]
+    print(f"\nnftables companion at {one['elements']} elements: {one}")
+    assert one["elements"] >= 950 and one["table_matches_desired"]
+    assert one["change_reads"] == 0 and one["change_listings"] == 0
+    assert one["change_transactions"] == 9  # one per change (3 x endpoint added, removed, Service added)
+    assert one["drift_check_changes"] == 0 and one["adoption_changes"] == 0

@@ -58,7 +58,8 @@ def random_service(rng: random.Random, name: str) -> dict[str, Any]:
 
 def random_run(rng: random.Random, steps: int = 12) -> bool:
     """Random upserts, deletes and (incremental or full) syncs, then delete
-    every Service and sync: True when anything is still bound or in a VIP set."""
+    every Service and sync: True when anything is still bound or in a VIP set.
+    After every sync the nftables table must equal a from-scratch computation."""
     tracker = Tracker(NODE)
     dp = MemoryDataplane()
     kernel = FakeNft()
@@ -78,7 +79,11 @@ def random_run(rng: random.Random, steps: int = 12) -> bool:
             tracker.delete("Service", "default", name)
         else:
             rec.sync(full=rng.random() < 0.3)
+            # the one change delta moved the firewall's counts exactly: the kernel holds
+            # what a from-scratch computation of the desired state wants
+            assert fw.elements() == fw.desired_elements(rec.index.state)
     rec.sync()
+    assert fw.elements() == fw.desired_elements(rec.index.state)
     tracker.replace("Service", [])
     rec.sync()
     rec.sync(full=True)

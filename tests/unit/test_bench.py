@@ -301,3 +301,20 @@ def test_rss_probe_runs_in_a_fresh_process() -> None:
     res = rss.run_child(30, 2, 1, "paged", True, timeout=120)
     assert res["rss_mib"] > 10 and res["peak_mib"] >= res["rss_mib"] * 0.9
     assert res["write_ops"] > 0 and res["virtual_servers"] > 0
+
+
+def test_nft_cost_results_are_judged_and_reported() -> None:
+    from ipvsproxy.bench import report
+    from ipvsproxy.cli.bench import invariant_failures
+
+    one = {"elements": 1000, "one_endpoint_ms": {"median": 3.0, "max": 6.0}, "one_service_ms": {"median": 3.5},
+           "change_reads": 0, "change_listings": 0, "drift_check_ms": {"median": 11.0}, "nft_list_table_s": 0.02,
+           "table_matches_desired": True}
+    doc: dict[str, Any] = {"runs": [], "nft_cost": {"sizes": [one]}}
+    assert invariant_failures(doc) == []
+    assert "at 1000 elements: one endpoint median 3.0 ms" in report.text_summary(doc)
+    doc["nft_cost"]["sizes"] = [{**one, "change_reads": 1}, {**one, "table_matches_desired": False}]
+    broken = invariant_failures(doc)
+    assert len(broken) == 2 and "read the table" in broken[0] and "differs" in broken[1]
+    doc["nft_cost"] = {"skipped": "nft is not installed"}
+    assert "not measured: nft is not installed" in report.text_summary(doc)

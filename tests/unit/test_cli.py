@@ -204,8 +204,10 @@ class RecordingFirewall:
     def __init__(self) -> None:
         self.synced: list[int] = []
 
-    def sync(self, desired: object, scope: object = None) -> int:
-        self.synced.append(len(desired.services))  # type: ignore[attr-defined]
+    behind = False
+
+    def sync(self, delta: dict[object, object], full: bool = False) -> int:
+        self.synced.append(len(delta))
         return 7
 
 

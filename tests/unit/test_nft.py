@@ -26,10 +26,10 @@ from ipvsproxy.dataplane.nft import (
     RULES,
     SET_NAMES,
     NftError,
-    NftFirewall,
     run_nft_cli,
 )
 from ipvsproxy.model import AF_INET, AF_INET6, DesiredState, Real, ServiceRef, VirtualServer, VSKey
+from tests.nftdriver import Firewall
 
 TCP, UDP = 6, 17
 
@@ -49,7 +49,8 @@ class FakeNft:
     def __init__(self) -> None:
         self.tables: dict[tuple[str, str], dict[str, Any]] = {}
         self.docs: list[dict[str, Any]] = []  # every document received
-        self.fail_next: str | None = None
+        self.fail_next: str | None = None  # refuse the next transaction with this message
+        self.time_out_next = False  # apply the next transaction, then report a timeout
 
     # what was sent, without the read-only `list` documents
     @property
@@ -75,6 +76,9 @@ class FakeNft:
         except Exception:
             self.tables = saved
             raise
+        if self.time_out_next:  # nft was killed after the kernel took the batch
+            self.time_out_next = False
+            raise NftError("nft did not answer within 60s", timed_out=True)
         return {}
 
     def _table(self, body: dict[str, Any], create: bool = False) -> dict[str, Any]:
@@ -138,9 +142,14 @@ class FakeNft:
         meta = {"metainfo": {"version": "1.0.6", "json_schema_version": 1}}
         if "tables" in what:
             return {"nftables": [meta, *({"table": {"family": f, "name": n, "handle": 1}} for f, n in self.tables)]}
+        if "ruleset" in what:  # every table (the real nft's terse listing leaves the elements out)
+            return {"nftables": [meta, *(item for f, n in self.tables for item in self._items(f, n))]}
         body = what["table"]
-        t = self._table({"family": body["family"], "name": body["name"]})
-        out: list[dict[str, Any]] = [meta, {"table": {"family": body["family"], "name": body["name"]}}]
+        return {"nftables": [meta, *self._items(body["family"], body["name"])]}
+
+    def _items(self, family: str, name: str) -> list[dict[str, Any]]:
+        t = self._table({"family": family, "name": name})
+        out: list[dict[str, Any]] = [{"table": {"family": family, "name": name}}]
         for s in t["sets"].values():
             item = {k: v for k, v in s.items() if k != "elem"}
             if s["elem"]:
@@ -148,7 +157,7 @@ class FakeNft:
             out.append({"set": item})
         out += [{"chain": c} for c in t["chains"].values()]
         out += [{"rule": r} for rs in t["rules"].values() for r in rs]
-        return {"nftables": out}
+        return out
 
     @staticmethod
     def _named(e: Any) -> Any:
@@ -193,8 +202,8 @@ def nft() -> FakeNft:
 
 
 def test_first_sync_creates_table_chains_sets_rules_and_elements_in_one_transaction(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(), nft=nft)
-    n = fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=nft)
+    n = fw.sync_state(state(*BASE))
     assert len(nft.transactions) == 1
     tx = nft.transactions[0]
     assert tx[0] == {"add": {"table": {"family": "inet", "name": "ipvsproxy"}}}
@@ -226,12 +235,12 @@ def test_first_sync_creates_table_chains_sets_rules_and_elements_in_one_transact
 
 
 def test_second_identical_sync_sends_nothing(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(*BASE))
     sent = len(nft.docs)
-    assert fw.sync(state(*BASE), scope=set()) == 0
+    assert fw.sync_state(state(*BASE), scope=set()) == 0
     assert len(nft.docs) == sent  # an incremental sync: not even a listing
-    assert fw.sync(state(*BASE)) == 0  # a full sync reads the table, and finds nothing to send
+    assert fw.sync_state(state(*BASE)) == 0  # a full sync reads the table, and finds nothing to send
     assert len(nft.transactions) == 1
 
 
@@ -240,13 +249,13 @@ def test_an_incremental_sync_never_reads_the_table(nft: FakeNft) -> None:
     whole-table listing (seconds at 10,000 Services, minutes under emulation)
     belongs to full syncs only."""
     servers = [svc(f"10.96.{i // 250}.{i % 250 + 1}", 80) for i in range(500)]
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(*servers))
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(*servers))
     assert fw.reads == 1
     for i in range(20):
         added = svc("10.96.9.9", 80, reals=(("10.244.9.1", 8000 + i),))
         before = len(nft.docs)
-        assert fw.sync(state(*servers, added), scope={added.key}) > 0
+        assert fw.sync_state(state(*servers, added), scope={added.key}) > 0
         assert len(nft.docs) == before + 1  # the transaction, and nothing else
         assert not any("list" in c for c in nft.docs[-1]["nftables"])
     assert fw.reads == 1
@@ -254,9 +263,9 @@ def test_an_incremental_sync_never_reads_the_table(nft: FakeNft) -> None:
 
 
 def test_one_vip_added_is_only_element_adds_in_one_transaction(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(*BASE))
-    n = fw.sync(state(*BASE, svc("10.96.0.20", 443, reals=(("10.244.1.5", 8443),))))
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(*BASE))
+    n = fw.sync_state(state(*BASE, svc("10.96.0.20", 443, reals=(("10.244.1.5", 8443),))))
     assert len(nft.transactions) == 2
     tx = nft.transactions[1]
     assert all(list(c) == ["add"] and list(c["add"]) == ["element"] for c in tx)
@@ -271,9 +280,9 @@ def test_one_vip_added_is_only_element_adds_in_one_transaction(nft: FakeNft) -> 
 
 
 def test_removal_is_element_deletes(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(*BASE))
-    n = fw.sync(state(*BASE[:2], BASE[3]))  # the NodePort goes
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(*BASE))
+    n = fw.sync_state(state(*BASE[:2], BASE[3]))  # the NodePort goes
     tx = nft.transactions[-1]
     assert all(list(c) == ["delete"] and list(c["delete"]) == ["element"] for c in tx)
     got = {c["delete"]["element"]["name"]: c["delete"]["element"]["elem"] for c in tx}
@@ -287,11 +296,11 @@ def test_removal_is_element_deletes(nft: FakeNft) -> None:
 
 
 def test_deletes_come_before_adds_in_the_transaction(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(), nft=nft)
+    fw = Firewall(cfg(), nft=nft)
     lb = svc("198.51.100.7", 80, "LoadBalancer", ranges=("203.0.113.0/25",))
-    fw.sync(state(lb))
+    fw.sync_state(state(lb))
     wider = svc("198.51.100.7", 80, "LoadBalancer", ranges=("203.0.113.0/24",))  # overlaps the old range
-    assert fw.sync(state(wider)) == 2
+    assert fw.sync_state(state(wider)) == 2
     verbs = [next(iter(c)) for c in nft.transactions[-1]]
     assert verbs == ["delete", "add"]
     assert fw.elements()["fw_allow4"] == {("198.51.100.7", TCP, 80, "203.0.113.0/24")}
@@ -301,7 +310,7 @@ def test_local_policy_is_never_masqueraded(nft: FakeNft) -> None:
     local_np = svc("192.168.1.10", 30081, "NodePort", local=True)
     local_lb = svc("198.51.100.8", 80, "LoadBalancer", local=True)
     for c in (cfg(), cfg(masquerade_all=True), cfg(cluster_cidrs=())):
-        fw = NftFirewall(c, nft=FakeNft())
+        fw = Firewall(c, nft=FakeNft())
         want = fw.desired_elements(state(*BASE, local_np, local_lb))
         for key in (("192.168.1.10", TCP, 30081), ("198.51.100.8", TCP, 80)):
             assert key in want["services4"]
@@ -312,19 +321,19 @@ def test_local_policy_is_never_masqueraded(nft: FakeNft) -> None:
 def test_masquerade_modes(nft: FakeNft) -> None:
     ext = svc("203.0.113.5", 80, "ExternalIP")
     # --masquerade-all: every Service from any source; the cluster CIDRs play no part
-    want = NftFirewall(cfg(masquerade_all=True), nft=nft).desired_elements(state(*BASE, ext))
+    want = Firewall(cfg(masquerade_all=True), nft=nft).desired_elements(state(*BASE, ext))
     assert want["masq_any4"] == want["services4"] and want["masq_any6"] == want["services6"]
     assert want["masq4"] == set() and want["cluster4"] == {("10.244.0.0/16",)}  # known pods: rule 2
     # no cluster CIDR: external kinds from anywhere, ClusterIPs not at all (kube-proxy's behaviour)
-    want = NftFirewall(cfg(cluster_cidrs=()), nft=nft).desired_elements(state(*BASE, ext))
+    want = Firewall(cfg(cluster_cidrs=()), nft=nft).desired_elements(state(*BASE, ext))
     assert want["masq_any4"] == {("192.168.1.10", TCP, 30080), ("203.0.113.5", TCP, 80)}
     assert want["masq4"] == set() and want["masq_any6"] == set()
     # a v4 cluster CIDR only: v4 by source, v6 ClusterIP untouched
-    want = NftFirewall(cfg(cluster_cidrs=parse_cidrs("10.244.0.0/16")), nft=nft).desired_elements(state(*BASE))
+    want = Firewall(cfg(cluster_cidrs=parse_cidrs("10.244.0.0/16")), nft=nft).desired_elements(state(*BASE))
     assert ("fd00:96::10", TCP, 80) not in want["masq6"] | want["masq_any6"]
     assert ("10.96.0.10", TCP, 80) in want["masq4"]
     # overlapping cluster CIDRs are merged (an interval set refuses overlaps)
-    want = NftFirewall(cfg(cluster_cidrs=parse_cidrs("10.0.0.0/8,10.244.0.0/16")), nft=nft).desired_elements(
+    want = Firewall(cfg(cluster_cidrs=parse_cidrs("10.0.0.0/8,10.244.0.0/16")), nft=nft).desired_elements(
         state(*BASE))
     assert want["cluster4"] == {("10.0.0.0/8",)}
 
@@ -334,7 +343,7 @@ def test_local_policy_without_local_endpoint_is_for_local_origin_only(nft: FakeN
     which the input chain drops unless the source is a pod or the node."""
     lb = dataclasses.replace(svc("198.51.100.8", 80, "LoadBalancer", local=True), local_origin_only=True)
     np6 = dataclasses.replace(svc("fd00:1::1", 30081, "NodePort", local=True), local_origin_only=True)
-    want = NftFirewall(cfg(), nft=nft).desired_elements(state(*BASE, lb, np6))
+    want = Firewall(cfg(), nft=nft).desired_elements(state(*BASE, lb, np6))
     assert want["nolocal4"] == {("198.51.100.8", TCP, 80)} and want["nolocal6"] == {("fd00:1::1", TCP, 30081)}
     rule = next(r for r in RULES if r.name == "no-local-endpoint-v4")
     assert rule.chain == "input" and {"drop": None} in rule.expr
@@ -346,7 +355,7 @@ def test_a_node_address_is_never_a_vip(nft: FakeNft) -> None:
     """docs/semantics.md rule 5: an external IP that is the node's own address
     is not in vips4, so the VIP port filter never closes the node's other ports."""
     own = dataclasses.replace(svc("192.168.1.10", 80, "ExternalIP"), bind=False)
-    fw = NftFirewall(cfg(), nft=nft)
+    fw = Firewall(cfg(), nft=nft)
     want = fw.desired_elements(DesiredState.of([*BASE, own], {"10.96.0.10", "fd00:96::10"}))
     assert ("192.168.1.10", TCP, 80) in want["services4"]
     assert ("192.168.1.10",) not in want["vips4"]
@@ -358,8 +367,8 @@ def test_load_balancer_source_ranges(nft: FakeNft) -> None:
     lb6 = svc("2001:db8:1::7", 80, "LoadBalancer", ranges=("203.0.113.0/24", "2001:db8::/32"))
     open_lb = svc("198.51.100.9", 80, "LoadBalancer")
     cluster_ip = svc("10.96.0.11", 80, ranges=("203.0.113.0/24",))  # ranges only count on LB addresses
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(lb4, lb6, open_lb, cluster_ip))
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(lb4, lb6, open_lb, cluster_ip))
     els = fw.elements()
     assert els["fw4"] == {("198.51.100.7", TCP, 80)}
     assert els["fw_allow4"] == {("198.51.100.7", TCP, 80, "203.0.113.0/24"),
@@ -369,15 +378,15 @@ def test_load_balancer_source_ranges(nft: FakeNft) -> None:
     sent = [c["add"]["element"] for c in nft.transactions[0] if "element" in c.get("add", {})]
     allow = next(e for e in sent if e["name"] == "fw_allow4")["elem"]
     assert {"concat": ["198.51.100.7", 6, 80, {"prefix": {"addr": "203.0.113.0", "len": 24}}]} in allow
-    assert fw.sync(state(lb4, lb6, open_lb, cluster_ip)) == 0  # /32 read back as a bare address: no churn
+    assert fw.sync_state(state(lb4, lb6, open_lb, cluster_ip)) == 0  # /32 read back as a bare address: no churn
 
 
 def test_bad_cidr_is_skipped_with_one_warning(nft: FakeNft, caplog: pytest.LogCaptureFixture) -> None:
     lb = svc("198.51.100.7", 80, "LoadBalancer", ranges=("203.0.113.0/24", "300.1.2.0/24", "; rm -rf /"))
-    fw = NftFirewall(cfg(), nft=nft)
+    fw = Firewall(cfg(), nft=nft)
     with caplog.at_level(logging.WARNING, logger="ipvsproxy.dataplane.nft"):
-        fw.sync(state(lb))
-        fw.sync(state(lb, svc("10.96.0.1", 443)))
+        fw.sync_state(state(lb))
+        fw.sync_state(state(lb, svc("10.96.0.1", 443)))
     warnings = [r.getMessage() for r in caplog.records if "loadBalancerSourceRanges" in r.getMessage()]
     assert len(warnings) == 2 and "'300.1.2.0/24'" in warnings[0] and "default/web" in warnings[0]
     assert fw.elements()["fw_allow4"] == {("198.51.100.7", TCP, 80, "203.0.113.0/24")}
@@ -385,7 +394,7 @@ def test_bad_cidr_is_skipped_with_one_warning(nft: FakeNft, caplog: pytest.LogCa
 
 
 def test_excluded_cidrs_are_left_alone(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(exclude_cidrs=parse_cidrs("10.96.0.0/24")), nft=nft)
+    fw = Firewall(cfg(exclude_cidrs=parse_cidrs("10.96.0.0/24")), nft=nft)
     want = fw.desired_elements(state(*BASE))
     assert ("10.96.0.10",) not in want["vips4"]
     assert all(e[0] != "10.96.0.10" for e in want["services4"] | want["masq4"])
@@ -394,21 +403,21 @@ def test_excluded_cidrs_are_left_alone(nft: FakeNft) -> None:
 def _kernel_after(desired: DesiredState, c: AgentConfig | None = None) -> FakeNft:
     """A fake kernel holding what an earlier agent left (a restart's view)."""
     kernel = FakeNft()
-    NftFirewall(c or cfg(), nft=kernel).sync(desired)
+    Firewall(c or cfg(), nft=kernel).sync_state(desired)
     kernel.docs.clear()
     return kernel
 
 
 def test_restart_adopts_the_table_and_changes_only_the_difference() -> None:
     kernel = _kernel_after(state(*BASE))
-    fw = NftFirewall(cfg(), nft=kernel)
-    assert fw.sync(state(*BASE)) == 0
+    fw = Firewall(cfg(), nft=kernel)
+    assert fw.sync_state(state(*BASE)) == 0
     assert kernel.transactions == []
     listed = [c for d in kernel.docs for c in d["nftables"] if "list" in c]
     assert {"list": {"table": {"family": "inet", "name": "ipvsproxy"}}} in listed
     # a second restart, with one Service gone meanwhile
-    fw = NftFirewall(cfg(), nft=kernel)
-    assert fw.sync(state(*BASE[1:])) == 3  # 10.96.0.10:80's services4, masq4 and hairpin4 elements
+    fw = Firewall(cfg(), nft=kernel)
+    assert fw.sync_state(state(*BASE[1:])) == 3  # 10.96.0.10:80's services4, masq4 and hairpin4 elements
     tx = kernel.transactions[-1]
     assert all(list(c) == ["delete"] and "element" in c["delete"] for c in tx)
     assert {c["delete"]["element"]["name"] for c in tx} == {"services4", "masq4", "hairpin4"}
@@ -437,9 +446,9 @@ def test_adoption_from_a_canned_listing() -> None:
             return canned
         return {}
 
-    fw = NftFirewall(cfg(), nft=nft)
+    fw = Firewall(cfg(), nft=nft)
     added = svc("10.96.0.30", 8080, reals=())
-    assert fw.sync(state(*BASE, added)) == 3  # vips4, services4, masq4
+    assert fw.sync_state(state(*BASE, added)) == 3  # vips4, services4, masq4
     tx = [c for c in docs[-1]["nftables"] if "metainfo" not in c]
     assert {next(iter(c)) for c in tx} == {"add"}
     assert {c["add"]["element"]["name"] for c in tx} == {"vips4", "services4", "masq4"}
@@ -449,54 +458,157 @@ def test_adoption_repairs_stale_rules_and_a_wrong_set() -> None:
     kernel = _kernel_after(state(*BASE))
     t = kernel.tables[("inet", "ipvsproxy")]
     t["rules"]["input"][0]["comment"] = "ipvsproxy:old-version:0000000000"
-    fw = NftFirewall(cfg(), nft=kernel)
-    assert fw.sync(state(*BASE)) == len([r for r in RULES if r.chain == "input"])
+    fw = Firewall(cfg(), nft=kernel)
+    assert fw.sync_state(state(*BASE)) == len([r for r in RULES if r.chain == "input"])
     tx = kernel.transactions[-1]
     assert tx[1] == {"flush": {"chain": {"family": "inet", "table": "ipvsproxy", "name": "input"}}}
     assert all(c["add"]["rule"]["chain"] == "input" for c in tx[2:])
     # a set of the wrong type (an older layout): every chain is emptied, the set remade and refilled
     t["sets"]["vips4"]["type"] = "ipv6_addr"
     t["sets"]["leftover"] = {"family": "inet", "table": "ipvsproxy", "name": "leftover", "type": "mark", "elem": []}
-    fw = NftFirewall(cfg(), nft=kernel)
-    n = fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=kernel)
+    n = fw.sync_state(state(*BASE))
     assert n == len(RULES) + 1  # the rules, plus vips4's one element
     verbs = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in kernel.transactions[-1]]
     assert verbs.count(("flush", "chain")) == 4
     assert ("delete", "set") in verbs and verbs.index(("delete", "set")) > verbs.index(("flush", "chain"))
     assert "leftover" not in kernel.tables[("inet", "ipvsproxy")]["sets"]
     assert fw.elements()["vips4"] == {("10.96.0.10",)}
-    assert NftFirewall(cfg(), nft=kernel).sync(state(*BASE)) == 0
+    assert Firewall(cfg(), nft=kernel).sync_state(state(*BASE)) == 0
 
 
-def test_a_failed_incremental_transaction_raises_and_the_next_sync_reads_again() -> None:
+def test_drift_does_not_block_a_change_and_nothing_is_read() -> None:
+    """Someone emptied a set behind our back: the incremental delete of an element that is
+    gone still goes through (nft refuses a plain delete of a missing element; an add and a
+    delete in one transaction it accepts), and nothing is read on the way."""
     kernel = FakeNft()
-    fw = NftFirewall(cfg(), nft=kernel)
-    fw.sync(state(*BASE))
-    kernel.elems("services4").clear()  # someone emptied a set behind our back
-    # our delete of an element that is gone fails the transaction: no read and retry on the
-    # change path; the error goes up (the reconciler makes its next sync a full one)
-    reads = fw.reads
-    with pytest.raises(NftError):
-        fw.sync(state(*BASE[1:]), scope={BASE[0].key})
-    assert fw.reads == reads
-    n = fw.sync(state(*BASE[1:]), scope=set())  # even a scoped sync reads after a failure
-    assert fw.reads == reads + 1
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
+    kernel.elems("services4").clear()
+    reads, docs = fw.reads, len(kernel.docs)
+    assert fw.sync_state(state(*BASE[1:]), scope={BASE[0].key}) == 3  # services4, masq4, hairpin4
+    assert fw.reads == reads and len(kernel.docs) == docs + 1
+    tx = kernel.transactions[-1]
+    deleted = {c["delete"]["element"]["name"] for c in tx if "delete" in c}
+    readded = {c["add"]["element"]["name"] for c in tx if "add" in c}
+    assert deleted == readded == {"services4", "masq4", "hairpin4"}  # 10.96.0.10 keeps its UDP port
+    assert [next(iter(c)) for c in tx] == ["add"] * 3 + ["delete"] * 3
+    assert not fw.behind
+    assert fw.sync_state(state(*BASE[1:])) == 2  # the full sync puts back the other two it lost
     assert fw.elements() == fw.desired_elements(state(*BASE[1:]))
-    assert n > 0
+
+
+def test_a_refused_transaction_keeps_its_changes_and_the_next_sync_repairs_once() -> None:
+    kernel = FakeNft()
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
+    reads = fw.reads
+    kernel.fail_next = "Error: Could not process rule: No buffer space available"
+    with pytest.raises(NftError, match="No buffer space"):
+        fw.sync_state(state(*BASE[1:]), scope={BASE[0].key})
+    assert fw.reads == reads and fw.behind
+    # the retry has nothing new to send: it reads the table once and sends what failed
+    assert fw.sync({}) == 3
+    assert fw.reads == reads + 1 and not fw.behind
+    assert fw.elements() == fw.desired_elements(state(*BASE[1:]))
+    fw.sync_state(state(*BASE), scope={BASE[0].key})
+    assert fw.reads == reads + 1  # and back to incremental
+
+
+def test_a_timed_out_transaction_is_sent_again_without_a_read() -> None:
+    """nft killed after its timeout may or may not have committed the batch: the next sync
+    sends those elements again (adds, and deletes as add + delete), reading nothing."""
+    kernel = FakeNft()
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
+    reads = fw.reads
+    kernel.time_out_next = True  # it did commit
+    with pytest.raises(NftError, match="did not answer") as err:
+        fw.sync_state(state(*BASE[1:]), scope={BASE[0].key})
+    assert err.value.timed_out
+    back = svc("10.96.0.10", 80, reals=(("10.244.1.9", 8080),))  # and it comes back changed meanwhile
+    assert fw.sync_state(state(back, *BASE[1:]), scope={back.key}) > 0
+    assert fw.reads == reads
+    assert fw.elements() == fw.desired_elements(state(back, *BASE[1:]))
+    kernel.fail_next = "Error: Could not process rule: No buffer space available"
+    with pytest.raises(NftError):
+        fw.sync_state(state(*BASE), scope={back.key})  # refused this time: nothing went in
+    assert fw.sync({}) > 0
+    assert fw.elements() == fw.desired_elements(state(*BASE))
+
+
+def test_a_read_that_fails_is_not_retried_on_the_change_path() -> None:
+    """The drift check of a full sync cannot read the table (nft times out, as a listing did
+    in the emulated VM): the changes go out without it, and incremental syncs after it do not
+    try the read again (the next full sync does)."""
+    kernel = FakeNft()
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
+
+    def slow_lists(doc: dict[str, Any]) -> dict[str, Any]:
+        if any("list" in c for c in doc["nftables"]):
+            raise NftError("nft did not answer within 60s", timed_out=True)
+        return kernel(doc)
+
+    fw.nft = slow_lists
+    added = svc("10.96.0.20", 443)
+    assert fw.sync_state(state(*BASE, added)) == 3  # full: the read fails, the change goes anyway
+    assert not fw.behind
+    for port in (444, 445):
+        more = svc("10.96.0.20", port)
+        assert fw.sync_state(state(*BASE, added, more), scope={more.key}) == 2  # services4, masq4
+        added = more
+    fw.nft = kernel
+    assert fw.sync_state(state(*BASE, added)) == 4  # full, and it reads: ports 443 and 444 go (2 sets each)
+    assert kernel.elems("services4") and fw.elements() == fw.desired_elements(state(*BASE, added))
+
+
+def test_the_first_sync_raises_when_the_table_cannot_be_read(nft: FakeNft) -> None:
+    fw = Firewall(cfg(), nft=nft)
+
+    def no_lists(doc: dict[str, Any]) -> dict[str, Any]:
+        if any("list" in c for c in doc["nftables"]):
+            raise NftError("nft did not answer within 60s", timed_out=True)
+        return nft(doc)
+
+    fw.nft = no_lists
+    with pytest.raises(NftError):
+        fw.sync_state(state(*BASE))
+    assert fw.behind and nft.transactions == []
+    fw.nft = nft
+    assert fw.sync_state(state(*BASE), scope=set()) > 0  # still unverified: this one reads
+    assert fw.elements() == fw.desired_elements(state(*BASE))
+
+
+def test_an_incremental_sync_never_calls_the_element_reader(nft: FakeNft) -> None:
+    reads: list[str] = []
+
+    def reader(spec: Any) -> set[tuple[Any, ...]]:
+        reads.append(spec.name)
+        return {e for e in fw.elements().get(spec.name, set())}
+
+    fw = Firewall(cfg(), nft=nft, elements=reader)
+    fw.sync_state(state(*BASE))
+    assert reads == []  # a fresh table: every set made empty, nothing to read
+    reads.clear()
+    fw.sync_state(state(*BASE, svc("10.96.0.20", 443)), scope={svc("10.96.0.20", 443).key})
+    assert reads == []
+    fw.sync_state(state(*BASE, svc("10.96.0.20", 443)))
+    assert sorted(reads) == sorted(SET_NAMES)
 
 
 def test_the_full_sync_repairs_silent_drift() -> None:
     kernel = FakeNft()
-    fw = NftFirewall(cfg(), nft=kernel)
-    fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
     kernel.elems("vips4").clear()
-    assert fw.sync(state(*BASE), scope=set()) == 0  # incremental: trusts its memory
-    assert fw.sync(state(*BASE)) == 1  # full (the periodic resync): reads and repairs
+    assert fw.sync_state(state(*BASE), scope=set()) == 0  # incremental: trusts its memory
+    assert fw.sync_state(state(*BASE)) == 1  # full (the periodic resync): reads and repairs
     assert fw.elements()["vips4"] == {("10.96.0.10",)}
 
 
 def test_a_failure_that_persists_is_raised(nft: FakeNft) -> None:
-    fw = NftFirewall(cfg(), nft=nft)
+    fw = Firewall(cfg(), nft=nft)
 
     def broken(doc: dict[str, Any]) -> dict[str, Any]:
         if any("list" in c for c in doc["nftables"]):
@@ -505,16 +617,16 @@ def test_a_failure_that_persists_is_raised(nft: FakeNft) -> None:
 
     fw.nft = broken
     with pytest.raises(NftError, match="not supported"):
-        fw.sync(state(*BASE))
+        fw.sync_state(state(*BASE))
     fw.nft = nft
-    assert fw.sync(state(*BASE)) > 0
+    assert fw.sync_state(state(*BASE)) > 0
 
 
 def test_cleanup_deletes_only_our_table(nft: FakeNft) -> None:
     nft({"nftables": [{"add": {"table": {"family": "inet", "name": "keepme"}}},
                       {"add": {"table": {"family": "ip", "name": "ipvsproxy"}}}]})
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(*BASE))
     nft.docs.clear()
     assert fw.cleanup() is True
     assert nft.transactions == [[{"delete": {"table": {"family": "inet", "name": "ipvsproxy"}}}]]
@@ -523,7 +635,7 @@ def test_cleanup_deletes_only_our_table(nft: FakeNft) -> None:
     assert len(nft.transactions) == 1
     assert fw.elements() == {}
     # every command ever sent names our table only
-    fw.sync(state(*BASE))
+    fw.sync_state(state(*BASE))
     for doc in nft.transactions:
         for c in doc:
             body = next(iter(next(iter(c.values())).values()))
@@ -560,7 +672,7 @@ def test_incremental_syncs_match_a_full_recompute() -> None:
 
     rnd = random.Random(7)
     kernel = FakeNft()
-    fw = NftFirewall(cfg(), nft=kernel)
+    fw = Firewall(cfg(), nft=kernel)
     kinds = ("ClusterIP", "ExternalIP", "LoadBalancer", "NodePort")
     current: dict[VSKey, VirtualServer] = {}
     for step in range(60):
@@ -578,13 +690,13 @@ def test_incremental_syncs_match_a_full_recompute() -> None:
                                       rnd.randint(0, 2)))
             current[key] = svc(addr, port, rnd.choice(kinds), reals, local=rnd.random() < 0.3, ranges=ranges)
         desired = state(*current.values())
-        fw.sync(desired)
+        fw.sync_state(desired)
         if step % 10 == 0:
-            assert fw.sync(state(*current.values())) == 0  # equal, not identical: still nothing
+            assert fw.sync_state(state(*current.values())) == 0  # equal, not identical: still nothing
         want = fw.desired_elements(desired)
         assert fw.elements() == want, f"step {step}"
-    fresh = NftFirewall(cfg(), nft=kernel)
-    assert fresh.sync(state(*current.values())) == 0
+    fresh = Firewall(cfg(), nft=kernel)
+    assert fresh.sync_state(state(*current.values())) == 0
 
 
 class _NoWalk(dict):  # type: ignore[type-arg]
@@ -598,9 +710,9 @@ class _NoWalk(dict):  # type: ignore[type-arg]
 
 def test_scoped_syncs_look_only_at_the_scope_and_match_a_full_recompute() -> None:
     kernel = FakeNft()
-    fw = NftFirewall(cfg(), nft=kernel)
+    fw = Firewall(cfg(), nft=kernel)
     current = {vs.key: vs for vs in BASE}
-    fw.sync(state(*current.values()))
+    fw.sync_state(state(*current.values()))
     changes = [
         svc("10.96.0.10", 80, reals=(("10.244.1.5", 8080), ("10.244.1.6", 8080))),  # one more endpoint
         svc("10.96.0.77", 443, "LoadBalancer", ranges=("203.0.113.0/24",)),  # a new address
@@ -615,17 +727,17 @@ def test_scoped_syncs_look_only_at_the_scope_and_match_a_full_recompute() -> Non
             current[key] = change
         desired = state(*current.values())
         scoped = DesiredState(_NoWalk(desired.services), desired.addresses)
-        assert fw.sync(scoped, {key}) > 0
+        assert fw.sync_state(scoped, {key}) > 0
         assert fw.elements() == fw.desired_elements(desired)
     assert ("10.96.0.77",) not in fw.elements()["vips4"]
-    assert fw.sync(state(*current.values())) == 0  # a full pass finds nothing left to do
+    assert fw.sync_state(state(*current.values())) == 0  # a full pass finds nothing left to do
 
 
 def test_protocols_go_to_nft_as_numbers(nft: FakeNft) -> None:
     """nft resolves protocol names through /etc/protocols, which the image (bookworm-slim, no
     netbase) lacks: every rule and element the agent sends names protocols by number."""
-    fw = NftFirewall(cfg(), nft=nft)
-    fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=nft)
+    fw.sync_state(state(*BASE))
     sent = json.dumps(nft.transactions)
     for name in ('"tcp"', '"udp"', '"sctp"', '"icmp"', '"ipv6-icmp"'):
         assert name not in sent

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipvsproxy.dataplane.nft import SETS, NftFirewall, _elem_from_json
+from ipvsproxy.dataplane.nft import SETS, _elem_from_json
 from ipvsproxy.dataplane.nft_wire import NftWire, decode_key
 
 NLMSG = struct.Struct("=IHHII")
@@ -129,6 +129,7 @@ def test_a_missing_set_is_an_error_naming_it() -> None:
 
 
 def test_the_companion_reads_elements_through_its_reader_on_full_syncs_only() -> None:
+    from tests.nftdriver import Firewall
     from tests.unit.test_nft import BASE, FakeNft, cfg, state
 
     kernel = FakeNft()
@@ -138,13 +139,13 @@ def test_the_companion_reads_elements_through_its_reader_on_full_syncs_only() ->
         asked.append(spec.name)
         return {_elem_from_json(e, spec) for e in kernel.elems(spec.name)}
 
-    fw = NftFirewall(cfg(), nft=kernel, elements=reader)
-    fw.sync(state(*BASE))
+    fw = Firewall(cfg(), nft=kernel, elements=reader)
+    fw.sync_state(state(*BASE))
     kernel.elems("vips4").clear()  # drift
     asked.clear()
     listings = sum(1 for d in kernel.docs if any("list" in c and "table" in c["list"] for c in d["nftables"]))
-    assert fw.sync(state(*BASE), scope=set()) == 0 and asked == []  # incremental: no read at all
-    assert fw.sync(state(*BASE)) == 1  # full: every set read through the reader, drift repaired
+    assert fw.sync_state(state(*BASE), scope=set()) == 0 and asked == []  # incremental: no read at all
+    assert fw.sync_state(state(*BASE)) == 1  # full: every set read through the reader, drift repaired
     assert sorted(asked) == sorted(s.name for s in SETS)
     after = sum(1 for d in kernel.docs if any("list" in c and "table" in c["list"] for c in d["nftables"]))
     assert after == listings  # the periodic drift check lists no table: the reader is enough

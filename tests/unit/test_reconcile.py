@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, F_OWNED, FULL, Full, ObservedReal, ObservedVS, VSKey
+from ipvsproxy.model import AF_INET, F_OWNED, Delta, ObservedReal, ObservedVS, VSKey
 from ipvsproxy.plan import OpKind
-from ipvsproxy.reconcile import Reconciler
+from ipvsproxy.reconcile import Reconciler, SyncError
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
@@ -295,17 +297,59 @@ def test_no_mirror_of_the_kernel_table_is_kept_between_syncs() -> None:
     assert [op.kind for op in rec.sync(full=True).ops] == [OpKind.EDIT_RS]  # the full resync repairs
 
 
-def test_firewall_hears_only_the_changed_keys_of_an_incremental_sync() -> None:
-    calls: list[tuple[int, set[VSKey] | Full]] = []
+def test_firewall_gets_the_change_delta_the_planner_got() -> None:
+    """One change delta per sync: its keys are the planner's scope, its (old, new)
+    pairs go to the firewall as they are (no re-diff of the desired state)."""
+    calls: list[tuple[Delta, bool]] = []
 
     class Firewall:
-        def sync(self, desired: Any, scope: Any = FULL) -> int:
-            calls.append((len(desired.services), FULL if scope is FULL else set(scope)))
+        behind = False
+
+        def sync(self, delta: Delta, full: bool = False) -> int:
+            calls.append((dict(delta), full))
             return 0
 
     tracker, dp, rec = setup(50, firewall=Firewall())
     rec.sync()
+    assert len(calls[0][0]) == 50 and calls[0][1] is True
+    assert all(c.old is None and c.new is rec.index.state.services[k] for k, c in calls[0][0].items())
+    before = rec.index.state.services[key(7)]
     tracker.upsert("EndpointSlice", eps("s7", ["198.18.1.8"]))
+    r = rec.sync()
+    assert {op.key for op in r.ops} == {key(7)}
+    (delta, full), = calls[1:]
+    assert not full and list(delta) == [key(7)]
+    assert delta[key(7)].old is before and delta[key(7)].new is rec.index.state.services[key(7)]
+    rec.sync()  # nothing changed: the firewall is not called
+    rec.sync(full=True)  # the full sync: an empty delta, and the firewall checks the kernel
+    assert calls[2:] == [({}, True)]
+
+
+def test_a_firewall_failure_is_retried_by_the_firewall_not_by_a_full_sync() -> None:
+    calls: list[tuple[int, bool]] = []
+
+    class Firewall:
+        behind = False
+        fail = False
+
+        def sync(self, delta: Delta, full: bool = False) -> int:
+            calls.append((len(delta), full))
+            if self.fail:
+                self.fail, self.behind = False, True
+                raise RuntimeError("nft did not answer within 60s")
+            self.behind = False
+            return len(delta)
+
+    fw = Firewall()
+    tracker, dp, rec = setup(5, firewall=fw)
     rec.sync()
-    rec.sync(full=True)
-    assert calls == [(50, FULL), (50, {key(7)}), (50, FULL)]
+    fw.fail = True
+    tracker.upsert("EndpointSlice", eps("s3", ["198.18.1.9"]))
+    with pytest.raises(SyncError, match="nftables: nft did not answer"):
+        rec.sync()
+    assert not rec.need_full  # IPVS is in step: no full dump for a firewall failure
+    r = rec.sync()  # nothing new, but the firewall is behind: it is called to catch up
+    assert not r.full and r.ops == []
+    assert calls[1:] == [(1, False), (0, False)]
+    rec.sync()
+    assert len(calls) == 3  # in step again: not called when nothing changed
