@@ -17,7 +17,7 @@ from ipvsproxy.bench.cluster import ClusterSpec, SyntheticCluster
 from ipvsproxy.config import AgentConfig, parse_cidrs
 from ipvsproxy.core import NodeCore, backoff_delay, next_sync_due
 from ipvsproxy.dataplane.memory import MemoryDataplane
-from ipvsproxy.model import AF_INET, FULL, DesiredState, Scope, VSKey
+from ipvsproxy.model import AF_INET, Delta, VSKey
 from ipvsproxy.reconcile import SyncReport
 from ipvsproxy.runner import Runner
 from ipvsproxy.schedulers import Registry
@@ -193,14 +193,18 @@ def test_a_poke_inside_the_interval_waits_and_stop_ends_the_loop() -> None:
 
 
 class Firewall:
-    """Counts the desired states it is handed."""
+    """Records the change deltas it is handed: (virtual servers added or changed, full)."""
 
     def __init__(self) -> None:
-        self.syncs: list[int] = []
+        self.syncs: list[tuple[int, bool]] = []
 
-    def sync(self, desired: DesiredState, scope: Scope = FULL) -> int:
-        self.syncs.append(len(desired.services))
+    def sync(self, delta: Delta, full: bool = False) -> int:
+        self.syncs.append((sum(1 for change in delta.values() if change.new is not None), full))
         return 0
+
+    @property
+    def behind(self) -> bool:
+        return False
 
 
 def test_build_wires_the_agent_settings_into_one_core() -> None:
@@ -223,7 +227,7 @@ def test_build_wires_the_agent_settings_into_one_core() -> None:
     clock.advance(2.0)
     assert runner.step() == 40.0 and rec.syncs == 1  # synced; the next is the periodic one
     assert set(rec.dp.state.services) == {key(0)}  # --exclude-cidrs: 198.19.0.2 is never touched
-    assert fw.syncs == [2]  # the firewall was handed the desired state after the sync
+    assert fw.syncs == [(2, True)]  # the firewall got the delta of both Services (the first sync is full)
     assert rec.dp.state.services[key(0)].scheduler == "lc"
     dry = NodeCore.build(cfg, MemoryDataplane(), registry=Registry(), firewall=fw, dry_run=True)
     assert dry.reconciler.dry_run and dry.reconciler.firewall is None  # a dry run changes nothing
