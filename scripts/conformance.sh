@@ -142,10 +142,10 @@ run_e2e() {  # run_e2e PROXY KBIN
     local proxy=$1 kbin=$2 rc=0 start
     start=$(date +%s)
     # e2e.test is a ginkgo binary; the report dir gets junit_01.xml
-    "$kbin/e2e.test" --kubeconfig="$KUBECONFIG" --provider=skeleton --num-nodes=1 \
+    timeout -k 60 "$E2E_TIMEOUT" "$kbin/e2e.test" --kubeconfig="$KUBECONFIG" --provider=skeleton --num-nodes=1 \
         --kubectl-path="$kbin/kubectl" --report-dir="$OUT/$proxy" --disable-log-dump \
         --ginkgo.focus="$FOCUS" --ginkgo.skip="$SKIP" --ginkgo.noColor --ginkgo.v \
-        --ginkgo.timeout="$E2E_TIMEOUT" --system-pods-startup-timeout=10m --node-schedulable-timeout=10m \
+        --system-pods-startup-timeout=10m --node-schedulable-timeout=10m \
         --allowed-not-ready-nodes=0 --minStartupPods=0 \
         >"$OUT/$proxy/e2e.log" 2>&1 || rc=$?
     printf '%s\n' "$(( $(date +%s) - start ))" >"$OUT/$proxy/seconds"

@@ -395,7 +395,7 @@ def test_upstream_service_e2e_subset() -> None:
     proc = subprocess.run(
         [str(E2E_BIN / "e2e.test"), f"--kubeconfig={ENV['KUBECONFIG']}", "--provider=skeleton", "--num-nodes=1",
          f"--kubectl-path={E2E_BIN / 'kubectl'}", f"--report-dir={out}", "--disable-log-dump",
-         f"--ginkgo.focus={focus}", "--ginkgo.noColor", "--ginkgo.timeout=40m", "--minStartupPods=0",
+         f"--ginkgo.focus={focus}", "--ginkgo.noColor", "--minStartupPods=0",
          "--allowed-not-ready-nodes=0", "--system-pods-startup-timeout=5m"],
         capture_output=True, text=True, timeout=2700, env=env)
     (out / "e2e.log").write_text(proc.stdout + proc.stderr)
