@@ -375,13 +375,14 @@ def test_kubernetes_service_from_a_pod() -> None:
 
 
 # Kubernetes' own Service e2e tests, a CI-sized subset (issue 17; the full selection, with kube-proxy as
-# the comparison column, is scripts/conformance.sh): upstream's checks of what a Service means, run by
-# the v1.20.2 e2e.test against the Helm-installed agent.
+# the comparison column, is scripts/conformance.sh), run by the v1.20.2 e2e.test against the
+# Helm-installed agent. Only tests that need no cluster DNS: this cluster runs none, and e.g. "should
+# be able to create a functioning NodePort service" and "should have session affinity work for service
+# with type clusterIP" reach their Service by name (`nc -zv -t -w 2 affinity-clusterip 80`:
+# "Temporary failure in name resolution"), whichever proxy runs (docs/conformance.md).
 E2E_SUBSET = [
     "Services should serve a basic endpoint from pods",
     "Services should serve multiport endpoints from pods",
-    "Services should be able to create a functioning NodePort service",
-    "Services should have session affinity work for service with type clusterIP",
 ]
 E2E_BIN = Path(os.environ.get("IPVSPROXY_CACHE", "/var/cache/ipvsproxy")) / "kubernetes-v1.20.2" / "bin"
 
