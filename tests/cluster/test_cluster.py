@@ -393,9 +393,11 @@ def test_upstream_service_e2e_subset() -> None:
     focus = r"\[sig-network\] (" + "|".join(E2E_SUBSET) + r") .*\[Conformance\]"
     t0 = time.monotonic()
     env = dict(ENV, HOME=str(Path(ENV["KUBECONFIG"]).parent))
+    # kubectl v1.20.2 from the same tree when built (KUBERNETES_BINARIES=kubectl), else the chart tests' one
+    kubectl_path = E2E_BIN / "kubectl" if (E2E_BIN / "kubectl").exists() else ROOT / ".cache" / "bin" / "kubectl"
     proc = subprocess.run(
         [str(E2E_BIN / "e2e.test"), f"--kubeconfig={ENV['KUBECONFIG']}", "--provider=skeleton", "--num-nodes=1",
-         f"--kubectl-path={E2E_BIN / 'kubectl'}", f"--report-dir={out}", "--disable-log-dump",
+         f"--kubectl-path={kubectl_path}", f"--report-dir={out}", "--disable-log-dump",
          f"--ginkgo.focus={focus}", "--ginkgo.noColor", "--minStartupPods=0",
          "--allowed-not-ready-nodes=0", "--system-pods-startup-timeout=5m"],
         capture_output=True, text=True, timeout=2700, env=env)
