@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from tests.realapi.cluster import kubernetes_bin
+
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -384,7 +386,6 @@ E2E_SUBSET = [
     "Services should serve a basic endpoint from pods",
     "Services should serve multiport endpoints from pods",
 ]
-E2E_BIN = Path(os.environ.get("IPVSPROXY_CACHE", "/var/cache/ipvsproxy")) / "kubernetes-v1.20.2" / "bin"
 
 
 def test_upstream_service_e2e_subset() -> None:
@@ -393,10 +394,11 @@ def test_upstream_service_e2e_subset() -> None:
     focus = r"\[sig-network\] (" + "|".join(E2E_SUBSET) + r") .*\[Conformance\]"
     t0 = time.monotonic()
     env = dict(ENV, HOME=str(Path(ENV["KUBECONFIG"]).parent))
+    kbin = kubernetes_bin()
     # kubectl v1.20.2 from the same tree when built (KUBERNETES_BINARIES=kubectl), else the chart tests' one
-    kubectl_path = E2E_BIN / "kubectl" if (E2E_BIN / "kubectl").exists() else ROOT / ".cache" / "bin" / "kubectl"
+    kubectl_path = kbin / "kubectl" if (kbin / "kubectl").exists() else ROOT / ".cache" / "bin" / "kubectl"
     proc = subprocess.run(
-        [str(E2E_BIN / "e2e.test"), f"--kubeconfig={ENV['KUBECONFIG']}", "--provider=skeleton", "--num-nodes=1",
+        [str(kbin / "e2e.test"), f"--kubeconfig={ENV['KUBECONFIG']}", "--provider=skeleton", "--num-nodes=1",
          f"--kubectl-path={kubectl_path}", f"--report-dir={out}", "--disable-log-dump",
          f"--ginkgo.focus={focus}", "--ginkgo.noColor", "--minStartupPods=0",
          "--allowed-not-ready-nodes=0", "--system-pods-startup-timeout=5m"],
