@@ -242,6 +242,12 @@ def ipvs_table() -> str:
     return subprocess.run(["ipvsadm", "-Ln"], capture_output=True, text=True, check=True).stdout
 
 
+def ipvs_rules() -> list[str]:
+    """The table as rules (`ipvsadm -Sn`), sorted: what the agent programmed, without traffic counters."""
+    out = subprocess.run(["ipvsadm", "-Sn"], capture_output=True, text=True, check=True).stdout
+    return sorted(out.splitlines())
+
+
 FAILED: list[str] = []  # names of failed steps (tests/cluster/conftest.py fills it)
 
 
@@ -459,12 +465,13 @@ def test_helm_upgrade_rolls_the_agent_without_a_failed_request() -> None:
 
 def test_deleting_the_agent_pod_keeps_the_table() -> None:
     before = agent_pod()["metadata"]["name"]
-    table = ipvs_table()
+    table = ipvs_rules()
     prober = Prober(cluster_ip("echo"), 60)
     time.sleep(3)
     kubectl("delete", "pod", "-n", "kube-system", before, "--wait=true", timeout=300)
-    assert ipvs_table() == table, "the agent's exit changed the IPVS table"
+    assert ipvs_rules() == table, "the agent's exit changed the IPVS table"
     wait_until(lambda: (p := agent_ready()) and p["metadata"]["name"] != before, 900, "a new agent", 2)
+    assert ipvs_rules() == table, "the new agent's adoption changed the IPVS table"
     res = prober.stop()
     FIGURES["agent_delete_requests"] = len(res)
     FIGURES["agent_delete_failed"] = failures(res)
