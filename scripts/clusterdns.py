@@ -675,9 +675,10 @@ def ask(server: tuple[str, int], name: str, qtype: int, tcp: bool = False, timeo
             return _recv_exactly(s, struct.unpack("!H", head)[0])
     with socket.socket(socket.AF_INET6 if ":" in server[0] else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
-        s.sendto(msg, server)
+        s.connect(server)  # connected: a closed port is refused at once (ICMP), not a timeout
+        s.send(msg)
         while True:
-            data, _ = s.recvfrom(65535)
+            data = s.recv(65535)
             if data[:2] == msg[:2]:
                 return data
 
