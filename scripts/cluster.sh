@@ -323,11 +323,6 @@ start() {
     wait_for kube-apiserver sh -c "[ \"\$('$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get --raw /readyz 2>/dev/null)\" = ok ]" \
         || { check_alive kube-apiserver; exit 1; }
     mark kube-apiserver
-    # the API server creates the kubernetes Service at start: the first name the DNS must answer
-    wait_for "the cluster DNS to answer kubernetes.default.svc.cluster.local" \
-        "$PYTHON" "$CLUSTERDNS" query --server "$NODE_IP:53" kubernetes.default.svc.cluster.local \
-        || { check_alive clusterdns; exit 1; }
-    mark cluster-dns
     # the controller-manager gives the API server 10 s at start, then exits: start it (and the
     # scheduler) once the API server is ready
     daemon kube-controller-manager "$KBIN/kube-controller-manager" \
@@ -341,6 +336,11 @@ start() {
         --kubeconfig="$STATE/admin.kubeconfig" --authentication-kubeconfig="$STATE/admin.kubeconfig" \
         --authorization-kubeconfig="$STATE/admin.kubeconfig" \
         --leader-elect=false --port=0 --bind-address=127.0.0.1 --logtostderr=true --v=0
+    # the API server creates the kubernetes Service at start: the first name the DNS must answer
+    wait_for "the cluster DNS to answer kubernetes.default.svc.cluster.local" \
+        "$PYTHON" "$CLUSTERDNS" query --server "$NODE_IP:53" kubernetes.default.svc.cluster.local \
+        || { check_alive clusterdns; exit 1; }
+    mark cluster-dns
     wait_for "the node to register" kc get node "$NODE_NAME" || { check_alive kubelet; exit 1; }
     mark node-registered
     wait_for "the node to be Ready" sh -c "'$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get node '$NODE_NAME' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" \
