@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A single-node Kubernetes v1.20.2 cluster WITHOUT kube-proxy, inside the IPVS test VM (IN_VM set):
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd + runc + bridge CNI,
-# kubelet. Service traffic is left to whatever proxy gets installed (ipvsproxy, with Helm).
+# kubelet, and a cluster DNS for cluster.local (scripts/clusterdns.py on the node address, port 53:
+# the kubelet's --cluster-dns). Service traffic is left to whatever proxy gets installed (ipvsproxy,
+# with Helm).
 #
 #   bash scripts/cluster.sh start    start everything, import the images, wait for the node to be
 #                                    Ready; prints the seconds each step took (also in $STATE/times)
@@ -21,7 +23,7 @@
 # containerd's sandbox image. Binaries: scripts/install-kubernetes.sh's cache (KUBERNETES_BIN).
 # Env: STATE (default /run/ipvsproxy-cluster), IPVSPROXY_CACHE, IMAGES, KUBERNETES_BIN, NODE_NAME (ipvsproxy-node),
 #      READY_TIMEOUT (seconds for each wait, default 600), SANDBOX_IMAGE (k8s.gcr.io/pause:3.2),
-#      KCM_CONTROLLERS (the controller-manager's --controllers).
+#      KCM_CONTROLLERS (the controller-manager's --controllers), PYTHON (python3; runs clusterdns.py).
 # Access is deliberately simple (a throwaway cluster in a VM): static tokens for the admin and the
 # node, the kubelet's API open to the API server (anonymous, AlwaysAllow).
 set -euo pipefail
@@ -41,6 +43,8 @@ ADMIN_TOKEN=ipvsproxy-cluster-admin-token
 NODE_TOKEN=ipvsproxy-cluster-node-token
 SANDBOX_IMAGE=${SANDBOX_IMAGE:-k8s.gcr.io/pause:3.2}
 KUBECTL=$ROOT/.cache/bin/kubectl
+PYTHON=${PYTHON:-python3}
+CLUSTERDNS=$ROOT/scripts/clusterdns.py
 # only the controllers a one-node cluster uses (each costs CPU under emulation); KCM_CONTROLLERS='*' for all
 KCM_CONTROLLERS=${KCM_CONTROLLERS:-serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset,replicationcontroller,daemonset,statefulset,job,endpoint,endpointslice,endpointslicemirroring,podgc}
 
@@ -123,6 +127,7 @@ pki() {
     printf '%s\n' "$ADMIN_TOKEN,admin,1,\"system:masters\"" \
         "$NODE_TOKEN,system:node:$NODE_NAME,2,\"system:nodes\"" >"$d/tokens.csv"
     kubeconfig "$STATE/admin.kubeconfig" "$ADMIN_TOKEN"
+    (umask 077; printf '%s\n' "$ADMIN_TOKEN" >"$d/admin.token")  # the cluster DNS reads Services with it
     kubeconfig "$STATE/kubelet.kubeconfig" "$NODE_TOKEN"
 }
 
@@ -227,7 +232,7 @@ import_images() {  # import_images SMALL|LARGE: archives under / over 8 MB (the 
 
 start() {
     [[ -n ${IN_VM:-} ]] || die "run me inside the test VM (IN_VM set), e.g. bash scripts/vm-run.sh -- bash scripts/cluster.sh start"
-    for t in etcd containerd runc ctr openssl; do
+    for t in etcd containerd runc ctr openssl "$PYTHON"; do
         command -v "$t" >/dev/null || die "$t missing: bash scripts/setup.sh"
     done
     [[ -x $KUBECTL ]] || die "$KUBECTL missing: bash scripts/install-helm.sh"
@@ -282,6 +287,10 @@ start() {
         --kubelet-preferred-address-types=InternalIP \
         --allow-privileged=true --profiling=false --logtostderr=true --v=0 \
         --disable-admission-plugins=TaintNodesByCondition
+    # the cluster DNS: answers from the API server (SERVFAIL until it is up), for pods on the node address
+    daemon clusterdns "$PYTHON" "$CLUSTERDNS" serve --listen "$NODE_IP:53" \
+        --api-server "https://$NODE_IP:$API_PORT" --ca-file "$p/ca.crt" --token-file "$p/admin.token" \
+        --domain cluster.local --ttl 5
     # TaintNodesByCondition (on by default) creates the node with node.kubernetes.io/not-ready:NoSchedule
     # and leaves its removal to the controller-manager's nodelifecycle controller, which this cluster
     # does not run (under emulation its 40 s grace period marks a busy node NotReady and evicts pods):
@@ -304,7 +313,7 @@ start() {
         --runtime-request-timeout=10m --hostname-override="$NODE_NAME" --node-ip=$NODE_IP \
         --cgroup-driver=cgroupfs --fail-swap-on=false \
         --anonymous-auth=true --authorization-mode=AlwaysAllow --read-only-port=0 \
-        --cluster-domain=cluster.local --resolv-conf="$STATE/resolv.conf" \
+        --cluster-domain=cluster.local --cluster-dns=$NODE_IP --resolv-conf="$STATE/resolv.conf" \
         --pod-infra-container-image="$SANDBOX_IMAGE" --make-iptables-util-chains=false \
         --eviction-hard= --image-gc-high-threshold=100 --image-gc-low-threshold=99 \
         --enforce-node-allocatable= --cgroups-per-qos=true \
@@ -327,6 +336,11 @@ start() {
         --kubeconfig="$STATE/admin.kubeconfig" --authentication-kubeconfig="$STATE/admin.kubeconfig" \
         --authorization-kubeconfig="$STATE/admin.kubeconfig" \
         --leader-elect=false --port=0 --bind-address=127.0.0.1 --logtostderr=true --v=0
+    # the API server creates the kubernetes Service at start: the first name the DNS must answer
+    wait_for "the cluster DNS to answer kubernetes.default.svc.cluster.local" \
+        "$PYTHON" "$CLUSTERDNS" query --server "$NODE_IP:53" kubernetes.default.svc.cluster.local \
+        || { check_alive clusterdns; exit 1; }
+    mark cluster-dns
     wait_for "the node to register" kc get node "$NODE_NAME" || { check_alive kubelet; exit 1; }
     mark node-registered
     wait_for "the node to be Ready" sh -c "'$KUBECTL' --kubeconfig '$STATE/admin.kubeconfig' get node '$NODE_NAME' -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" \
@@ -347,7 +361,7 @@ stop() {
     [[ -d $STATE/pid ]] || { log "not running"; return 0; }
     local name pid
     # the kubelet first (it would restart containers), then every pod's container, then the rest
-    for name in kubelet kube-scheduler kube-controller-manager; do
+    for name in kubelet kube-scheduler kube-controller-manager clusterdns; do
         stop_one "$name"
     done
     if alive containerd; then
@@ -411,5 +425,5 @@ case ${1:-} in
         printf 'export KUBECONFIG=%s\nexport PATH=%s:$PATH\n' "$STATE/admin.kubeconfig" "$ROOT/.cache/bin"
         printf 'export KUBECACHEDIR=%s HELM_CACHE_HOME=%s HELM_CONFIG_HOME=%s HELM_DATA_HOME=%s\n' \
             "$STATE/kube-cache" "$STATE/helm/cache" "$STATE/helm/config" "$STATE/helm/data" ;;
-    *) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -2,8 +2,8 @@
 # The project's test command (README, .ci/run): every stage runs, then a summary; non-zero if any failed.
 #
 #   setup    scripts/setup.sh (apt packages, .venv)            skipped with SKIP_SETUP=1 or inside the VM
-#   ruff     ruff check ipvsproxy tests images
-#   mypy     mypy ipvsproxy images/build.py (strict: pyproject.toml)
+#   ruff     ruff check ipvsproxy tests images scripts/clusterdns.py
+#   mypy     mypy ipvsproxy images/build.py scripts/clusterdns.py (strict: pyproject.toml)
 #   unit     pytest (host; pyproject's addopts deselect kernel and realapi tests); tests/contract's
 #            dataplane contract runs here on the in-memory dataplane, and in the kernel stage on netlink
 #   realapi  pytest -m realapi tests/realapi: the agent against a real kube-apiserver v1.20.2 + etcd on the
@@ -18,7 +18,7 @@
 #   cluster  pytest -m cluster tests/cluster in its own boot of the VM (4G): a single-node Kubernetes v1.20.2
 #            without kube-proxy (scripts/cluster.sh), ipvsproxy installed by Helm, traffic from pods, scale,
 #            helm upgrade/uninstall. Needs the image archives (scripts/build-images.sh, cached). Figures in
-#            results/cluster-figures.json. About 45 minutes on an idle 2-core host. Skipped with SKIP_CLUSTER=1
+#            results/cluster-figures.json. About 50 minutes on an idle 2-core host. Skipped with SKIP_CLUSTER=1
 #            or RUN_CLUSTER=0.
 #
 # Extra pytest arguments: UNIT_PYTEST_ARGS, REALAPI_PYTEST_ARGS, KERNEL_PYTEST_ARGS, CLUSTER_PYTEST_ARGS. The
@@ -78,8 +78,8 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 
-run_stage ruff "0" ruff check ipvsproxy tests images
-run_stage mypy "0" mypy ipvsproxy images/build.py
+run_stage ruff "0" ruff check ipvsproxy tests images scripts/clusterdns.py
+run_stage mypy "0" mypy ipvsproxy images/build.py scripts/clusterdns.py
 
 # Host unit tests; "no tests collected" (5) is a failure while tests/unit holds test files.
 unit_ok="0"
