@@ -134,6 +134,17 @@ def text_summary(doc: dict[str, Any]) -> str:
         if cr:
             lines.append(f"        churn at {cr['rate_per_s']}/s: {cr['syncs']} syncs, latency median"
                          f" {cr['latency_ms']['median']} ms p99 {cr['latency_ms']['p99']} ms")
+        for fmt, ps in (r.get("process_start") or {}).items():
+            if ps.get("error"):
+                lines.append(f"        process start ({fmt}): failed: {ps['error']}")
+                continue
+            sp = ps["split_s"]
+            lines.append(f"        process start ({fmt}, {ps['manifest_mb']} MB): exec -> last object"
+                         f" {ps['wall_s']:.2f}s"
+                         f" = start {sp['start']:.2f} (bare interpreter {ps['interpreter_s']:.2f}) + read"
+                         f" {sp['read']:.2f} + control plane {sp['control_plane']:.2f} + kernel {sp['kernel']:.2f}"
+                         f" + nftables {sp['nftables']:.2f} + other {sp['other']:.2f}; Python share"
+                         f" {ps['python_share']}; then {ps['after_s']:.2f}s to exit; {ps['write_ops']} ops")
         for mode, m in (r.get("rss") or {}).items():
             lines.append(f"        RSS ({mode} list): {m['rss_mib']} MiB, peak {m['peak_mib']} MiB")
         for k, v in (r.get("ratios") or {}).items():

@@ -1,0 +1,111 @@
+"""Process start -> complete table: `ipvsproxy run --from-file FILE --once` as a user runs it.
+
+The in-process cold start (scenarios.cold) starts its clock after the imports and
+with the objects already decoded; a user's start pays for the interpreter, the
+imports and reading the manifests too (issue 18). This runs the real command in a
+fresh interpreter on the synthetic cluster written as one manifest file (YAML or
+JSON, a `kind: List` as `kubectl get -o yaml|json` prints it) and times it from
+just before `exec` to the last object in the table. The child's hidden `--timings`
+flag reports when its `run` command was entered and how long each step of
+`Agent.once` took, which splits the wall into:
+
+- **start**: interpreter start-up + imports + flag parsing (exec -> `run` entered),
+  of which `interpreter_s` is a bare `python -c pass`;
+- **read**: reading and parsing the manifests into the tracker;
+- **control plane**: translate + plan + bookkeeping (the sync minus the dataplane
+  and the nftables companion);
+- **kernel** (or, in memory, the fake kernel): dataplane setup + the sync's
+  dataplane time; **nftables**: the companion's first transaction.
+
+Whatever runs after the last object (writing the state record for `ipvsproxy
+list`, interpreter exit) is reported as `after_s`, not counted in the measure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cluster import NODE_NAME
+from .scenarios import Context
+
+FORMATS = ("yaml", "json")
+
+
+def write_manifest(ctx: Context, fmt: str, directory: Path) -> Path:
+    """The whole synthetic cluster as one `kind: List` manifest (not timed)."""
+    items = [obj for _, objects in ctx.listing for obj in objects]
+    doc = {"apiVersion": "v1", "kind": "List", "items": items}
+    path = directory / f"cluster.{fmt}"
+    with path.open("w") as f:
+        if fmt == "json":
+            json.dump(doc, f)
+        else:
+            yaml.dump(doc, f, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+    return path
+
+
+def _bare_interpreter() -> float:
+    t = time.time()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.time() - t
+
+
+def command(manifest: Path, timings: Path, state: Path, dataplane: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ipvsproxy", "--log-level", "warning", "run", "--from-file", str(manifest),
+            "--once", "--node-name", NODE_NAME, "--state-dir", str(state), "--healthz-bind-address", "",
+            "--metrics-bind-address", "", "--dataplane", dataplane, "--timings", str(timings), *extra]
+
+
+def measure(ctx: Context, fmt: str, dataplane: str, extra: list[str] | None = None) -> dict[str, Any]:
+    """One `run --once` in a fresh process; the table is whatever the dataplane holds before
+    (the caller empties the kernel first)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPVSPROXY_")}  # flags only
+    with tempfile.TemporaryDirectory(prefix="ipvsproxy-procstart-") as tmp:
+        d = Path(tmp)
+        manifest = write_manifest(ctx, fmt, d)
+        timings = d / "timings.json"
+        cmd = command(manifest, timings, d / "state", dataplane, extra or [])
+        interpreter = _bare_interpreter()
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        exited = time.time() - t0
+        out: dict[str, Any] = {"format": fmt, "dataplane": dataplane, "manifest_mb": round(
+            manifest.stat().st_size / 1e6, 2), "returncode": proc.returncode, "exit_s": round(exited, 4),
+            "interpreter_s": round(interpreter, 4)}
+        if proc.returncode != 0 or not timings.exists():
+            out["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return out
+        t = json.loads(timings.read_text())
+    return out | split(t, t0, exited)
+
+
+def split(t: dict[str, Any], t0: float, exited: float) -> dict[str, Any]:
+    """The child's timings (see module docstring) as seconds from exec."""
+    start = t["entered_unix"] - t0
+    last = t["once_unix"] - t0 + t["read_s"] + t["setup_s"] + t["sync_s"]
+    dataplane, firewall = t["dataplane_s"], t["firewall_s"]
+    control = max(0.0, t["sync_s"] - dataplane - firewall)
+    kernel = t["setup_s"] + dataplane
+    result = {
+        "wall_s": last,  # exec -> last object in the table
+        "split_s": {"start": start, "read": t["read_s"], "control_plane": control, "kernel": kernel,
+                    "nftables": firewall, "other": max(0.0, last - start - t["read_s"] - t["sync_s"]
+                                                       - t["setup_s"])},
+        "after_s": exited - last,  # state record for `list`, exit
+        "netlink_split_s": t.get("netlink_split_s") or {},
+        "write_ops": t["write_ops"], "failures": t["failures"], "firewall_changes": t["firewall_changes"],
+    }
+    result["split_s"] = {k: round(v, 4) for k, v in result["split_s"].items()}
+    result["wall_s"], result["after_s"] = round(last, 4), round(result["after_s"], 4)
+    python = last - kernel - firewall
+    result["python_share"] = round(python / last, 4) if last else None
+    return result
