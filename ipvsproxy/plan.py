@@ -124,14 +124,13 @@ def _plan_reals(vs: VirtualServer, obs: ObservedVS | None, drain: DrainPolicy,
         elif o.weight != r.weight:
             note = OpNote.RESTORE if o.weight == 0 else OpNote.NONE
             edit.append(Op(OpKind.EDIT_RS, key, real=r, service=service, note=note))
-    if not have:
+    gone = [addr_port for addr_port in have if addr_port not in want]  # none, on a resync of a good table
+    if not gone:
         return
     tcp = key.protocol == Protocol.TCP
     delete = out[OpKind.DEL_RS]
     edited = len(edit)
-    for addr_port in sorted(have):
-        if addr_port in want:
-            continue
+    for addr_port in sorted(gone):
         o = have[addr_port]
         real = Real(o.address, o.port, 0)
         if not tcp:
