@@ -100,6 +100,9 @@ def targets(doc: dict[str, Any], n: int = 10_000) -> list[dict[str, Any]]:
     return out
 
 
+DEFAULT_SYNC_PERIOD = 30.0  # `ipvsproxy run --sync-period`'s default: one full resync this often
+
+
 def text_summary(doc: dict[str, Any]) -> str:
     lines = []
     for r in doc.get("runs", []):
@@ -115,11 +118,18 @@ def text_summary(doc: dict[str, Any]) -> str:
         st = sc.get("steady")
         if st:
             full = st["full_resync"]
+            dump = full.get("dataplane_split_s", {}).get("observe") or 0.0
+            ratio = f" = {full['sync_s'] / dump:.2f}x the table dump ({dump:.3f}s)" if dump else ""
+            cpu = (f"; CPU {full['cpu_s']:.3f}s, {full['cpu_s'] / DEFAULT_SYNC_PERIOD:.1%} of one core at the"
+                   f" default --sync-period {DEFAULT_SYNC_PERIOD:g}s") if "cpu_s" in full else ""
             lines.append(f"        steady: {st['write_ops']} write ops; full resync "
-                         f"{full['sync_s']:.3f}s (control plane {full['control_plane_s']:.3f}s)")
+                         f"{full['sync_s']:.3f}s (control plane {full['control_plane_s']:.3f}s){ratio}{cpu}")
         rs = sc.get("restart")
         if rs:
-            lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s")
+            dump = rs.get("dataplane_split_s", {}).get("observe") or 0.0
+            ratio = f" = {rs['wall_s'] / dump:.2f}x the table dump ({dump:.3f}s)" if dump else ""
+            lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s"
+                         f" (list {rs['ingest_s']:.2f}s, sync {rs['sync_s']:.2f}s){ratio}")
         ch = sc.get("churn")
         if ch:
             one = ch["single_endpoint"]
