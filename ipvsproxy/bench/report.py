@@ -196,7 +196,41 @@ def plot(doc: dict[str, Any], outdir: str) -> list[str]:
             written += _plot_rss(plt, mem, outdir)
     if ker and any(r.get("references") for r in ker):
         written += _plot_kernel(plt, ker, outdir)
+    for dataplane, runs in (("memory", mem), ("kernel", ker)):
+        if any(r.get("process_start") for r in runs):
+            written += _plot_process_start(plt, runs, dataplane, outdir)
     return written
+
+
+PROCESS_PARTS = (("start", "interpreter + imports"), ("read", "read + parse manifest"),
+                 ("control_plane", "control plane"), ("kernel", "kernel (dataplane)"),
+                 ("nftables", "nftables companion"), ("other", "other"))
+
+
+def _plot_process_start(plt: Any, runs: list[dict[str, Any]], dataplane: str, outdir: str) -> list[str]:
+    """Stacked bars: `run --from-file --once`, exec -> last object, split, per size and format."""
+    bars = [(f"{r['services'] // 1000}k {fmt}", ps["split_s"], r)
+            for r in runs for fmt, ps in sorted((r.get("process_start") or {}).items()) if "split_s" in ps]
+    if not bars:
+        return []
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    xs = list(range(len(bars)))
+    bottom = [0.0] * len(bars)
+    for part, label in PROCESS_PARTS:
+        ys = [split.get(part, 0.0) for _, split, _ in bars]
+        if any(ys):
+            ax.bar(xs, ys, bottom=bottom, label=label)
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    refs = [(x, _get(r, "references", "ipvsadm_restore", "wall_s")) for x, (_, _, r) in zip(xs, bars, strict=True)]
+    refs = [(x, y) for x, y in refs if y]
+    if refs:
+        ax.scatter(*zip(*refs, strict=True), marker="_", s=600, color="black", label="ipvsadm -R, same table",
+                   zorder=3)
+    ax.set_xticks(xs, [b[0] for b in bars])
+    where = "host, in-memory dataplane" if dataplane == "memory" else "test VM, real kernel"
+    _label(ax, "Services (x 10 endpoints) and manifest format", f"seconds ({where})",
+           "`ipvsproxy run --from-file --once`: exec -> last object")
+    return _save(plt, fig, outdir, f"bench-process-start-{dataplane}.png")
 
 
 def _save(plt: Any, fig: Any, outdir: str, name: str) -> list[str]:
