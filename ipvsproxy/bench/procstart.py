@@ -23,6 +23,8 @@ list`, interpreter exit) is reported as `after_s`, not counted in the measure.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -37,7 +39,7 @@ import yaml
 from .cluster import NODE_NAME
 from .scenarios import Context
 
-FORMATS = ("yaml", "json")
+FORMATS = ("yaml", "json", "api")  # manifest formats, or "api": listed from the in-process API stand-in
 
 
 def write_manifest(ctx: Context, fmt: str, directory: Path) -> Path:
@@ -59,33 +61,57 @@ def _bare_interpreter() -> float:
     return time.time() - t
 
 
-def command(manifest: Path, timings: Path, state: Path, dataplane: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "ipvsproxy", "--log-level", "warning", "run", "--from-file", str(manifest),
-            "--once", "--node-name", NODE_NAME, "--state-dir", str(state), "--healthz-bind-address", "",
+def command(source: list[str], timings: Path, state: Path, dataplane: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ipvsproxy", "--log-level", "warning", "run", *source, "--once",
+            "--node-name", NODE_NAME, "--state-dir", str(state), "--healthz-bind-address", "",
             "--metrics-bind-address", "", "--dataplane", dataplane, "--timings", str(timings), *extra]
 
 
 def measure(ctx: Context, fmt: str, dataplane: str, extra: list[str] | None = None) -> dict[str, Any]:
     """One `run --once` in a fresh process; the table is whatever the dataplane holds before
-    (the caller empties the kernel first)."""
+    (the caller empties the kernel first). `fmt` "api": the objects are served by the
+    in-process API stand-in (tests/apiserver.py, the one the unit tests use; it needs the
+    repository's tests/ on the path) and the child lists them with `--kubeconfig`, paged,
+    as the agent does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPVSPROXY_")}  # flags only
-    with tempfile.TemporaryDirectory(prefix="ipvsproxy-procstart-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ipvsproxy-procstart-") as tmp, contextlib.ExitStack() as stack:
         d = Path(tmp)
-        manifest = write_manifest(ctx, fmt, d)
+        if fmt == "api":
+            source = serve_api(ctx, d, stack)
+            size = 0.0
+        else:
+            manifest = write_manifest(ctx, fmt, d)
+            source, size = ["--from-file", str(manifest)], manifest.stat().st_size / 1e6
         timings = d / "timings.json"
-        cmd = command(manifest, timings, d / "state", dataplane, extra or [])
+        cmd = command(source, timings, d / "state", dataplane, extra or [])
         interpreter = _bare_interpreter()
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         exited = time.time() - t0
-        out: dict[str, Any] = {"format": fmt, "dataplane": dataplane, "manifest_mb": round(
-            manifest.stat().st_size / 1e6, 2), "returncode": proc.returncode, "exit_s": round(exited, 4),
-            "interpreter_s": round(interpreter, 4)}
+        out: dict[str, Any] = {"format": fmt, "dataplane": dataplane, "manifest_mb": round(size, 2),
+                               "returncode": proc.returncode, "exit_s": round(exited, 4),
+                               "interpreter_s": round(interpreter, 4)}
         if proc.returncode != 0 or not timings.exists():
             out["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             return out
         t = json.loads(timings.read_text())
     return out | split(t, t0, exited)
+
+
+def serve_api(ctx: Context, directory: Path, stack: contextlib.ExitStack) -> list[str]:
+    """The cluster in the API stand-in (started on `stack`); the child's source flags."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.append(root)  # tests/ of this checkout
+    try:  # imported by name: the stand-in is test code, not part of the package (nor of its type check)
+        stand_in: Any = importlib.import_module("tests.apiserver")
+    except ImportError as exc:
+        raise RuntimeError(f"--process-start api needs the repository's tests/apiserver.py: {exc}") from None
+    api = stack.enter_context(stand_in.FakeApiServer())
+    for _, objects in ctx.listing:
+        for obj in objects:
+            api.create(obj)
+    return ["--kubeconfig", api.write_kubeconfig(directory / "kubeconfig")]
 
 
 def split(t: dict[str, Any], t0: float, exited: float) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
               callback=lambda c, p, v: _formats(v),
               help="Also time `ipvsproxy run --from-file cluster.FORMAT --once` in a fresh process, exec to "
                    "the last object in the table, split into start-up, reading, control plane and kernel "
-                   "(FORMAT: yaml, json).")
+                   "(FORMAT: yaml, json, or api: listed from the in-process API stand-in of tests/apiserver.py).")
 @click.option("--naive-objects", default=2000, show_default=True, type=click.IntRange(0),
               help="Objects (virtual + real servers) the naive pyroute2 loop programs; its per-object cost "
                    "is extrapolated to the whole table.")

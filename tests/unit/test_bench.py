@@ -321,17 +321,17 @@ def test_nft_cost_results_are_judged_and_reported() -> None:
 
 
 def test_process_start_runs_the_real_command_and_splits_its_time(tmp_path: Path) -> None:
-    """`bench --process-start`: `ipvsproxy run --from-file --once` in a fresh process writes what the
-    in-process cold start writes, from YAML and from JSON, and its split adds up to its wall."""
+    """`bench --process-start`: `ipvsproxy run --once` in a fresh process writes what the in-process
+    cold start writes, from YAML, from JSON and from the API stand-in, and its split adds up to its wall."""
     from ipvsproxy.cli.bench import bench, invariant_failures
 
     out = tmp_path / "p.json"
     r = CliRunner().invoke(bench, ["--services", "30", "--endpoints", "3", "--scenario", "cold", "--no-rss",
-                                   "--process-start", "yaml,json", "--out", str(out), "--no-progress"])
+                                   "--process-start", "yaml,json,api", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     run_ = json.loads(out.read_text())["runs"][0]
     cold_ops = run_["scenarios"]["cold"]["write_ops"]
-    for fmt in ("yaml", "json"):
+    for fmt in ("yaml", "json", "api"):
         ps = run_["process_start"][fmt]
         assert "error" not in ps, ps
         assert ps["write_ops"] == cold_ops > 0 and ps["failures"] == 0
@@ -343,7 +343,7 @@ def test_process_start_runs_the_real_command_and_splits_its_time(tmp_path: Path)
     bad = {"runs": [{**run_, "process_start": {"json": {**run_["process_start"]["json"], "write_ops": 1}}}]}
     assert any("process start (json)" in b for b in invariant_failures(bad))
     r = CliRunner().invoke(bench, ["--process-start", "toml"])
-    assert r.exit_code == 2 and "one of yaml, json" in r.output
+    assert r.exit_code == 2 and "one of yaml, json, api" in r.output
 
 
 def test_run_timings_flag_only_splits_a_once_run(tmp_path: Path) -> None:
