@@ -202,7 +202,7 @@ def plot(doc: dict[str, Any], outdir: str) -> list[str]:
     return written
 
 
-PROCESS_PARTS = (("start", "interpreter + imports"), ("read", "read + parse manifest"),
+PROCESS_PARTS = (("start", "interpreter + imports"), ("read", "read + parse (manifest or API)"),
                  ("control_plane", "control plane"), ("kernel", "kernel (dataplane)"),
                  ("nftables", "nftables companion"), ("other", "other"))
 
@@ -213,7 +213,7 @@ def _plot_process_start(plt: Any, runs: list[dict[str, Any]], dataplane: str, ou
             for r in runs for fmt, ps in sorted((r.get("process_start") or {}).items()) if "split_s" in ps]
     if not bars:
         return []
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.7 * len(bars)), 4.6))
     xs = list(range(len(bars)))
     bottom = [0.0] * len(bars)
     for part, label in PROCESS_PARTS:
@@ -226,10 +226,10 @@ def _plot_process_start(plt: Any, runs: list[dict[str, Any]], dataplane: str, ou
     if refs:
         ax.scatter(*zip(*refs, strict=True), marker="_", s=600, color="black", label="ipvsadm -R, same table",
                    zorder=3)
-    ax.set_xticks(xs, [b[0] for b in bars])
+    ax.set_xticks(xs, [b[0] for b in bars], rotation=45, ha="right")
     where = "host, in-memory dataplane" if dataplane == "memory" else "test VM, real kernel"
-    _label(ax, "Services (x 10 endpoints) and manifest format", f"seconds ({where})",
-           "`ipvsproxy run --from-file --once`: exec -> last object")
+    _label(ax, "Services (x 10 endpoints) and source", f"seconds ({where})",
+           "`ipvsproxy run --once` in a fresh process: exec -> last object")
     return _save(plt, fig, outdir, f"bench-process-start-{dataplane}.png")
 
 
