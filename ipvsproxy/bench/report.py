@@ -152,7 +152,8 @@ def text_summary(doc: dict[str, Any]) -> str:
             lines.append(f"        process start ({fmt}, {ps['manifest_mb']} MB): exec -> last object"
                          f" {ps['wall_s']:.2f}s"
                          f" = start {sp['start']:.2f} (bare interpreter {ps['interpreter_s']:.2f}) + read"
-                         f" {sp['read']:.2f} + control plane {sp['control_plane']:.2f} + kernel {sp['kernel']:.2f}"
+                         f" {sp['read']:.2f} + control plane {sp['control_plane']:.2f} + requests"
+                         f" {sp.get('requests', 0.0):.2f} + kernel {sp['kernel']:.2f}"
                          f" + nftables {sp['nftables']:.2f} + other {sp['other']:.2f}; Python share"
                          f" {ps['python_share']}; then {ps['after_s']:.2f}s to exit; {ps['write_ops']} ops")
         for mode, m in (r.get("rss") or {}).items():
@@ -203,7 +204,8 @@ def plot(doc: dict[str, Any], outdir: str) -> list[str]:
 
 
 PROCESS_PARTS = (("start", "interpreter + imports"), ("read", "read + parse (manifest or API)"),
-                 ("control_plane", "control plane"), ("kernel", "kernel (dataplane)"),
+                 ("control_plane", "control plane"), ("requests", "operations -> netlink requests"),
+                 ("kernel", "kernel (dataplane)"),
                  ("nftables", "nftables companion"), ("other", "other"))
 
 
