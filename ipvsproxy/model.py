@@ -97,6 +97,17 @@ def canonical_ip(address: str) -> str:
     alternate full syncs. A scope (``fe80::1%eth0``) is kept, for the caller
     to refuse.
     """
+    # Fast path (C, no objects): half the EndpointSlice parse went to ipaddress.ip_address.
+    # It answers only where the result is certainly what the slow path gives: IPv4 already
+    # spelled canonically, and IPv6 without a scope or an embedded IPv4 part.
+    try:
+        if ":" in address:
+            if "." not in address and "%" not in address:
+                return socket.inet_ntop(AF_INET6, socket.inet_pton(AF_INET6, address))
+        elif socket.inet_ntop(AF_INET, socket.inet_pton(AF_INET, address)) == address:
+            return address
+    except (OSError, ValueError):
+        pass  # the slow path says what is wrong, in its words
     ip = ipaddress.ip_address(address.strip())
     if ip.version == 4:
         return str(ip)

@@ -163,7 +163,8 @@ def describe(obj: Any) -> str:
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    # type() first: the isinstance check against the Mapping ABC was 0.5 s of a 10,000-Service parse
+    return value if type(value) is dict or isinstance(value, Mapping) else {}
 
 
 def _list(value: Any) -> list[Any]:

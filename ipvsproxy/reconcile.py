@@ -438,6 +438,8 @@ class Reconciler:
         return report
 
     def _track_drain(self, op: Op, now: float) -> None:
+        if not self.drain_started and op.note is not OpNote.DRAIN:
+            return  # nothing draining, nothing starting to: most syncs, every cold start
         if op.kind is OpKind.DEL_VS:  # a deleted virtual server takes its draining reals with it
             for k in [k for k in self.drain_started if k.key == op.key]:
                 del self.drain_started[k]

@@ -91,7 +91,11 @@ class Tracker:
 
     def _mark(self, service_id: str) -> None:
         self._dirty.setdefault(service_id, self.clock())
-        self.changed.set()
+        # Event.set takes a lock and wakes waiters: 20,000 times in a 10,000-Service listing.
+        # Skipping it when already set loses nothing: whoever clears the event clears it before
+        # reading the changes, so after this change was recorded.
+        if not self.changed.is_set():
+            self.changed.set()
 
     def upsert(self, kind: str, obj: Any) -> None:
         """An object was added or changed."""

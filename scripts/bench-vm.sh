@@ -3,7 +3,7 @@
 #
 #   scripts/bench-vm.sh [ipvsproxy bench flags...]
 #
-# Default flags: --services 10000 --endpoints 10 --naive-objects 2000 --churn-steps 100.
+# Default flags: --services 10000 --endpoints 10 --naive-objects 2000 --churn-steps 100 --process-start json.
 # Runs in ONE boot of the VM (Debian's kernel under QEMU/TCG, booted through scripts/vm-run.sh,
 # which queues behind other users' VMs with flock /tmp/ipvsproxy-vm.lock), where it times
 # ipvsproxy's cold start through the real netlink dataplane, `ipvsadm -R` and `ip -batch` of
@@ -23,7 +23,7 @@ cd "$ROOT"
 out=${BENCH_OUT:-results/bench-vm.json}
 case $out in results/*) ;; *) echo "bench-vm: BENCH_OUT must be under results/ (the VM's writable folder)" >&2; exit 2 ;; esac
 if [[ $# -eq 0 ]]; then
-    set -- --services 10000 --endpoints 10 --naive-objects 2000 --churn-steps 100
+    set -- --services 10000 --endpoints 10 --naive-objects 2000 --churn-steps 100 --process-start json
 fi
 mkdir -p results
 quoted=$(printf ' %q' "$@")

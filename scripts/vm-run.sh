@@ -11,7 +11,8 @@
 # VM boots are serialised across users of this machine by flock on /tmp/ipvsproxy-vm.lock.
 # Environment: VM_KERNEL=/boot/vmlinuz-... to pick a kernel (default: the newest one),
 # VM_MEMORY (default 2G), VM_TIMEOUT (seconds for the whole vng run, default 3600),
-# VM_LOCK (the flock file, default /tmp/ipvsproxy-vm.lock; another path lets a second VM run beside).
+# VM_LOCK (the flock file, default /tmp/ipvsproxy-vm.lock; another path lets a second VM run beside),
+# VM_DEADLINE (Unix time: the run ends by then; when the lock frees later, it gives up, exit 124).
 # See docs/troubleshooting.md ("The test VM") for why the VM exists and why --disable-kvm.
 set -euo pipefail
 
@@ -143,6 +144,14 @@ if ! flock -n 9; then
     flock 9
 fi
 start=$(date +%s)
+if [[ -n ${VM_DEADLINE:-} ]]; then
+    left=$((VM_DEADLINE - start))
+    if (( left < 60 )); then
+        echo "vm-run: the lock came free too close to VM_DEADLINE ($left s left); not booting" >&2
+        exit 124
+    fi
+    (( left < timeout_s )) && timeout_s=$left
+fi
 # QEMU opens the guest's stdout/stderr as files at /proc/self/fd/{1,2}, which TRUNCATES them
 # when they are regular files (`test.sh > log` lost everything before the VM's output). So vng
 # writes into pipes, and cat copies to our stdout/stderr. vng's status goes through a file.

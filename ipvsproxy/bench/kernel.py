@@ -73,15 +73,16 @@ class TimedWire:
         return getattr(self.inner, name)
 
 
-def open_instrumented() -> tuple[Any, dict[str, float]]:
-    """A NetlinkDataplane whose apply splits into IPVS netlink (encode + kernel) and address binding."""
+def open_instrumented(cfg: AgentConfig | None = None) -> tuple[Any, dict[str, float]]:
+    """A NetlinkDataplane (on `cfg`, default the benchmark's) whose apply splits into IPVS
+    netlink (encode + kernel) and address binding."""
     from ..dataplane.addr_wire import AddrWire
     from ..dataplane.ipvs_wire import IPVSWire
     from ..dataplane.netlink import HOST_MODULES, NetlinkDataplane
 
     HOST_MODULES.load("ip_vs")  # before the IPVS socket opens (NetlinkDataplane would do it for its own)
     acc = {"ipvs_netlink_s": 0.0, "addresses_s": 0.0}
-    dp = NetlinkDataplane(agent_config(), wire=TimedWire(IPVSWire(), acc, "ipvs_netlink_s"),  # type: ignore[arg-type]
+    dp = NetlinkDataplane(cfg or agent_config(), wire=TimedWire(IPVSWire(), acc, "ipvs_netlink_s"),  # type: ignore[arg-type]
                           addr=TimedWire(AddrWire(), acc, "addresses_s"))  # type: ignore[arg-type]
     return dp, acc
 
@@ -103,7 +104,7 @@ def open_firewall() -> Any:
 
 
 def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps: int, seed: int,
-               naive_objects: int, nftables: bool = True) -> dict[str, Any]:
+               naive_objects: int, nftables: bool = True, process_start: tuple[str, ...] = ()) -> dict[str, Any]:
     problem = kernel_problem()
     if problem:
         raise DataplaneError(problem)
@@ -141,8 +142,32 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
     if reference:
         out["references"] = run_references(ctx, snapshot, naive_objects)
         out["ratios"] = ratios(sc["cold"], out["references"], cold_table_objects(sc["cold"]))
+    for fmt in process_start:
+        out.setdefault("process_start", {})[fmt] = run_process_start(ctx, snapshot, fmt, nftables)
+    base = out["references"].get("ipvsadm_restore", {}).get("wall_s")
+    for fmt, ps in (out.get("process_start") or {}).items():
+        if base and ps.get("wall_s"):
+            out["ratios"][f"process_start_{fmt}_to_ipvsadm"] = round(ps["wall_s"] / base, 4)
     clean()
     return out
+
+
+def run_process_start(ctx: Context, desired: DesiredState, fmt: str, nftables: bool) -> dict[str, Any]:
+    """`ipvsproxy run --from-file --once` in a fresh process on an empty kernel, then the table checked."""
+    from . import procstart
+
+    ctx.progress.note(f"kernel: process start, `run --from-file cluster.{fmt} --once`")
+    clean()
+    if nftables:
+        open_firewall()
+    extra = ["--interface", INTERFACE, "--nftables" if nftables else "--no-nftables"]
+    result = procstart.measure(ctx, fmt, "kernel", extra)
+    result["table_problems"] = _kernel_problems(desired)
+    result["table_matches_desired"] = not result["table_problems"]
+    if nftables:
+        open_firewall()  # leaves no table behind
+    clean()
+    return result
 
 
 def agent_firewall(nftables: bool) -> Any:

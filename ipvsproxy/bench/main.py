@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import report, rss, scenarios
+from . import procstart, report, rss, scenarios
 from .cluster import ClusterSpec, SyntheticCluster
 from .progress import Progress
 
@@ -51,6 +51,7 @@ class Options:
     profile: str | None = None  # directory for cProfile output of the cold start
     include: tuple[str, ...] = field(default_factory=tuple)
     nft_cost: tuple[int, ...] = ()  # set-element counts: the companion with the real nft (bench/nftcost.py)
+    process_start: tuple[str, ...] = ()  # manifest formats for `run --from-file --once` (bench/procstart.py)
     progress: bool = False
 
 
@@ -94,6 +95,9 @@ def run_memory(ctx: scenarios.Context, opts: Options, n: int) -> dict[str, Any]:
     if "restart" in opts.scenarios:
         ctx.progress.note("memory: restart adoption")
         sc["restart"] = scenarios.restart(ctx, dp)
+    for fmt in opts.process_start:
+        ctx.progress.note(f"memory: process start, `run --from-file cluster.{fmt} --once`")
+        out.setdefault("process_start", {})[fmt] = procstart.measure(ctx, fmt, "memory")
     if "churn" in opts.scenarios:
         if opts.churn_steps:
             sc["churn"] = scenarios.churn(ctx, agent, opts.churn_steps, opts.seed)
@@ -136,7 +140,8 @@ def run(opts: Options) -> dict[str, Any]:
 
             result |= run_kernel(ctx, set(opts.scenarios), reference=opts.reference, churn_steps=opts.churn_steps
                                  if "churn" in opts.scenarios else 0, seed=opts.seed,
-                                 naive_objects=opts.naive_objects, nftables=opts.nftables)
+                                 naive_objects=opts.naive_objects, nftables=opts.nftables,
+                                 process_start=opts.process_start)
         del ctx, cluster
         if want_rss and "cold" in opts.scenarios:
             progress.note(f"RSS probe (fresh process), {n} Services")

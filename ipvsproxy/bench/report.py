@@ -100,6 +100,9 @@ def targets(doc: dict[str, Any], n: int = 10_000) -> list[dict[str, Any]]:
     return out
 
 
+DEFAULT_SYNC_PERIOD = 30.0  # `ipvsproxy run --sync-period`'s default: one full resync this often
+
+
 def text_summary(doc: dict[str, Any]) -> str:
     lines = []
     for r in doc.get("runs", []):
@@ -115,11 +118,18 @@ def text_summary(doc: dict[str, Any]) -> str:
         st = sc.get("steady")
         if st:
             full = st["full_resync"]
+            dump = full.get("dataplane_split_s", {}).get("observe") or 0.0
+            ratio = f" = {full['sync_s'] / dump:.2f}x the table dump ({dump:.3f}s)" if dump else ""
+            cpu = (f"; CPU {full['cpu_s']:.3f}s, {full['cpu_s'] / DEFAULT_SYNC_PERIOD:.1%} of one core at the"
+                   f" default --sync-period {DEFAULT_SYNC_PERIOD:g}s") if "cpu_s" in full else ""
             lines.append(f"        steady: {st['write_ops']} write ops; full resync "
-                         f"{full['sync_s']:.3f}s (control plane {full['control_plane_s']:.3f}s)")
+                         f"{full['sync_s']:.3f}s (control plane {full['control_plane_s']:.3f}s){ratio}{cpu}")
         rs = sc.get("restart")
         if rs:
-            lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s")
+            dump = rs.get("dataplane_split_s", {}).get("observe") or 0.0
+            ratio = f" = {rs['wall_s'] / dump:.2f}x the table dump ({dump:.3f}s)" if dump else ""
+            lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s"
+                         f" (list {rs['ingest_s']:.2f}s, sync {rs['sync_s']:.2f}s){ratio}")
         ch = sc.get("churn")
         if ch:
             one = ch["single_endpoint"]
@@ -134,6 +144,18 @@ def text_summary(doc: dict[str, Any]) -> str:
         if cr:
             lines.append(f"        churn at {cr['rate_per_s']}/s: {cr['syncs']} syncs, latency median"
                          f" {cr['latency_ms']['median']} ms p99 {cr['latency_ms']['p99']} ms")
+        for fmt, ps in (r.get("process_start") or {}).items():
+            if ps.get("error"):
+                lines.append(f"        process start ({fmt}): failed: {ps['error']}")
+                continue
+            sp = ps["split_s"]
+            lines.append(f"        process start ({fmt}, {ps['manifest_mb']} MB): exec -> last object"
+                         f" {ps['wall_s']:.2f}s"
+                         f" = start {sp['start']:.2f} (bare interpreter {ps['interpreter_s']:.2f}) + read"
+                         f" {sp['read']:.2f} + control plane {sp['control_plane']:.2f} + requests"
+                         f" {sp.get('requests', 0.0):.2f} + kernel {sp['kernel']:.2f}"
+                         f" + nftables {sp['nftables']:.2f} + other {sp['other']:.2f}; Python share"
+                         f" {ps['python_share']}; then {ps['after_s']:.2f}s to exit; {ps['write_ops']} ops")
         for mode, m in (r.get("rss") or {}).items():
             lines.append(f"        RSS ({mode} list): {m['rss_mib']} MiB, peak {m['peak_mib']} MiB")
         for k, v in (r.get("ratios") or {}).items():
@@ -175,7 +197,42 @@ def plot(doc: dict[str, Any], outdir: str) -> list[str]:
             written += _plot_rss(plt, mem, outdir)
     if ker and any(r.get("references") for r in ker):
         written += _plot_kernel(plt, ker, outdir)
+    for dataplane, runs in (("memory", mem), ("kernel", ker)):
+        if any(r.get("process_start") for r in runs):
+            written += _plot_process_start(plt, runs, dataplane, outdir)
     return written
+
+
+PROCESS_PARTS = (("start", "interpreter + imports"), ("read", "read + parse (manifest or API)"),
+                 ("control_plane", "control plane"), ("requests", "operations -> netlink requests"),
+                 ("kernel", "kernel (dataplane)"),
+                 ("nftables", "nftables companion"), ("other", "other"))
+
+
+def _plot_process_start(plt: Any, runs: list[dict[str, Any]], dataplane: str, outdir: str) -> list[str]:
+    """Stacked bars: `run --from-file --once`, exec -> last object, split, per size and format."""
+    bars = [(f"{r['services'] // 1000}k {fmt}", ps["split_s"], r)
+            for r in runs for fmt, ps in sorted((r.get("process_start") or {}).items()) if "split_s" in ps]
+    if not bars:
+        return []
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.7 * len(bars)), 4.6))
+    xs = list(range(len(bars)))
+    bottom = [0.0] * len(bars)
+    for part, label in PROCESS_PARTS:
+        ys = [split.get(part, 0.0) for _, split, _ in bars]
+        if any(ys):
+            ax.bar(xs, ys, bottom=bottom, label=label)
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    refs = [(x, _get(r, "references", "ipvsadm_restore", "wall_s")) for x, (_, _, r) in zip(xs, bars, strict=True)]
+    refs = [(x, y) for x, y in refs if y]
+    if refs:
+        ax.scatter(*zip(*refs, strict=True), marker="_", s=600, color="black", label="ipvsadm -R, same table",
+                   zorder=3)
+    ax.set_xticks(xs, [b[0] for b in bars], rotation=45, ha="right")
+    where = "host, in-memory dataplane" if dataplane == "memory" else "test VM, real kernel"
+    _label(ax, "Services (x 10 endpoints) and source", f"seconds ({where})",
+           "`ipvsproxy run --once` in a fresh process: exec -> last object")
+    return _save(plt, fig, outdir, f"bench-process-start-{dataplane}.png")
 
 
 def _save(plt: Any, fig: Any, outdir: str, name: str) -> list[str]:

@@ -124,11 +124,14 @@ def timed_sync(agent: Agentlet, full: bool) -> tuple[SyncReport, dict[str, Any]]
     if agent.fw is not None:
         agent.fw.seconds = 0.0
         reads = agent.fw.reads
+    cpu = time.process_time()
     report = agent.rec.sync(full)
+    cpu = time.process_time() - cpu  # this process's CPU (user + system: the netlink calls too)
     after = _snapshot(agent.dp)
     delta = {k: after[k] - before[k] for k in before}
     m: dict[str, Any] = {
         "sync_s": report.duration,
+        "cpu_s": round(cpu, 4),
         "dataplane_s": agent.dp.total,
         "dataplane_split_s": dict(agent.dp.seconds),
         "control_plane_s": max(0.0, report.duration - agent.dp.total),

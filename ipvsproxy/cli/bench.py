@@ -29,6 +29,18 @@ def _sizes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
     return tuple(out) or (1000,)
 
 
+def _formats(values: tuple[str, ...]) -> tuple[str, ...]:
+    from ..bench.procstart import FORMATS
+
+    out: list[str] = []
+    for v in values:
+        for part in filter(None, (p.strip().lower() for p in v.split(","))):
+            if part not in FORMATS:
+                raise click.BadParameter(f"{part!r}: one of {', '.join(FORMATS)}")
+            out.append(part)
+    return tuple(dict.fromkeys(out))
+
+
 def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     from ..bench.main import SCENARIOS
 
@@ -59,6 +71,11 @@ def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
               help="Also measure the nftables companion alone with the real nft, in a private network "
                    "namespace, at these numbers of set elements (e.g. 1k,10k,50k): one change, one drift "
                    "check. Needs root, nft and unshare.")
+@click.option("--process-start", "process_start", multiple=True, metavar="FORMAT[,FORMAT]",
+              callback=lambda c, p, v: _formats(v),
+              help="Also time `ipvsproxy run --from-file cluster.FORMAT --once` in a fresh process, exec to "
+                   "the last object in the table, split into start-up, reading, control plane and kernel "
+                   "(FORMAT: yaml, json, or api: listed from the in-process API stand-in of tests/apiserver.py).")
 @click.option("--naive-objects", default=2000, show_default=True, type=click.IntRange(0),
               help="Objects (virtual + real servers) the naive pyroute2 loop programs; its per-object cost "
                    "is extrapolated to the whole table.")
@@ -124,6 +141,16 @@ def invariant_failures(doc: dict[str, Any]) -> list[str]:
             ops = r.get("scenarios", {}).get(name, {}).get("write_ops")
             if ops:
                 out.append(f"{where} {name}: {ops} write operations (expected none)")
+        for fmt, ps in (r.get("process_start") or {}).items():
+            if ps.get("error") or ps.get("failures"):
+                out.append(f"{where} process start ({fmt}): {ps.get('error') or str(ps['failures']) + ' failures'}")
+            if ps.get("table_matches_desired") is False:
+                out.append(f"{where} process start ({fmt}): the kernel table differs from the desired state: "
+                           f"{ps.get('table_problems')}")
+            cold_ops = r.get("scenarios", {}).get("cold", {}).get("write_ops")
+            if ps.get("write_ops") is not None and cold_ops is not None and ps["write_ops"] != cold_ops:
+                out.append(f"{where} process start ({fmt}): {ps['write_ops']} write operations, the in-process "
+                           f"cold start {cold_ops}")
         for name, ref in (r.get("references") or {}).items():
             if isinstance(ref, dict) and ref.get("table_matches_desired") is False:
                 out.append(f"{where} reference {name}: the kernel table differs from the desired state")

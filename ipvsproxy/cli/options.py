@@ -74,9 +74,10 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 source_options = _stack(
     opt("from-file", "from_files", multiple=True, type=click.Path(exists=True),
-        help="Read Services/EndpointSlices/Nodes from YAML files or directories instead of the API "
+        help="Read Services/EndpointSlices/Nodes from YAML or JSON files or directories instead of the API "
              "(repeatable; re-read when they change; must exist at start; a file that turns empty, "
-             "invalid or missing keeps its last good content)."),
+             "invalid or missing keeps its last good content). JSON (`kubectl get -o json`) is read "
+             "about 25x faster than YAML: prefer it for large clusters."),
     opt("kubeconfig", default=None, type=click.Path(dir_okay=False),
         help="Kubeconfig to use when not in a cluster (else $KUBECONFIG, ~/.kube/config)."),
     opt("api-server", default=None, callback=lambda ctx, param, value: _api_server(value, param, ctx),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -40,9 +43,15 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
      help="Keep table inet ipvsproxy (masquerade, hairpin, VIP port filter, LB source ranges) in step.")
 @opt("dataplane", default="kernel", type=click.Choice(["kernel", "memory"]), hidden=True,
      help="Where to program (memory: a simulation, for demos and tests).")
-def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
+@click.option("--timings", default=None, hidden=True, type=click.Path(dir_okay=False),
+              help="With --once: write how long each step took, as JSON, here (`ipvsproxy bench --process-start`).")
+def run(once: bool, dry_run: bool, dataplane: str, timings: str | None, **flags: Any) -> None:
     """Run the node agent: follow Services and program IPVS."""
+    entered = time.time()  # exec -> here: interpreter start-up, imports, flag parsing
     cfg = make_config(**flags)
+    if timings and once and not dry_run:
+        _once_timed(cfg, dataplane, timings, entered)
+        return
     if dry_run:
         dp = common.open_for_plan(dataplane, cfg)
         agent = Agent(cfg, dp, dry_run=True)
@@ -63,3 +72,34 @@ def run(once: bool, dry_run: bool, dataplane: str, **flags: Any) -> None:
         click.echo(f"synced: {summarize(report.ops)}{nft} in {report.duration:.3f}s", err=True)
         return
     agent.run()
+
+
+def _once_timed(cfg: Any, dataplane: str, path: str, entered: float) -> None:
+    """`run --once` with its time split into steps, for the process-start benchmark: the
+    dataplane and the nftables companion are wrapped in the benchmark's timers (and the kernel
+    dataplane's netlink codecs too), which changes nothing they do."""
+    from ..bench.dataplanes import Timed, TimedFirewall
+
+    acc: dict[str, float] = {}
+    if dataplane == "kernel":
+        from ..bench.kernel import open_instrumented
+
+        inner, acc = open_instrumented(cfg)
+    else:
+        inner = common.open_dataplane(dataplane, cfg)
+    dp = Timed(inner)
+    fw = common.open_firewall(dataplane, cfg)
+    tfw = TimedFirewall(fw) if fw is not None else None
+    agent = Agent(cfg, dp, firewall=tfw)  # type: ignore[arg-type]
+    once_unix = time.time()
+    try:
+        report = agent.once()
+    finally:
+        dp.close()
+    doc = {"entered_unix": entered, "once_unix": once_unix, **agent.phases, "dataplane_s": dp.total,
+           "dataplane_split_s": dict(dp.seconds),
+           "netlink_split_s": acc, "firewall_s": tfw.seconds if tfw is not None else 0.0,
+           "write_ops": len(report.ops), "failures": len(report.failures),
+           "firewall_changes": report.firewall_changes, "done_unix": time.time()}
+    Path(path).write_text(json.dumps(doc))
+    click.echo(f"synced: {summarize(report.ops)} in {report.duration:.3f}s", err=True)

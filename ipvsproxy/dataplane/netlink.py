@@ -428,7 +428,11 @@ class NetlinkDataplane:
         return self._usable[name]
 
     # ---- writing ----------------------------------------------------------------
-    def _requests(self, op: Op) -> Request | None:
+    def _requests(self, op: Op, ids: dict[VSKey, Svc]) -> Request | None:
+        """The IPVS request for one operation. `ids` holds one identity-only Svc per virtual
+        server for the whole apply: its real servers' requests share it, so the wire encodes
+        the service identity once per virtual server, not once per real server (IPVSWire
+        reuses the last nest while the Svc object is the same)."""
         key = op.key
         if key is None:
             return None
@@ -436,11 +440,14 @@ class NetlinkDataplane:
             return Request(Cmd.NEW_SERVICE, svc_of(key, op.vs))
         if op.kind is OpKind.EDIT_VS:
             return Request(Cmd.SET_SERVICE, svc_of(key, op.vs))
+        svc = ids.get(key)
+        if svc is None:
+            svc = ids[key] = svc_of(key)
         if op.kind is OpKind.DEL_VS:
-            return Request(Cmd.DEL_SERVICE, svc_of(key))
+            return Request(Cmd.DEL_SERVICE, svc)
         assert op.real is not None
         dest = Dest(op.real.address, op.real.port, op.real.weight, 0, family_of(op.real.address))
-        return Request(_DEST_CMD[op.kind], svc_of(key), dest)
+        return Request(_DEST_CMD[op.kind], svc, dest)
 
     def apply(self, ops: Sequence[Op]) -> list[Failure]:
         if self.read_only:
@@ -451,7 +458,8 @@ class NetlinkDataplane:
         ipvs = [op for op in ops if op.kind not in (OpKind.BIND, OpKind.UNBIND)]
         sent = self._sent()
         self._addresses(binds, failures)
-        reqs = [(op, self._requests(op)) for op in ipvs]
+        ids: dict[VSKey, Svc] = {}
+        reqs = [(op, self._requests(op, ids)) for op in ipvs]
         results = self.wire.execute([r for _, r in reqs if r is not None])
         removed: list[Removal] = []
         for (op, _), err in zip(reqs, results, strict=True):

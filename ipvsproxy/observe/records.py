@@ -67,7 +67,9 @@ def write(state_dir: str, rec: Record) -> None:
     payload = {"node": rec.node, "written": rec.written, "services": rec.services}
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".services.")
     with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, separators=(",", ":"))
+        # dumps, not dump: json.dump streams through the pure-Python encoder, 10x slower (7 s of
+        # a 10,000-Service `run --once` on the development machine went to it)
+        f.write(json.dumps(payload, separators=(",", ":")))
     os.replace(tmp, os.path.join(state_dir, FILE))
 
 

@@ -318,3 +318,48 @@ def test_nft_cost_results_are_judged_and_reported() -> None:
     assert len(broken) == 2 and "read the table" in broken[0] and "differs" in broken[1]
     doc["nft_cost"] = {"skipped": "nft is not installed"}
     assert "not measured: nft is not installed" in report.text_summary(doc)
+
+
+def test_process_start_runs_the_real_command_and_splits_its_time(tmp_path: Path) -> None:
+    """`bench --process-start`: `ipvsproxy run --once` in a fresh process writes what the in-process
+    cold start writes, from YAML, from JSON and from the API stand-in, and its split adds up to its wall."""
+    from ipvsproxy.cli.bench import bench, invariant_failures
+
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(bench, ["--services", "30", "--endpoints", "3", "--scenario", "cold", "--no-rss",
+                                   "--process-start", "yaml,json,api", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    run_ = json.loads(out.read_text())["runs"][0]
+    cold_ops = run_["scenarios"]["cold"]["write_ops"]
+    for fmt in ("yaml", "json", "api"):
+        ps = run_["process_start"][fmt]
+        assert "error" not in ps, ps
+        assert ps["write_ops"] == cold_ops > 0 and ps["failures"] == 0
+        parts = ps["split_s"]
+        assert ps["split_s"]["start"] >= ps["interpreter_s"] * 0.5 > 0
+        assert abs(sum(parts.values()) - ps["wall_s"]) < 0.01 and ps["exit_s"] >= ps["wall_s"]
+        assert 0 < ps["python_share"] <= 1
+        assert f"process start ({fmt}" in r.output
+    bad = {"runs": [{**run_, "process_start": {"json": {**run_["process_start"]["json"], "write_ops": 1}}}]}
+    assert any("process start (json)" in b for b in invariant_failures(bad))
+    r = CliRunner().invoke(bench, ["--process-start", "toml"])
+    assert r.exit_code == 2 and "one of yaml, json, api" in r.output
+
+
+def test_run_timings_flag_only_splits_a_once_run(tmp_path: Path) -> None:
+    """The hidden --timings of `run --once` writes the steps; the sync is the ordinary one."""
+    from ipvsproxy.cli.main import cli, register
+    from tests.unit.factories import NODE, node, service, slice_
+
+    register()
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        service("web"), slice_("web", ["10.1.0.1", "10.1.0.2"]), node(NODE)]}))
+    t = tmp_path / "t.json"
+    r = CliRunner().invoke(cli, ["run", "--from-file", str(f), "--once", "--dataplane", "memory", "--node-name",
+                                 NODE, "--state-dir", str(tmp_path / "s"), "--timings", str(t)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(t.read_text())
+    assert doc["write_ops"] >= 3 and doc["failures"] == 0
+    assert {"read_s", "setup_s", "sync_s", "record_s", "dataplane_s"} <= set(doc)
+    assert doc["entered_unix"] <= doc["once_unix"] <= doc["done_unix"]

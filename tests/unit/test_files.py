@@ -169,3 +169,17 @@ def test_load_into_tracker_as_complete_listings(tmp_path: Path) -> None:
     f.write_text(": : :\n  - [")
     problems = reader.load(t)
     assert problems and set(t.services) == {"default/web"} and t.node is not None
+
+
+def test_json_looking_text_that_is_yaml_flow_or_several_documents(tmp_path: Path) -> None:
+    """JSON goes through the json module; text that only opens like JSON is still read as YAML."""
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("{apiVersion: v1, kind: List, items: [" + json.dumps(service("f")) + "]}\n")
+    two = tmp_path / "two.yaml"
+    two.write_text(json.dumps(service("x")) + "\n---\n" + json.dumps(service("y")) + "\n")
+    assert names(read_file(flow)[0]["Service"]) == ["f"]  # type: ignore[index]
+    assert names(read_file(two)[0]["Service"]) == ["x", "y"]  # type: ignore[index]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "List", "items": [')
+    found, problems = read_file(bad)
+    assert found is None and "invalid YAML" in problems[0] and "file skipped" in problems[0]

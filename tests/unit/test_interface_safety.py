@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from typing import Any
 
 import pytest
@@ -119,3 +121,23 @@ def test_only_the_kernels_own_link_local_address_is_skipped() -> None:
     assert not _kernel_link_local("fe80::142:1", Msg(0x82, 0x82))  # we bind with IFA_F_NODAD
     assert not _kernel_link_local("fe80::142:1", Msg(0x02, None))  # no IFA_FLAGS attribute: the header's flags
     assert not _kernel_link_local("2001:2::1", Msg(0, 0))
+
+
+@pytest.mark.parametrize("given", [
+    "10.0.0.1", "0.0.0.0", "010.0.0.1", "1.2.3.04", "1.2.3", "256.1.1.1", "0x1.2.3.4", "\u0661.2.3.4",
+    " 1.2.3.4", "1.2.3.4\n", "::", "::1", "2001:DB8::0001", "1::2::3", "1:2:3:4:5:6:7:8:9", "::ffff:1.2.3.4",
+    "::ffff:01.2.3.4", " ::1", "fe80::1%eth0", "", "abc", "1.2.3.4\x00",
+])
+def test_canonical_ip_fast_path_answers_as_ipaddress_does(given: str) -> None:
+    """The inet_pton fast path gives the slow path's answer, or the slow path's error."""
+    try:
+        ip = ipaddress.ip_address(given.strip())
+        want: str | None = str(ip) if ip.version == 4 else (
+            socket.inet_ntop(socket.AF_INET6, ip.packed) + (f"%{ip.scope_id}" if ip.scope_id else ""))
+    except ValueError:
+        want = None
+    if want is None:
+        with pytest.raises(ValueError):
+            canonical_ip(given)
+    else:
+        assert canonical_ip(given) == want

@@ -292,6 +292,30 @@ def test_plan_is_deterministic() -> None:
     assert a == b
 
 
+def test_plan_order_is_kind_then_virtual_server_then_address() -> None:
+    """The order plan() builds per kind equals one sort of every operation by (kind, key, address,
+    real server), as it was computed before the per-kind lists, with weight changes and drains of
+    one virtual server interleaved by address, on unsorted input."""
+    import random
+
+    rng = random.Random(3)
+    keys = [VSKey(AF_INET, rng.choice((TCP, UDP)), f"10.96.{rng.randrange(4)}.{i}", 80) for i in range(40)]
+    ips = [f"10.1.{rng.randrange(3)}.{i}" for i in range(60)]
+    before = desired(*(vs(k, *rng.sample(ips, 6)) for k in keys[:30]))
+    obs = observed_of(before)
+    for o in obs.services.values():
+        for r in o.reals.values():
+            r.active = rng.choice((0, 0, 3))
+            r.weight = rng.choice((1, 1, 0))
+    servers = [VirtualServer(k, "rr", 0, 0, tuple(Real(ip, 8080, rng.choice((1, 2)))
+                                                  for ip in rng.sample(ips, 6)), REF) for k in keys[10:]]
+    rng.shuffle(servers)
+    ops = plan(DesiredState.of(servers, [s.key.address for s in servers[:25]]), obs)
+    order = list(OpKind)
+    assert ops == sorted(ops, key=lambda op: (order.index(op.kind), op.key or (), op.address or "", op.real or ()))
+    assert {OpKind.ADD_RS, OpKind.EDIT_RS, OpKind.DEL_RS, OpKind.DEL_VS, OpKind.UNBIND} <= set(kinds(ops))
+
+
 # ---- settings ---------------------------------------------------------------------------
 
 
