@@ -11,6 +11,7 @@ import click
 
 from ..agent import Agent
 from ..logfmt import escape
+from ..reconcile import SyncReport
 from . import common
 from .common import make_config, summarize
 from .options import CIDRs, Duration, opt, source_options, translate_options
@@ -64,14 +65,20 @@ def run(once: bool, dry_run: bool, dataplane: str, timings: str | None, **flags:
     agent = Agent(cfg, dp, firewall=common.open_firewall(dataplane, cfg),
                   stats_dataplane=lambda: common.open_dataplane(dataplane, cfg, for_reading=True))
     if once:
-        try:
-            report = agent.once()
-        finally:
-            dp.close()
-        nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
-        click.echo(f"synced: {summarize(report.ops)}{nft} in {report.duration:.3f}s", err=True)
+        _sync_once(agent, dp)
         return
     agent.run()
+
+
+def _sync_once(agent: Agent, dp: Any) -> SyncReport:
+    """`run --once`: one full sync, the dataplane closed after it, and its one-line summary."""
+    try:
+        report = agent.once()
+    finally:
+        dp.close()
+    nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
+    click.echo(f"synced: {summarize(report.ops)}{nft} in {report.duration:.3f}s", err=True)
+    return report
 
 
 def _once_timed(cfg: Any, dataplane: str, path: str, entered: float) -> None:
@@ -92,14 +99,10 @@ def _once_timed(cfg: Any, dataplane: str, path: str, entered: float) -> None:
     tfw = TimedFirewall(fw) if fw is not None else None
     agent = Agent(cfg, dp, firewall=tfw)  # type: ignore[arg-type]
     once_unix = time.time()
-    try:
-        report = agent.once()
-    finally:
-        dp.close()
+    report = _sync_once(agent, dp)
     doc = {"entered_unix": entered, "once_unix": once_unix, **agent.phases, "dataplane_s": dp.total,
            "dataplane_split_s": dict(dp.seconds),
            "netlink_split_s": acc, "firewall_s": tfw.seconds if tfw is not None else 0.0,
            "write_ops": len(report.ops), "failures": len(report.failures),
            "firewall_changes": report.firewall_changes, "done_unix": time.time()}
     Path(path).write_text(json.dumps(doc))
-    click.echo(f"synced: {summarize(report.ops)} in {report.duration:.3f}s", err=True)
