@@ -397,11 +397,13 @@ def _agnhost_inputs(h: Any) -> None:
     h.update(b"reflect2 patched" if (KUBE_CACHE / "src" / ".reflect2").is_file() else b"vendor as shipped")
     h.update(dpkg_version("golang-1.19-go").encode() + dpkg_version("mmdebstrap").encode())
     h.update(json.dumps(AGNHOST_PACKAGES).encode())
+    _busybox_inputs(h)  # its nslookup applet
 
 
 # What agnhost's Alpine image adds with apk (its Dockerfile), from Debian: the e2e tests exec curl,
-# nc, ss, iperf and bash in agnhost pods. Left out: bind-tools' dig (only the DNS tests use it, and
-# Debian's bind9-dnsutils pulls libicu, 36 MB) and the CoreDNS binary (a download, not in the tree).
+# nc, ss, iperf and bash in agnhost pods, and `nslookup` (the ExternalName Service tests run it; here it is
+# busybox-static's applet, 2 MB, where Debian's bind9-dnsutils would pull libicu, 36 MB). Left out:
+# bind-tools' dig (only the DNS tests use it) and the CoreDNS binary (a download, not in the tree).
 AGNHOST_PACKAGES = ["bash", "curl", "netcat-openbsd", "iproute2", "iperf"]
 
 
@@ -418,6 +420,8 @@ def _agnhost_build(work: Path) -> tuple[list[Path], ImageConfig]:
         'ln -s agnhost "$1/agnhost-2"',
         'mkdir -p "$1/uploads"',
         f'cp {shlex.quote(str(porter / "localhost.crt"))} {shlex.quote(str(porter / "localhost.key"))} "$1/"',
+        f'cp {shlex.quote(str(BUSYBOX))} "$1/usr/bin/busybox"',
+        'ln -s busybox "$1/usr/bin/nslookup"',
     ]
     layer = work / "rootfs.tar"
     mmdebstrap(layer, "minbase", AGNHOST_PACKAGES, hooks)
