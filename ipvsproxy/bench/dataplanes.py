@@ -7,7 +7,8 @@ work (the kernel, or the in-memory model's copying); :class:`TimedFirewall`
 does the same for the nftables companion, which `ipvsproxy run` ships on
 and which runs inside every sync. :class:`Sink` accepts
 everything and keeps nothing: the RSS probe uses it so the kernel's copy of
-the table is not counted as the agent's memory.
+the table is not counted as the agent's memory. :func:`open_instrumented` is the kernel dataplane
+with its netlink exchanges timed (`run --timings`, the kernel benchmark).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..config import AgentConfig
 from ..dataplane.base import Counters, Dataplane, Failure
 from ..model import Delta, ObservedState, ObservedVS, VSKey
 from ..plan import Op
@@ -144,3 +146,36 @@ class Sink:
 
     def close(self) -> None:
         pass
+
+
+class TimedWire:
+    """A netlink codec (IPVS or addresses) whose `execute` is timed into `acc[key]`;
+    handed to NetlinkDataplane as its wire, so nothing private is patched."""
+
+    def __init__(self, inner: Any, acc: dict[str, float], key: str) -> None:
+        self.inner, self.acc, self.key = inner, acc, key
+
+    def execute(self, requests: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.inner.execute(requests)
+        finally:
+            self.acc[self.key] += time.perf_counter() - t
+
+    def __getattr__(self, name: str) -> Any:  # counters, dumps, close ... of the inner codec
+        return getattr(self.inner, name)
+
+
+def open_instrumented(cfg: AgentConfig) -> tuple[Any, dict[str, float]]:
+    """A NetlinkDataplane on `cfg` whose apply splits into IPVS netlink (encode + kernel) and
+    address binding. Here, not in bench/kernel.py, so `run --timings` (the process-start child)
+    does not import the synthetic-cluster generator and count it as its own set-up."""
+    from ..dataplane.addr_wire import AddrWire
+    from ..dataplane.ipvs_wire import IPVSWire
+    from ..dataplane.netlink import HOST_MODULES, NetlinkDataplane
+
+    HOST_MODULES.load("ip_vs")  # before the IPVS socket opens (NetlinkDataplane would do it for its own)
+    acc = {"ipvs_netlink_s": 0.0, "addresses_s": 0.0}
+    dp = NetlinkDataplane(cfg, wire=TimedWire(IPVSWire(), acc, "ipvs_netlink_s"),  # type: ignore[arg-type]
+                          addr=TimedWire(AddrWire(), acc, "addresses_s"))  # type: ignore[arg-type]
+    return dp, acc

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from typing import Any
 
 from ..config import AgentConfig
 from ..dataplane.base import INTERFACE_MARK, DataplaneError
 from ..model import DesiredState
 from . import references, scenarios
+from .dataplanes import open_instrumented
 from .scenarios import Context
 
 INTERFACE = "ipvsbench0"
@@ -55,38 +55,6 @@ def clean() -> float:
     return t
 
 
-class TimedWire:
-    """A netlink codec (IPVS or addresses) whose `execute` is timed into `acc[key]`;
-    handed to NetlinkDataplane as its wire, so nothing private is patched."""
-
-    def __init__(self, inner: Any, acc: dict[str, float], key: str) -> None:
-        self.inner, self.acc, self.key = inner, acc, key
-
-    def execute(self, requests: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return self.inner.execute(requests)
-        finally:
-            self.acc[self.key] += time.perf_counter() - t
-
-    def __getattr__(self, name: str) -> Any:  # counters, dumps, close ... of the inner codec
-        return getattr(self.inner, name)
-
-
-def open_instrumented(cfg: AgentConfig | None = None) -> tuple[Any, dict[str, float]]:
-    """A NetlinkDataplane (on `cfg`, default the benchmark's) whose apply splits into IPVS
-    netlink (encode + kernel) and address binding."""
-    from ..dataplane.addr_wire import AddrWire
-    from ..dataplane.ipvs_wire import IPVSWire
-    from ..dataplane.netlink import HOST_MODULES, NetlinkDataplane
-
-    HOST_MODULES.load("ip_vs")  # before the IPVS socket opens (NetlinkDataplane would do it for its own)
-    acc = {"ipvs_netlink_s": 0.0, "addresses_s": 0.0}
-    dp = NetlinkDataplane(cfg or agent_config(), wire=TimedWire(IPVSWire(), acc, "ipvs_netlink_s"),  # type: ignore[arg-type]
-                          addr=TimedWire(AddrWire(), acc, "addresses_s"))  # type: ignore[arg-type]
-    return dp, acc
-
-
 def _take(acc: dict[str, float]) -> dict[str, float]:
     out = {k: round(v, 6) for k, v in acc.items()}
     for k in acc:
@@ -112,7 +80,7 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
     out: dict[str, Any] = {"scenarios": {}, "references": {}, "ratios": {}}
     sc = out["scenarios"]
     out["flush_before_s"] = clean()
-    dp, acc = open_instrumented()
+    dp, acc = open_instrumented(agent_config())
     try:
         note("kernel: cold start through NetlinkDataplane")
         fw = open_firewall() if nftables else None

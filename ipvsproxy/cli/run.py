@@ -89,7 +89,7 @@ def _once_timed(cfg: Any, dataplane: str, path: str, entered: float) -> None:
 
     acc: dict[str, float] = {}
     if dataplane == "kernel":
-        from ..bench.kernel import open_instrumented
+        from ..bench.dataplanes import open_instrumented
 
         inner, acc = open_instrumented(cfg)
     else:
