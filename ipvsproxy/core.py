@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 
+from . import gcpause
 from .config import AgentConfig
 from .dataplane.base import Dataplane
 from .reconcile import EventPoster, Firewall, Reconciler, SyncReport
@@ -138,9 +139,14 @@ class NodeCore:
 
     def sync_now(self, full: bool) -> SyncReport | None:
         """One sync, accounted (failures counted, the report hook called); the
-        report, or None when it raised."""
+        report, or None when it raised. A full sync walks the whole state: the cyclic
+        garbage collector is paused through it (gcpause.py says why)."""
         try:
-            report = self.reconciler.sync(full)
+            if full:
+                with gcpause.paused():
+                    report = self.reconciler.sync(full)
+            else:
+                report = self.reconciler.sync(full)
         except Exception as exc:  # any failure: keep serving the last good state, retry
             self.failures += 1
             self.last_error = str(exc)

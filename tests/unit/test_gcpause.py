@@ -1,0 +1,190 @@
+"""The cyclic garbage collector is paused through bulk work and on again after it (gcpause.py).
+
+What could go wrong and is checked: a pause that leaves the collector off (after an
+exception, after nesting, from two threads, when the daemon's first sync never comes),
+a pause that turns on a collector someone else had turned off, a full sync or a
+`run --once` that runs with the collector on, an incremental sync that runs with it off,
+and the cold start's state not frozen.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from ipvsproxy import gcpause
+from ipvsproxy.agent import Agent
+from ipvsproxy.config import AgentConfig
+from ipvsproxy.dataplane.base import Failure
+from ipvsproxy.dataplane.memory import MemoryDataplane
+from ipvsproxy.model import ObservedState, ObservedVS, VSKey
+from ipvsproxy.plan import Op
+from tests.unit.factories import FakeClock
+from tests.unit.test_agent import EXAMPLES, WEB, Synced
+
+
+@pytest.fixture(autouse=True)
+def collector_restored() -> Iterator[None]:
+    assert gc.isenabled()
+    yield
+    gcpause._depth = 0
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_paused_turns_the_collector_off_for_the_block_and_back_on() -> None:
+    with gcpause.paused():
+        assert not gc.isenabled()
+        with gcpause.paused():  # nested: still off, and still off after the inner block
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_paused_restores_the_collector_after_an_exception() -> None:
+    with pytest.raises(RuntimeError), gcpause.paused():
+        raise RuntimeError("sync failed")
+    assert gc.isenabled()
+
+
+def test_paused_leaves_off_a_collector_that_was_off() -> None:
+    gc.disable()
+    with gcpause.paused():
+        pass
+    assert not gc.isenabled()
+
+
+def test_an_unmatched_resume_changes_nothing() -> None:
+    gc.disable()
+    gcpause.resume()  # no pause to end: the collector someone turned off stays off
+    assert not gc.isenabled()
+    gc.enable()
+    gcpause.resume()
+    assert gc.isenabled() and gcpause._depth == 0
+
+
+def test_pauses_from_two_threads_end_when_the_last_ends() -> None:
+    gcpause.pause()
+    other_in, other_out = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with gcpause.paused():
+            other_in.set()
+            other_out.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert other_in.wait(5)
+    gcpause.resume()  # the first pause ends while the other thread's is still on
+    assert not gc.isenabled()
+    other_out.set()
+    t.join(5)
+    assert gc.isenabled()
+
+
+def test_startup_pause_ends_with_the_first_sync_and_freezes_its_state() -> None:
+    clock = FakeClock()
+    pause = gcpause.StartupPause(clock, limit=300)
+    pause.start()
+    assert pause.active and not gc.isenabled()
+    clock.advance(299)
+    pause.expire()
+    assert not gc.isenabled()  # not yet
+    before = gc.get_freeze_count()
+    pause.end(freeze=True)
+    assert gc.isenabled() and not pause.active
+    assert gc.get_freeze_count() > before  # the state alive now is in the permanent generation
+    pause.end(freeze=True)  # a second end (later syncs report too): nothing more
+    assert gc.isenabled()
+
+
+def test_startup_pause_gives_up_after_its_limit_without_freezing() -> None:
+    clock = FakeClock()
+    pause = gcpause.StartupPause(clock, limit=300)
+    pause.start()
+    clock.advance(300)
+    pause.expire()  # the API server never answered: the collector must not stay off
+    assert gc.isenabled() and not pause.active
+    assert gc.get_freeze_count() == 0
+    pause.end(freeze=True)  # the first sync, late: the pause is over, nothing to freeze
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_failed_first_sync_ends_the_pause_without_freezing() -> None:
+    pause = gcpause.StartupPause(FakeClock())
+    pause.start()
+    pause.end(freeze=False)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+class RecordingDataplane(MemoryDataplane):
+    """Notes whether the collector was on at each call a sync makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def observe(self) -> ObservedState:
+        self.seen.append(("observe", gc.isenabled()))
+        return super().observe()
+
+    def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
+        self.seen.append(("observe_keys", gc.isenabled()))
+        return super().observe_keys(keys)
+
+    def apply(self, ops: Sequence[Op]) -> list[Failure]:
+        self.seen.append(("apply", gc.isenabled()))
+        return super().apply(ops)
+
+
+def config(tmp_path: Path, manifests: Path) -> AgentConfig:
+    return AgentConfig(node_name="demo-node", from_files=(str(manifests),), min_sync_period=0.05, sync_period=30,
+                       healthz_bind_address="", metrics_bind_address="", state_dir=str(tmp_path / "state"))
+
+
+def test_run_once_reads_and_syncs_with_the_collector_paused(tmp_path: Path) -> None:
+    dp = RecordingDataplane()
+    Agent(config(tmp_path, EXAMPLES), dp).once()
+    assert dp.seen and all(not on for _, on in dp.seen), dp.seen
+    assert WEB in dp.state.services
+    assert gc.isenabled()
+
+
+def test_daemon_pauses_for_full_syncs_only_and_freezes_after_its_first(tmp_path: Path) -> None:
+    manifests = tmp_path / "m"
+    shutil.copytree(EXAMPLES, manifests)
+    dp = RecordingDataplane()
+    agent = Agent(config(tmp_path, manifests), dp)
+    synced = Synced(agent)
+    t = threading.Thread(target=agent.run, kwargs={"install_signals": False}, daemon=True)
+    t.start()
+    try:
+        assert synced.wait_for(lambda: WEB in dp.state.services)
+        assert dp.seen[0] == ("observe", False)  # the cold start: a full sync, collector off
+        assert all(not on for _, on in dp.seen)
+        assert synced.wait_for(lambda: gc.isenabled())  # on again once the first sync has ended
+        assert not agent.startup_gc.active and agent.startup_gc.frozen
+        assert gc.get_freeze_count() > 0
+
+        # an incremental sync (one manifest changed) runs with the collector on
+        dp.seen.clear()
+        web = manifests / "10-web.yaml"
+        web.write_text(web.read_text().replace("198.18.1.13]", "198.18.1.14]"))
+        assert synced.wait_for(lambda: ("198.18.1.14", 8080) in dp.state.services[WEB].reals)
+        assert dp.seen and ("observe", False) not in dp.seen
+        assert any(on for _, on in dp.seen), dp.seen
+
+        # a full resync (SIGHUP, or every --sync-period) runs with it off, then on again
+        dp.seen.clear()
+        agent.request_full()
+        assert synced.wait_for(lambda: ("observe", False) in dp.seen)
+        assert synced.wait_for(lambda: gc.isenabled())
+    finally:
+        agent.stop()
+        t.join(5)
+    assert not t.is_alive() and gc.isenabled()
