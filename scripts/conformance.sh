@@ -138,11 +138,36 @@ proxy_down_kube_proxy() {
     "$kbin/kube-proxy" --cleanup --proxy-mode=ipvs >>"$OUT/kube-proxy/kube-proxy.log" 2>&1 || true
 }
 
+# Every [sig-network] Networking test starts with `http.Get("http://google.com")` from e2e.test itself
+# (networking.go's BeforeEach, "not really a test of kubernetes in any way") and fails at once without
+# an answer. Test traffic must not leave the VM (and has no route out), so e2e.test alone runs in a
+# private mount namespace whose /etc/hosts names google.com 127.0.0.2, where a local HTTP server
+# answers 200: the check is answered inside the VM, and nothing else (the node, the pods) sees it.
+INTERNET_STUB_ADDR=127.0.0.2
+internet_stub_up() {
+    local dir=/run/ipvsproxy-conformance/internet
+    mkdir -p "$dir/www"
+    echo "in-VM stand-in for the e2e suite's internet pre-check" >"$dir/www/index.html"
+    { cat /etc/hosts; echo "$INTERNET_STUB_ADDR google.com www.google.com"; } >"$dir/hosts"
+    setsid python3 -m http.server 80 --bind "$INTERNET_STUB_ADDR" --directory "$dir/www" \
+        >"$OUT/internet-stub.log" 2>&1 </dev/null &
+    echo $! >"$dir/pid"
+    wait_true 30 "the internet stand-in" curl -sf "http://$INTERNET_STUB_ADDR/"
+}
+
+internet_stub_down() {
+    local pid
+    pid=$(cat /run/ipvsproxy-conformance/internet/pid 2>/dev/null || true)
+    [[ -n $pid ]] && kill "$pid" 2>/dev/null || true
+}
+
 run_e2e() {  # run_e2e PROXY KBIN
     local proxy=$1 kbin=$2 rc=0 start
     start=$(date +%s)
-    # e2e.test is a ginkgo binary; the report dir gets junit_01.xml
-    timeout -k 60 "$E2E_TIMEOUT" "$kbin/e2e.test" --kubeconfig="$KUBECONFIG" --provider=skeleton --num-nodes=1 \
+    # e2e.test is a ginkgo binary; the report dir gets junit_01.xml. Its own /etc/hosts: see internet_stub_up.
+    timeout -k 60 "$E2E_TIMEOUT" unshare --mount --propagation private \
+        sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' /run/ipvsproxy-conformance/internet/hosts \
+        "$kbin/e2e.test" --kubeconfig="$KUBECONFIG" --provider=skeleton --num-nodes=1 \
         --kubectl-path="$kbin/kubectl" --report-dir="$OUT/$proxy" --disable-log-dump \
         --ginkgo.focus="$FOCUS" --ginkgo.skip="$SKIP" --ginkgo.noColor --ginkgo.v \
         --system-pods-startup-timeout=10m --node-schedulable-timeout=10m \
@@ -166,7 +191,8 @@ in_guest() {
     fi
     SANDBOX_IMAGE=k8s.gcr.io/pause:3.2 bash "$CLUSTER_SH" start
     eval "$(bash "$CLUSTER_SH" env)"
-    trap 'bash "$CLUSTER_SH" stop || true' EXIT
+    trap 'internet_stub_down; bash "$CLUSTER_SH" stop || true' EXIT
+    internet_stub_up || die "the internet stand-in did not start (see $OUT/internet-stub.log)"
     [[ -x $kbin/kubectl ]] || die "$kbin/kubectl missing (KUBERNETES_BINARIES=kubectl bash scripts/install-kubernetes.sh)"
     local p
     for p in $PROXIES; do
