@@ -64,6 +64,15 @@ def next_sync_due(
     return due
 
 
+def sync(reconciler: Reconciler, full: bool) -> SyncReport:
+    """One reconciler sync; a full one walks the whole state, so the cyclic garbage collector
+    is paused through it (gcpause.py says why). The daemon and the benchmark both sync here."""
+    if not full:
+        return reconciler.sync(False)
+    with gcpause.paused():
+        return reconciler.sync(True)
+
+
 def translation_config(cfg: AgentConfig) -> Config:
     """The part of the agent's settings translation depends on."""
     return Config(cfg.node_name, cfg.scheduler, cfg.nodeport_addresses)
@@ -142,11 +151,7 @@ class NodeCore:
         report, or None when it raised. A full sync walks the whole state: the cyclic
         garbage collector is paused through it (gcpause.py says why)."""
         try:
-            if full:
-                with gcpause.paused():
-                    report = self.reconciler.sync(full)
-            else:
-                report = self.reconciler.sync(full)
+            report = sync(self.reconciler, full)
         except Exception as exc:  # any failure: keep serving the last good state, retry
             self.failures += 1
             self.last_error = str(exc)

@@ -20,10 +20,12 @@ import pytest
 from ipvsproxy import gcpause
 from ipvsproxy.agent import Agent
 from ipvsproxy.config import AgentConfig
+from ipvsproxy.core import NodeCore, sync
 from ipvsproxy.dataplane.base import Failure
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import ObservedState, ObservedVS, VSKey
 from ipvsproxy.plan import Op
+from ipvsproxy.sources.files import ManifestReader
 from tests.unit.factories import FakeClock
 from tests.unit.test_agent import EXAMPLES, WEB, Synced
 
@@ -188,3 +190,14 @@ def test_daemon_pauses_for_full_syncs_only_and_freezes_after_its_first(tmp_path:
         agent.stop()
         t.join(5)
     assert not t.is_alive() and gc.isenabled()
+
+
+
+def test_core_sync_pauses_full_syncs(tmp_path: Path) -> None:
+    """The one sync path the daemon and the benchmark share (core.sync): full syncs paused."""
+    dp = RecordingDataplane()
+    core = NodeCore.build(config(tmp_path, EXAMPLES), dp)
+    ManifestReader((str(EXAMPLES),), "").load(core.tracker)
+    sync(core.reconciler, True)
+    assert dp.seen and all(not on for _, on in dp.seen)
+    assert WEB in dp.state.services and gc.isenabled()
