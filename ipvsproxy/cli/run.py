@@ -49,8 +49,10 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
 def run(once: bool, dry_run: bool, dataplane: str, timings: str | None, **flags: Any) -> None:
     """Run the node agent: follow Services and program IPVS."""
     entered = time.time()  # exec -> here: interpreter start-up, imports, flag parsing
+    if timings and (not once or dry_run):
+        raise click.UsageError("--timings needs --once (and no --dry-run): it times one sync")
     cfg = make_config(**flags)
-    if timings and once and not dry_run:
+    if timings:
         _once_timed(cfg, dataplane, timings, entered)
         return
     if dry_run:

@@ -174,6 +174,9 @@ def test_errors_are_one_line_with_exit_codes(monkeypatch: pytest.MonkeyPatch) ->
     assert r.exit_code == 2 and "invalid duration" in r.stderr
     r = CliRunner().invoke(cli, ["run", "--exclude-cidrs", "10.0.0.0/33"])
     assert r.exit_code == 2 and "invalid CIDR" in r.stderr
+    for extra in ([], ["--once", "--dry-run"]):  # --timings times one real sync: said, not ignored
+        r = CliRunner().invoke(cli, ["run", "--from-file", EXAMPLES, "--timings", "t.json", *extra])
+        assert r.exit_code == 2 and "--timings needs --once" in r.stderr, r.stderr
 
 
 def test_flags_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
