@@ -401,8 +401,9 @@ def _agnhost_inputs(h: Any) -> None:
 
 
 # What agnhost's Alpine image adds with apk (its Dockerfile), from Debian: the e2e tests exec curl,
-# nc, ss, iperf and bash in agnhost pods, and `nslookup` (the ExternalName Service tests run it; here it is
-# busybox-static's applet, 2 MB, where Debian's bind9-dnsutils would pull libicu, 36 MB). Left out:
+# nc, ss, iperf and bash in agnhost pods, and `nslookup` and `wget` (the ExternalName and the
+# serve-hostname Service tests run them; here they are
+# busybox-static's applets, 2 MB, where Debian's bind9-dnsutils would pull libicu, 36 MB). Left out:
 # bind-tools' dig (only the DNS tests use it) and the CoreDNS binary (a download, not in the tree).
 AGNHOST_PACKAGES = ["bash", "curl", "netcat-openbsd", "iproute2", "iperf"]
 
@@ -422,6 +423,7 @@ def _agnhost_build(work: Path) -> tuple[list[Path], ImageConfig]:
         f'cp {shlex.quote(str(porter / "localhost.crt"))} {shlex.quote(str(porter / "localhost.key"))} "$1/"',
         f'cp {shlex.quote(str(BUSYBOX))} "$1/usr/bin/busybox"',
         'ln -s busybox "$1/usr/bin/nslookup"',
+        'ln -s busybox "$1/usr/bin/wget"',
     ]
     layer = work / "rootfs.tar"
     mmdebstrap(layer, "minbase", AGNHOST_PACKAGES, hooks)

@@ -153,7 +153,7 @@ def test_agnhost_netexec_answers_hostname_over_http_and_udp(containerd: Containe
             assert u.recv(1024).decode().strip() == socket.gethostname()
         # the tools the e2e tests exec in agnhost pods
         out = containerd.ctr("tasks", "exec", "--exec-id", "tools", "t-agnhost", "sh", "-c",
-                             "for t in curl nc ss iperf bash nslookup; do "
+                             "for t in curl nc ss iperf bash nslookup wget; do "
                              "command -v $t >/dev/null || echo missing $t; done; "
                              f"curl -s http://127.0.0.1:{http_port}/hostname").stdout
         assert out == socket.gethostname(), out
