@@ -397,7 +397,7 @@ def _agnhost_inputs(h: Any) -> None:
     h.update(b"reflect2 patched" if (KUBE_CACHE / "src" / ".reflect2").is_file() else b"vendor as shipped")
     h.update(dpkg_version("golang-1.19-go").encode() + dpkg_version("mmdebstrap").encode())
     h.update(json.dumps(AGNHOST_PACKAGES).encode())
-    _busybox_inputs(h)  # its nslookup applet
+    _busybox_inputs(h)  # its nslookup and wget applets
 
 
 # What agnhost's Alpine image adds with apk (its Dockerfile), from Debian: the e2e tests exec curl,

@@ -10,8 +10,9 @@ peak RSS did not move (348 MB both ways): these objects are freed by reference c
 there is next to no cyclic garbage to find (docs/benchmarks.md, "Garbage collection").
 
 So the collector is paused (never left off):
-- around `Agent.once` (read + sync) and every full sync (`NodeCore.sync_now(full=True)`:
-  the periodic resync and restart adoption walk the whole desired state);
+- around `Agent.once` (read + sync) and every full sync (`core.sync(..., full=True)`, the one
+  sync path of the daemon and the benchmark: the periodic resync and restart adoption walk the
+  whole desired state);
 - in the daemon from its start until the first sync has ended (the initial list runs in
   the source's threads), at most `STARTUP_LIMIT` seconds, so an API server that stays away
   cannot keep it off; then `gc.freeze()` moves the state the cold start built into the

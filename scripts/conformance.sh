@@ -144,8 +144,9 @@ proxy_down_kube_proxy() {
 # private mount namespace whose /etc/hosts names google.com 127.0.0.2, where a local HTTP server
 # answers 200: the check is answered inside the VM, and nothing else (the node, the pods) sees it.
 INTERNET_STUB_ADDR=127.0.0.2
+INTERNET_STUB_DIR=/run/ipvsproxy-conformance/internet
 internet_stub_up() {
-    local dir=/run/ipvsproxy-conformance/internet
+    local dir=$INTERNET_STUB_DIR
     mkdir -p "$dir/www"
     echo "in-VM stand-in for the e2e suite's internet pre-check" >"$dir/www/index.html"
     { cat /etc/hosts; echo "$INTERNET_STUB_ADDR google.com www.google.com"; } >"$dir/hosts"
@@ -157,7 +158,7 @@ internet_stub_up() {
 
 internet_stub_down() {
     local pid
-    pid=$(cat /run/ipvsproxy-conformance/internet/pid 2>/dev/null || true)
+    pid=$(cat "$INTERNET_STUB_DIR/pid" 2>/dev/null || true)
     [[ -n $pid ]] && kill "$pid" 2>/dev/null || true
 }
 
@@ -166,7 +167,7 @@ run_e2e() {  # run_e2e PROXY KBIN
     start=$(date +%s)
     # e2e.test is a ginkgo binary; the report dir gets junit_01.xml. Its own /etc/hosts: see internet_stub_up.
     timeout -k 60 "$E2E_TIMEOUT" unshare --mount --propagation private \
-        sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' /run/ipvsproxy-conformance/internet/hosts \
+        sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$INTERNET_STUB_DIR/hosts" \
         "$kbin/e2e.test" --kubeconfig="$KUBECONFIG" --provider=skeleton --num-nodes=1 \
         --kubectl-path="$kbin/kubectl" --report-dir="$OUT/$proxy" --disable-log-dump \
         --ginkgo.focus="$FOCUS" --ginkgo.skip="$SKIP" --ginkgo.noColor --ginkgo.v \

@@ -223,14 +223,21 @@ def _as_observed(desired: DesiredState) -> ObservedState:
 
 
 # ---- scenarios ------------------------------------------------------------------------------
+def first_sync(ctx: Context, agent: Agentlet) -> tuple[float, SyncReport, dict[str, Any]]:
+    """List everything, then one full sync, with the garbage collector paused as the daemon
+    pauses it from its start to the end of its first sync; (ingest seconds, report, costs)."""
+    with gcpause.paused():
+        ingest_s = ingest(ctx, agent.tracker)
+        report, m = timed_sync(agent, full=True)
+    return ingest_s, report, m
+
+
 def cold(ctx: Context, dp: Dataplane, firewall: Firewall | None = None) -> tuple[dict[str, Any], Agentlet]:
     """Empty dataplane -> full table: list everything, then one full sync."""
     agent = make_agent(ctx, dp, firewall)
     agent.dp.setup()
     t0 = time.perf_counter()
-    with gcpause.paused():  # as the daemon, from its start to the end of its first sync
-        ingest_s = ingest(ctx, agent.tracker)
-        report, m = timed_sync(agent, full=True)
+    ingest_s, report, m = first_sync(ctx, agent)
     wall = time.perf_counter() - t0
     result = {"wall_s": wall, "ingest_s": ingest_s, **m, "latency_s": summary(report.latencies)}
     result["table"] = table_size(agent.rec.index.state)
@@ -371,9 +378,7 @@ def restart(ctx: Context, dp: Dataplane, firewall: Firewall | None = None) -> di
     agent = make_agent(ctx, dp, firewall)
     agent.dp.setup()
     t0 = time.perf_counter()
-    with gcpause.paused():  # as the daemon, from its start to the end of its first sync
-        ingest_s = ingest(ctx, agent.tracker)
-        report, m = timed_sync(agent, full=True)
+    ingest_s, report, m = first_sync(ctx, agent)
     result = {"wall_s": time.perf_counter() - t0, "ingest_s": ingest_s, **m,
               "latency_s": summary(report.latencies)}
     check(ctx, agent, result, agent.dp.inner.observe)
