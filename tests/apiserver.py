@@ -55,10 +55,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-import kubernetes.client
+from ipvsproxy.sources.apiclient import ApiClient
+
+if TYPE_CHECKING:
+    import kubernetes.client
 
 Obj = dict[str, Any]
 Matcher = Callable[[Obj], bool]
@@ -232,6 +235,7 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         self.timeout_scale = timeout_scale
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, in the order of `requests`
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -273,7 +277,14 @@ class FakeApiServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
+    def client(self) -> ApiClient:
+        """The agent's own API client, for this server."""
+        return ApiClient(self.url)
+
     def configuration(self) -> kubernetes.client.Configuration:
+        """The official client's configuration (an independent client: tests of this server)."""
+        import kubernetes.client
+
         cfg = kubernetes.client.Configuration()
         cfg.host = self.url
         cfg.verify_ssl = False
@@ -474,6 +485,7 @@ class FakeApiServer:
         target = f"{path}?{url.query}"
         with self._cond:
             self.requests.append((method, path, query))
+            self.headers.append(dict(h.headers.items()))
             fault = next((f for f in self._faults if f[2] is None or f[2] in target), None)
             if fault:
                 fault[0] -= 1

@@ -2,7 +2,7 @@
 
 `python -m ipvsproxy.bench.rss --services N --endpoints M [--mode full|paged]`
 prints one JSON object. The child imports what the agent imports (the agent,
-the Kubernetes client, pyroute2), builds an :class:`~ipvsproxy.agent.Agent`
+the API source and its client, pyroute2), builds an :class:`~ipvsproxy.agent.Agent`
 on a dataplane that keeps no table (the kernel's copy is not the agent's
 memory) and with the nftables companion (as `ipvsproxy run` has it by
 default; a no-op `nft`), feeds it the cluster the way the Kubernetes source
@@ -54,11 +54,9 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
     import ipvsproxy.agent as agent_mod
     import ipvsproxy.dataplane.netlink  # noqa: F401  (pyroute2 and the wire codec, as the agent loads them)
 
-    try:
-        import ipvsproxy.sources.kube  # noqa: F401  (the official client: ~40 MiB of imports)
-        kube = True
-    except Exception:  # noqa: BLE001  (kubernetes missing: measure without it, and say so)
-        kube = False
+    import ipvsproxy.sources.kube  # noqa: F401  (the API source and its own client, as the agent loads them)
+
+    kube = "kubernetes" in sys.modules  # the official client: ~22 MiB, no longer imported since issue 18
     from ..config import AgentConfig
     from ..dataplane.nft import NftFirewall
     from ..tracker import object_key

@@ -1,9 +1,10 @@
 """The Kubernetes API source: list + watch Services, endpoints and this Node.
 
-Uses the official client's transport (configuration, TLS, tokens) but makes raw
-GETs by path and reads the JSON itself: the client's model objects cost ~3x the
-memory of plain dicts and ~7x the time (measured at 10,000 Services), the
-tracker keeps only compact records anyway, and one code path then serves every
+Makes raw GETs by path through the project's own small client
+(sources/apiclient.py: configuration, TLS, tokens) and reads the JSON itself:
+the official client's model objects cost ~3x the memory of plain dicts and ~7x
+the time (measured at 10,000 Services), importing that client alone cost ~22 MiB,
+the tracker keeps only compact records anyway, and one code path then serves every
 endpoints API generation: discovery.k8s.io/v1 EndpointSlices, v1beta1 ones
 (Kubernetes 1.17-1.24; read as v1) or core/v1 Endpoints, the newest the server
 lists in API discovery unless --endpoints-source says otherwise.
@@ -56,12 +57,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tenacity
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config import incluster_config as incluster
 
 from ..objects import Service, proxy_name_selector
 from ..tracker import WATCHED_KINDS, Tracker, object_key
+from .apiclient import ApiClient, ApiError, ConfigError, NotInCluster, from_kubeconfig, host_url, in_cluster
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ class ApiConfig:
     in-cluster one (the `kubernetes` Service's ClusterIP, which only a service proxy
     makes reachable: on a node where that is ipvsproxy, it may not be yet)."""
 
-    api: client.ApiClient
+    api: ApiClient
     cluster_ip: bool = False
 
 
@@ -249,7 +248,6 @@ def load_api(kubeconfig: str | None = None, api_server: str | None = None) -> Ap
     """--kubeconfig (its server replaced by --api-server when given); else in-cluster
     credentials with --api-server's address, or the ClusterIP from the environment;
     else $KUBECONFIG / ~/.kube/config."""
-    cfg = client.Configuration()
     if kubeconfig is None:
         environ: Mapping[str, str] = os.environ
         if api_server:
@@ -257,29 +255,20 @@ def load_api(kubeconfig: str | None = None, api_server: str | None = None) -> Ap
             if scheme != "https":
                 raise RuntimeError(f"--api-server {api_server}: in a cluster the service-account token "
                                    "is only sent over https")
-            environ = {incluster.SERVICE_HOST_ENV_NAME: host, incluster.SERVICE_PORT_ENV_NAME: port}
-        loader = incluster.InClusterConfigLoader(  # type: ignore[no-untyped-call]
-            token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
-            cert_filename=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), environ=environ)
+            environ = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
         try:
-            loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
-            return ApiConfig(client.ApiClient(cfg), cluster_ip=not api_server)
-        except config.ConfigException:
+            return ApiConfig(in_cluster(SERVICE_ACCOUNT_DIR, environ), cluster_ip=not api_server)
+        except NotInCluster:
             pass
+        except ConfigError as exc:
+            raise RuntimeError(str(exc)) from None
     try:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
-    except (config.ConfigException, OSError, TypeError) as exc:
+        api = from_kubeconfig(kubeconfig, server=host_url(*split_api_server(api_server)) if api_server else None)
+    except ConfigError as exc:
         raise RuntimeError(
             f"no Kubernetes API configuration: {exc} (run in a cluster, pass --kubeconfig, "
             "or use --from-file)") from None
-    if api_server:
-        scheme, host, port = split_api_server(api_server)
-        cfg.host = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
-    return ApiConfig(client.ApiClient(cfg))
-
-
-def load_client(kubeconfig: str | None = None, api_server: str | None = None) -> client.ApiClient:
-    return load_api(kubeconfig, api_server).api
+    return ApiConfig(api)
 
 
 def _connect_failure(exc: BaseException) -> bool:
@@ -297,7 +286,7 @@ _FORBIDDEN = re.compile(r'cannot (\S+) resource "([^"]+)"(?: in API group "([^"]
 
 def describe(exc: BaseException) -> str:
     """One line for a log or /healthz: an API error's status and its Status message."""
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         message = ""
         try:
             body = json.loads(exc.body) if exc.body else None
@@ -316,17 +305,17 @@ def describe(exc: BaseException) -> str:
 
 
 def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         return exc.status is None or exc.status in (0, 408, 429) or exc.status >= 500
     return isinstance(exc, Transient | OSError | ValueError) or type(exc).__module__.startswith("urllib3")
 
 
 def _gone(exc: BaseException) -> bool:
-    return isinstance(exc, Gone) or (isinstance(exc, ApiException) and exc.status == 410)
+    return isinstance(exc, Gone) or (isinstance(exc, ApiError) and exc.status == 410)
 
 
 def _retry_after(exc: BaseException | None) -> float:
-    headers = getattr(exc, "headers", None) if isinstance(exc, ApiException) else None
+    headers = getattr(exc, "headers", None) if isinstance(exc, ApiError) else None
     try:
         return min(float(headers.get("Retry-After") or 0), MAX_RETRY_AFTER) if headers else 0.0
     except (TypeError, ValueError):
@@ -345,7 +334,7 @@ class KubeSource:
         *,
         kubeconfig: str | None = None,
         api_server: str | None = None,
-        api_client: client.ApiClient | None = None,
+        api_client: ApiClient | None = None,
         timing: Timing | None = None,
         page_size: int | None = None,
         endpoints_source: EndpointsSource | None = None,
@@ -358,7 +347,6 @@ class KubeSource:
         self._route_hint = False  # the "set --api-server" line was logged
         self._blocked: dict[str, str] = {}  # role -> why it cannot list/watch (e.g. 403), until it can
         self.on_blocked: Callable[[str], None] | None = None  # told each new reason (the agent's /healthz)
-        self.core = client.CoreV1Api(self.api)
         timing = timing or Timing()
         self.watch_timeout = WATCH_TIMEOUT if timing.watch_timeout is None else timing.watch_timeout
         self.max_backoff = MAX_BACKOFF if timing.max_backoff is None else timing.max_backoff
@@ -392,15 +380,8 @@ class KubeSource:
 
     # ---- one request each ------------------------------------------------------
     def _get(self, path: str, query: dict[str, Any], timeout: Any) -> Any:
-        """A raw GET (the urllib3 response, body unread); ApiException on a non-2xx status."""
-        method, url, headers, body, post = self.api.param_serialize(
-            "GET", path, query_params=[(k, v) for k, v in query.items() if v is not None],
-            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
-        resp = self.api.call_api(method, url, headers, body, post, _request_timeout=timeout)
-        if not 200 <= resp.status <= 299:
-            resp.read()  # type: ignore[no-untyped-call]
-            raise ApiException.from_response(http_resp=resp, body=None, data=None)
-        return resp.response
+        """A raw GET (the urllib3 response, body unread); ApiError on a non-2xx status."""
+        return self.api.request("GET", path, query.items(), timeout=timeout)
 
     def discover_endpoints(self) -> Resource:
         """The endpoints collection to follow: the one given, else the newest API
@@ -444,7 +425,7 @@ class KubeSource:
                                      "resourceVersion": "0" if from_cache and not token else None}
             try:
                 resp = self._get(res.path, query, 60)
-            except ApiException as exc:
+            except ApiError as exc:
                 if token and exc.status == 410:
                     # The continue token expired (etcd compacted past the list's snapshot). Like
                     # client-go's pager, list everything in one request: paging again from the start
@@ -645,7 +626,7 @@ class KubeSource:
                 if self._stop.is_set():
                     return
                 self._count("errors")
-                if isinstance(exc, ApiException) and exc.status == 404 and role == "EndpointSlice":
+                if isinstance(exc, ApiError) and exc.status == 404 and role == "EndpointSlice":
                     why = f"the API server does not serve {self._resource(role).path} (see --endpoints-source)"
                 else:
                     why = describe(exc)
@@ -690,7 +671,7 @@ class KubeSource:
         log.error("cannot connect to the API server at %s, the in-cluster address (the kubernetes Service's "
                   "ClusterIP, reachable only once a service proxy has programmed it on this node): set "
                   "--api-server=https://HOST:PORT to the API server's own address (chart values "
-                  "apiServer.host and apiServer.port)", self.api.configuration.host)
+                  "apiServer.host and apiServer.port)", self.api.host)
 
     def _log_retry(self, kind: str) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -782,11 +763,9 @@ class KubeSource:
                     return
                 continue
             try:
-                core: Any = self.core  # a raw call: a dict body, the HTTP response back
-                resp = core.create_namespaced_event(body["metadata"]["namespace"], body,
-                                                    _preload_content=False, _request_timeout=10)
-                resp.read()  # unread, the body would be the next request's on this connection
-                resp.release_conn()
+                ns = urllib.parse.quote(body["metadata"]["namespace"], safe="")
+                # read whole: unread, the body would be the next request's on this connection
+                self.api.json("POST", f"/api/v1/namespaces/{ns}/events", body=body, timeout=10)
                 self._count("events_posted")
             except Exception as exc:  # Events are best effort
                 log.warning("could not post %s Event on %s %s: %s", body["reason"],

@@ -31,8 +31,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import kubernetes.client
-
 ROOT = Path(__file__).resolve().parents[2]
 KUBE_VERSION = "v1.20.2"
 ADMIN_TOKEN = "admin-token-for-tests"  # noqa: S105 - a throwaway cluster's token
@@ -291,17 +289,6 @@ class Cluster:
         return rev
 
     # ---- clients ---------------------------------------------------------------------------------
-    def configuration(self, token: str = ADMIN_TOKEN, via_relay: bool = False) -> kubernetes.client.Configuration:
-        cfg = kubernetes.client.Configuration()
-        port = self.relay.port if via_relay and self.relay else self.port
-        cfg.host = f"https://127.0.0.1:{port}"
-        cfg.ssl_ca_cert = str(self.dir / "ca.crt")
-        cfg.api_key = {"authorization": f"Bearer {token}"}
-        return cfg
-
-    def api_client(self, token: str = ADMIN_TOKEN, via_relay: bool = False) -> kubernetes.client.ApiClient:
-        return kubernetes.client.ApiClient(self.configuration(token, via_relay))
-
     def write_kubeconfig(self, path: Path, token: str = ADMIN_TOKEN, via_relay: bool = False) -> Path:
         port = self.relay.port if via_relay and self.relay else self.port
         path.write_text(json.dumps({

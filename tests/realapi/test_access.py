@@ -39,7 +39,7 @@ def test_explicit_api_server_address_brings_the_agent_up(
     api.create_slice("a", ["10.7.1.1"])
     lv = live(kubeconfig=None, api_server=cluster.url)  # a fresh (empty) table: no route to the ClusterIP
     wait_until(lambda: lv.dp.table("10.96.7.") == {key("10.96.7.1"): rs("10.7.1.1")}, what="a programmed")
-    assert lv.source.api.configuration.host == cluster.url and not lv.source.via_cluster_ip
+    assert lv.source.api.host == cluster.url and not lv.source.via_cluster_ip
 
 
 def test_unreachable_in_cluster_address_logs_one_clear_line(

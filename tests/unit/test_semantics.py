@@ -8,7 +8,6 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-import kubernetes.client
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -158,7 +157,7 @@ def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label(
     api.create(service("web"))
     api.create(labelled(service("other", cluster_ip="10.96.0.20"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
     tracker = Tracker(NODE)
-    src = KubeSource(tracker, NODE, api_client=kubernetes.client.ApiClient(api.configuration()), timing=FAST)
+    src = KubeSource(tracker, NODE, api_client=api.client(), timing=FAST)
     src.start()
     try:
         wait_until(tracker.ready, what="listed")
