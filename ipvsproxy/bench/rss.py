@@ -53,7 +53,6 @@ def _bodies(objects: Iterator[dict[str, Any]], page: int) -> Iterator[bytes]:
 def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) -> dict[str, Any]:
     import ipvsproxy.agent as agent_mod
     import ipvsproxy.dataplane.netlink  # noqa: F401  (pyroute2 and the wire codec, as the agent loads them)
-
     import ipvsproxy.sources.kube  # noqa: F401  (the API source and its own client, as the agent loads them)
 
     kube = "kubernetes" in sys.modules  # the official client: ~22 MiB, no longer imported since issue 18
@@ -69,7 +68,11 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
     cfg = AgentConfig(node_name=NODE_NAME, healthz_bind_address="", metrics_bind_address="")
     # The nftables companion, as `ipvsproxy run` wires it by default (--nftables): its element
     # counts are agent memory; its `nft` runner is a no-op (the kernel's table is not).
-    firewall = NftFirewall(cfg, nft=lambda doc: {"nftables": []}) if cfg.nftables else None
+    def no_nft(doc: dict[str, Any] | str) -> dict[str, Any]:
+        return {"nftables": []}
+
+    no_nft.takes_text = True  # type: ignore[attr-defined]  # the document built as for the real nft
+    firewall = NftFirewall(cfg, nft=no_nft) if cfg.nftables else None
     agent = agent_mod.Agent(cfg, Sink(), record_state=False, firewall=firewall)
     t0 = time.perf_counter()
     response_bytes = 0

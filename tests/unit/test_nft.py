@@ -46,7 +46,11 @@ def _kernel_value(v: Any) -> Any:
 
 
 class FakeNft:
-    def __init__(self) -> None:
+    """nft's JSON interface over an in-memory rule set. Like run_nft_cli it takes documents as
+    JSON text too (`takes_text`, the default: the firewall then streams element lists as text)."""
+
+    def __init__(self, takes_text: bool = True) -> None:
+        self.takes_text = takes_text
         self.tables: dict[tuple[str, str], dict[str, Any]] = {}
         self.docs: list[dict[str, Any]] = []  # every document received
         self.fail_next: str | None = None  # refuse the next transaction with this message
@@ -58,7 +62,10 @@ class FakeNft:
         return [[c for c in d["nftables"] if "metainfo" not in c] for d in self.docs
                 if not any("list" in c for c in d["nftables"])]
 
-    def __call__(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, doc: dict[str, Any] | str) -> dict[str, Any]:
+        if isinstance(doc, str):
+            assert self.takes_text, "text sent to a runner that takes dicts"
+            doc = json.loads(doc)
         json.dumps(doc)  # must be plain JSON
         self.docs.append(copy.deepcopy(doc))
         cmds = [c for c in doc["nftables"] if "metainfo" not in c]
@@ -196,9 +203,22 @@ BASE = (
 )
 
 
-@pytest.fixture
-def nft() -> FakeNft:
-    return FakeNft()
+@pytest.fixture(params=[True, False], ids=["text", "dict"])
+def nft(request: pytest.FixtureRequest) -> FakeNft:
+    return FakeNft(takes_text=request.param)
+
+
+def test_the_text_document_is_the_dict_document() -> None:
+    big = [svc(f"10.96.{i // 200}.{i % 200 + 1}", 80, reals=((f"10.244.{i % 7}.{i % 250 + 1}", 8080),))
+           for i in range(600)]
+    docs = []
+    for takes_text in (True, False):
+        kernel = FakeNft(takes_text)
+        fw = Firewall(cfg(), nft=kernel)
+        fw.sync_state(state(*BASE, *big))
+        fw.sync_state(state(*BASE, *big[1:]), scope={big[0].key})
+        docs.append(kernel.docs)
+    assert docs[0] == docs[1] and len(docs[0]) >= 2
 
 
 def test_first_sync_creates_table_chains_sets_rules_and_elements_in_one_transaction(nft: FakeNft) -> None:
