@@ -26,7 +26,8 @@
 # Needs: scripts/cluster.sh (the cluster without kube-proxy), scripts/build-images.sh (images),
 # scripts/install-kubernetes.sh (kube-proxy, e2e.test, kubectl v1.20.2), helm (scripts/install-helm.sh).
 # Env: VM_MEMORY (default 6G), VM_TIMEOUT (default 14400), E2E_TIMEOUT per column (default 3h),
-#      CLUSTER_SH (default scripts/cluster.sh).
+#      CLUSTER_SH (default scripts/cluster.sh), FROZEN_AFTER (default 1200: seconds without e2e output
+#      after which the VM is taken to be frozen and stopped, exit 124).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -240,6 +241,30 @@ start=$(date +%s)
 rc=0
 VM_MEMORY=${VM_MEMORY:-6G} VM_TIMEOUT=${VM_TIMEOUT:-14400} \
     bash scripts/vm-run.sh --rwdir "$ROOT/results" -- \
-    CLUSTER_SH="$(printf '%q' "$CLUSTER_SH")" bash scripts/conformance.sh --in-vm "$(printf '%q ' "${args[@]}")" || rc=$?
-log "VM run exit $rc after $(( $(date +%s) - start )) s"
+    CLUSTER_SH="$(printf '%q' "$CLUSTER_SH")" bash scripts/conformance.sh --in-vm "$(printf '%q ' "${args[@]}")" &
+vm=$!
+kill_tree() {  # kill_tree PID: the process and all its descendants (vm-run.sh, vng, QEMU)
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+    kill "$1" 2>/dev/null || true
+}
+# Watchdog: a running column's e2e log changes every few seconds (pods are polled every 2-3 s).
+# Twice the emulated guest stopped writing anything mid-run while QEMU kept spinning
+# (docs/conformance.md, "the re-run froze"); stop it after FROZEN_AFTER quiet seconds rather than
+# wait out VM_TIMEOUT, and say so.
+FROZEN_AFTER=${FROZEN_AFTER:-1200}
+frozen=0
+while kill -0 "$vm" 2>/dev/null; do
+    sleep 30
+    newest=$(find "$OUT" -type f -name e2e.log -printf '%T@\n' 2>/dev/null | sort -n | tail -n 1)
+    if [[ -n $newest ]] && (( $(date +%s) - ${newest%.*} > FROZEN_AFTER )) && kill -0 "$vm" 2>/dev/null; then
+        log "no e2e output for ${FROZEN_AFTER}s: the VM looks frozen; stopping it"
+        frozen=1
+        kill_tree "$vm"
+        break
+    fi
+done
+wait "$vm" || rc=$?
+(( frozen )) && rc=124
+log "VM run exit $rc after $(( $(date +%s) - start )) s$( (( frozen )) && echo ' (stopped: frozen)')"
 report
