@@ -750,7 +750,10 @@ class NftFirewall:
             out.write('{"nftables": [' + json.dumps(meta))
             for c in cmds:
                 out.write(", ")
-                c.write(out) if isinstance(c, _Elements) else out.write(json.dumps(c))
+                if isinstance(c, _Elements):
+                    c.write(out)
+                else:
+                    out.write(json.dumps(c))
             out.write("]}")
             text = out.getvalue()
             out.close()

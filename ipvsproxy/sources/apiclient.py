@@ -92,16 +92,10 @@ class ApiClient:
         self._lock = threading.Lock()
         self._file_token: tuple[float, str] | None = None  # (read at, token)
         self._exec_token: tuple[float, str] | None = None  # (expires at, token)
-        self._ca_file, self._ca_data, self._verify = ca_file, ca_data, verify
-        self._tls_server_name = tls_server_name
-        self._pool = self._make_pool(cert_file, key_file, cert_data, key_data)
-
-    def _make_pool(self, cert_file: str | None, key_file: str | None, cert_data: str | None,
-                   key_data: str | None) -> urllib3.PoolManager:
         kw: dict[str, Any] = {"num_pools": 2, "maxsize": 8, "retries": False, "block": False}
         if self.host.startswith("https:"):
-            ctx = ssl.create_default_context(cafile=self._ca_file, cadata=self._ca_data)
-            if not self._verify:
+            ctx = ssl.create_default_context(cafile=ca_file, cadata=ca_data)
+            if not verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
                 kw.update(cert_reqs="CERT_NONE", assert_hostname=False)
@@ -110,9 +104,9 @@ class ApiClient:
             elif cert_file is not None:
                 ctx.load_cert_chain(cert_file, key_file)
             kw["ssl_context"] = ctx
-            if self._tls_server_name:
-                kw["server_hostname"] = self._tls_server_name
-        return urllib3.PoolManager(**kw)
+            if tls_server_name:
+                kw["server_hostname"] = tls_server_name
+        self._pool = urllib3.PoolManager(**kw)
 
     # ---- credentials ----------------------------------------------------------------------
     def _authorization(self) -> str | None:
