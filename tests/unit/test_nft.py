@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -27,6 +27,7 @@ from ipvsproxy.dataplane.nft import (
     SET_NAMES,
     NftError,
     run_nft_cli,
+    scratch_file,
 )
 from ipvsproxy.model import AF_INET, AF_INET6, DesiredState, Real, ServiceRef, VirtualServer, VSKey
 from tests.nftdriver import Firewall
@@ -47,10 +48,11 @@ def _kernel_value(v: Any) -> Any:
 
 class FakeNft:
     """nft's JSON interface over an in-memory rule set. Like run_nft_cli it takes documents as
-    JSON text too (`takes_text`, the default: the firewall then streams element lists as text)."""
+    a file of JSON text too (`takes_file`, the default: the firewall then writes element lists
+    into an in-memory file)."""
 
-    def __init__(self, takes_text: bool = True) -> None:
-        self.takes_text = takes_text
+    def __init__(self, takes_file: bool = True) -> None:
+        self.takes_file = takes_file
         self.tables: dict[tuple[str, str], dict[str, Any]] = {}
         self.docs: list[dict[str, Any]] = []  # every document received
         self.fail_next: str | None = None  # refuse the next transaction with this message
@@ -62,10 +64,10 @@ class FakeNft:
         return [[c for c in d["nftables"] if "metainfo" not in c] for d in self.docs
                 if not any("list" in c for c in d["nftables"])]
 
-    def __call__(self, doc: dict[str, Any] | str) -> dict[str, Any]:
-        if isinstance(doc, str):
-            assert self.takes_text, "text sent to a runner that takes dicts"
-            doc = json.loads(doc)
+    def __call__(self, doc: dict[str, Any] | BinaryIO) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            assert self.takes_file, "a file sent to a runner that takes dicts"
+            doc = json.loads(doc.read())
         json.dumps(doc)  # must be plain JSON
         self.docs.append(copy.deepcopy(doc))
         cmds = [c for c in doc["nftables"] if "metainfo" not in c]
@@ -203,17 +205,17 @@ BASE = (
 )
 
 
-@pytest.fixture(params=[True, False], ids=["text", "dict"])
+@pytest.fixture(params=[True, False], ids=["file", "dict"])
 def nft(request: pytest.FixtureRequest) -> FakeNft:
-    return FakeNft(takes_text=request.param)
+    return FakeNft(takes_file=request.param)
 
 
-def test_the_text_document_is_the_dict_document() -> None:
+def test_the_file_document_is_the_dict_document() -> None:
     big = [svc(f"10.96.{i // 200}.{i % 200 + 1}", 80, reals=((f"10.244.{i % 7}.{i % 250 + 1}", 8080),))
            for i in range(600)]
     docs = []
-    for takes_text in (True, False):
-        kernel = FakeNft(takes_text)
+    for takes_file in (True, False):
+        kernel = FakeNft(takes_file)
         fw = Firewall(cfg(), nft=kernel)
         fw.sync_state(state(*BASE, *big))
         fw.sync_state(state(*BASE, *big[1:]), scope={big[0].key})
@@ -671,6 +673,11 @@ def test_run_nft_cli_pipes_json_without_a_shell(tmp_path: Path) -> None:
     doc = {"nftables": [{"list": {"table": {"family": "inet", "name": "x; echo pwned"}}}]}
     assert run_nft_cli(doc, binary=str(fake)) == {"nftables": [{"metainfo": {}}]}
     assert Path(f"{seen}.args").read_text().strip() == "-j -f -"
+    assert json.loads(Path(f"{seen}.json").read_text()) == doc
+    with scratch_file() as f:  # a file goes in as nft's stdin, from its start
+        f.write(json.dumps(doc).encode())
+        f.seek(0)
+        assert run_nft_cli(f, binary=str(fake)) == {"nftables": [{"metainfo": {}}]}
     assert json.loads(Path(f"{seen}.json").read_text()) == doc
     fail = tmp_path / "nft-fail"
     fail.write_text("#!/bin/sh\necho 'internal:0:0-0: Error: Could not process rule: No such file' >&2\nexit 1\n")
