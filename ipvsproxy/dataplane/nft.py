@@ -552,9 +552,9 @@ class NftFirewall:
                 out += [(f"fw_allow{v}", (*key, n)) for n in _collapse(nets)]
         return out
 
-    def _count(self, delta: Delta) -> None:
-        """Bring the counts in step with a change delta; every element whose
-        presence changes joins the pending ones (with what the kernel held)."""
+    def _count(self, delta: Delta, track: bool = True) -> None:
+        """Bring the counts in step with a change delta; with `track`, every element
+        whose presence changes joins the pending ones (with what the kernel held)."""
         pending = self._pending
 
         def bump(pairs: Iterable[tuple[str, Elem]], step: int) -> None:
@@ -565,7 +565,7 @@ class NftFirewall:
                     counts[elem] = n + step
                 else:
                     counts.pop(elem, None)
-                if (n > 0) != (n + step > 0):
+                if track and (n > 0) != (n + step > 0):
                     pending.setdefault(name, {}).setdefault(elem, n > 0)
 
         for change in delta.values():
@@ -696,7 +696,10 @@ class NftFirewall:
         (or at start-up, or after a refusal) read the table and repair drift
         too. Returns the number of element and rule changes (0: nothing sent).
         A failed transaction raises; its changes stay pending (see the class)."""
-        self._count(delta)
+        # Until the table has been read once, nothing is pending: that read diffs the whole table
+        # against the counts (and a failed one raises). At a cold start the pending elements would
+        # be every element, the companion's share of the agent's memory peak.
+        self._count(delta, track=self._verified)
         cmds: list[dict[str, Any] | _Elements] = []
         changes = 0
         dels: list[tuple[str, Collection[Elem]]] = []

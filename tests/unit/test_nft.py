@@ -602,6 +602,29 @@ def test_the_first_sync_raises_when_the_table_cannot_be_read(nft: FakeNft) -> No
     assert fw.elements() == fw.desired_elements(state(*BASE))
 
 
+@pytest.mark.parametrize("fault", ["refused", "timed out"])
+def test_a_first_sync_that_fails_keeps_nothing_pending_and_the_next_one_reads(nft: FakeNft, fault: str) -> None:
+    """Until the table has been read once nothing is kept pending (at a cold start that would be
+    every element): the next sync reads the whole table and sends what differs, whatever the
+    first transaction left (nothing when refused, everything when it timed out after committing)."""
+    fw = Firewall(cfg(), nft=nft)
+    if fault == "refused":
+        nft.fail_next = "Error: Could not process rule: No buffer space available"
+    else:
+        nft.time_out_next = True
+    with pytest.raises(NftError):
+        fw.sync_state(state(*BASE))
+    assert fw.behind
+    reads = fw.reads
+    later = svc("10.96.0.20", 443, reals=(("10.244.3.3", 8443),))
+    assert fw.sync_state(state(*BASE, later), scope={later.key}) > 0
+    assert fw.reads == reads + 1 and not fw.behind
+    assert fw.elements() == fw.desired_elements(state(*BASE, later))
+    fw.sync_state(state(*BASE), scope={later.key})
+    assert fw.reads == reads + 1  # read once, then incremental
+    assert fw.elements() == fw.desired_elements(state(*BASE))
+
+
 def test_an_incremental_sync_never_calls_the_element_reader(nft: FakeNft) -> None:
     reads: list[str] = []
 
