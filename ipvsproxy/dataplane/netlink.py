@@ -3,9 +3,10 @@
 IPVS messages and address binds go through our own batched codecs
 (ipvs_wire, addr_wire: many messages per send, acks mapped back by sequence
 number), because a plain pyroute2 loop spends ~25 ms of Python per IPVS
-object and ~11 ms per address under emulation; links and address dumps use
-pyroute2. Kernel errors come back as Failures whose message
-names the Service and the object, never as exceptions.
+object and ~11 ms per address under emulation; the dummy interface and
+address dumps through link_wire (importing pyroute2 for them cost seconds
+of every start under emulation). Kernel errors come back as Failures whose
+message names the Service and the object, never as exceptions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import subprocess
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..config import AgentConfig
 from ..model import (
@@ -60,6 +60,7 @@ from .ipvs_wire import (
     Svc,
     SvcEntry,
 )
+from .link_wire import AddrInfo, LinkInfo, LinkWire
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +193,12 @@ def interface_refusal(name: str, kind: str | None, alias: str | None) -> str | N
 IFA_F_NODAD = 0x02
 
 
-def _kernel_link_local(addr: str, msg: Any) -> bool:
+def _kernel_link_local(addr: str, flags: int) -> bool:
     """The link-local address the kernel gives an interface that comes up (not
     ours to unbind). Ours are told apart by IFA_F_NODAD, which every bind
     sets: skipping every fe80:: address left a link-local Service VIP bound
     for ever."""
-    if not ipaddress.ip_address(addr).is_link_local:
-        return False
-    flags = msg.get_attr("IFA_FLAGS")
-    return not ((flags if flags is not None else msg["flags"]) & IFA_F_NODAD)
+    return ipaddress.ip_address(addr).is_link_local and not flags & IFA_F_NODAD
 
 
 class StatsView(Mapping[str, int]):
@@ -257,19 +255,32 @@ def observed_vs(entry: SvcEntry, dests: Iterable[DestEntry]) -> ObservedVS:
     return obs
 
 
+class Links(typing.Protocol):
+    """What the dataplane asks of links and addresses (link_wire.LinkWire; a test's fake).
+    Each raises OSError saying what it could not do, in the kernel's words."""
+
+    def link(self, name: str) -> LinkInfo | None: ...
+    def add_dummy(self, name: str) -> None: ...
+    def set_alias(self, index: int, alias: str) -> None: ...
+    def set_up(self, index: int) -> None: ...
+    def delete(self, index: int) -> None: ...
+    def addresses(self, family: int, index: int | None = None) -> list[AddrInfo]: ...
+    def close(self) -> None: ...
+
+
 class NetlinkDataplane:
     """Programs the running kernel. Needs root with CAP_NET_ADMIN.
 
     Every kernel handle is injectable (kube-proxy's KernelHandler, utilsysctl and
     NetLinkHandle; kube-router's LinuxNetworking): `modules` (sysfs, the module
-    index, modprobe), `sysctls`, `links` (pyroute2's IPRoute: links and address
-    dumps), `wire` (IPVS), `addr` (address binds), `conntrack`. Left out, each is
+    index, modprobe), `sysctls`, `links` (link_wire.LinkWire: the dummy interface and
+    address dumps), `wire` (IPVS), `addr` (address binds), `conntrack`. Left out, each is
     the running kernel's; a test hands in fakes to run setup() and the interface
     rules on a host without IPVS (tests/unit/test_netlink_setup.py).
     """
 
     def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256,
-                 modules: KernelModules | None = None, sysctls: Sysctls | None = None, links: Any = None,
+                 modules: KernelModules | None = None, sysctls: Sysctls | None = None, links: Links | None = None,
                  wire: IPVSWire | None = None, addr: AddrWire | None = None,
                  conntrack: ConntrackCleaner | None = None) -> None:
         self.cfg = cfg
@@ -288,11 +299,7 @@ class NetlinkDataplane:
         except PermissionError:
             raise DataplaneError("cannot open netlink for IPVS: permission denied (run as root with "
                                  "CAP_NET_ADMIN)") from None
-        if links is None:
-            from pyroute2 import IPRoute
-
-            links = IPRoute()
-        self.ipr = links
+        self.links: Links = links or LinkWire()  # the dummy interface, the node's addresses
         self.addr = addr or AddrWire(batch_size=batch_size)  # binds/unbinds, batched like IPVS messages
         self._ifindex: int | None = None
         self._alias: str | None = None  # the interface's alias when it was looked up
@@ -325,44 +332,39 @@ class NetlinkDataplane:
         name = self.cfg.interface
         if idx is None:
             try:
-                self.ipr.link("add", ifname=name, kind="dummy")
-            except Exception as exc:
-                raise DataplaneError(
-                    f"cannot create dummy interface {name}: {exc} "
-                    "(is the 'dummy' kernel module available?)") from None
-            found = self.ipr.link_lookup(ifname=name)
-            if not found:
+                self.links.add_dummy(name)
+            except OSError as exc:
+                raise DataplaneError(f"{exc.strerror or exc} (is the 'dummy' kernel module available?)") from None
+            found = self.links.link(name)
+            if found is None:
                 raise DataplaneError(f"dummy interface {name} vanished right after it was created")
             try:
-                self.ipr.link("set", index=found[0], ifalias=INTERFACE_MARK)
-            except Exception as exc:
-                self.ipr.link("del", index=found[0])  # an unmarked dummy would be refused next time
-                raise DataplaneError(f"cannot mark dummy interface {name} as ipvsproxy's: {exc}") from None
+                self.links.set_alias(found.index, INTERFACE_MARK)
+            except OSError as exc:
+                self.links.delete(found.index)  # an unmarked dummy would be refused next time
+                raise DataplaneError(f"{exc.strerror or exc} (marking dummy interface {name} as "
+                                     "ipvsproxy's)") from None
             log.info("created dummy interface %s (alias %r)", name, INTERFACE_MARK)
             idx = self.ifindex()
             assert idx is not None
         elif self._alias != INTERFACE_MARK:
-            self.ipr.link("set", index=idx, ifalias=INTERFACE_MARK)
+            self.links.set_alias(idx, INTERFACE_MARK)
             log.info("adopted dummy interface %s (marked with alias %r)", name, INTERFACE_MARK)
             self._alias = INTERFACE_MARK
-        self.ipr.link("set", index=idx, state="up")
+        self.links.set_up(idx)
         return idx
 
     def ifindex(self) -> int | None:
         """The index of our interface (None when there is none); raises
         InterfaceRefused when the name is taken by an interface not ours."""
         if self._ifindex is None:
-            found = self.ipr.link_lookup(ifname=self.cfg.interface)
-            if not found:
+            link = self.links.link(self.cfg.interface)
+            if link is None:
                 return None
-            link = self.ipr.get_links(found[0])[0]
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-            alias = link.get_attr("IFLA_IFALIAS")
-            refusal = interface_refusal(self.cfg.interface, kind, alias)
+            refusal = interface_refusal(self.cfg.interface, link.kind, link.alias)
             if refusal:
                 raise InterfaceRefused(refusal)
-            self._ifindex, self._alias = found[0], alias
+            self._ifindex, self._alias = link.index, link.alias
         return self._ifindex
 
     def bound_addresses(self) -> set[str]:
@@ -371,10 +373,9 @@ class NetlinkDataplane:
             return set()
         out = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self.ipr.get_addr(family=family, index=idx):
-                addr = msg.get_attr("IFA_ADDRESS")
-                if addr and not (family == AF_INET6 and _kernel_link_local(addr, msg)):
-                    out.add(addr)
+            for a in self.links.addresses(family, idx):
+                if a.address and not (family == AF_INET6 and _kernel_link_local(a.address, a.flags)):
+                    out.add(a.address)
         return out
 
     def local_addresses(self) -> set[str]:
@@ -384,12 +385,13 @@ class NetlinkDataplane:
         Not kube-proxy's dummy (kube-ipvs0): what it holds are Service addresses that
         kube-proxy bound, which ipvsproxy binds on its own interface too when it takes
         the node over; else they would vanish with kube-ipvs0 (docs/operating.md)."""
-        skip = {self.ifindex(), *self.ipr.link_lookup(ifname=KUBE_PROXY_DUMMY)}
+        kube_ipvs0 = self.links.link(KUBE_PROXY_DUMMY)
+        skip = {self.ifindex(), kube_ipvs0.index if kube_ipvs0 is not None else None}
         out = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self.ipr.get_addr(family=family):
-                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")  # LOCAL: not a peer's
-                if addr and msg["index"] not in skip and "%" not in addr:
+            for a in self.links.addresses(family):
+                addr = a.local or a.address  # LOCAL: not a peer's
+                if addr and a.index not in skip and "%" not in addr:
                     out.add(str(ipaddress.ip_address(addr)))  # spelled as Service IPs are
         return out
 
@@ -514,7 +516,7 @@ class NetlinkDataplane:
         idx = self.ifindex()
         if idx is None:
             return False
-        self.ipr.link("del", index=idx)
+        self.links.delete(idx)
         self._ifindex = None
         return True
 
@@ -522,4 +524,4 @@ class NetlinkDataplane:
         self.conntrack.close()
         self.wire.close()
         self.addr.close()
-        self.ipr.close()
+        self.links.close()

@@ -1,8 +1,8 @@
 """NetlinkDataplane.setup() and its interface rules on the host, with every
-kernel handle injected: a fake link handle (pyroute2's IPRoute surface the
-dataplane uses), recorded sysctls, a fake module tree, a stand-in IPVS wire.
-What the VM tests prove against the kernel (tests/kernel/test_interface_safety.py),
-here for the decisions: what is written, created, marked, refused, and in which order."""
+kernel handle injected: a fake link handle (link_wire.LinkWire's surface),
+recorded sysctls, a fake module tree, a stand-in IPVS wire. What the VM tests
+prove against the kernel (tests/kernel/test_interface_safety.py), here for the
+decisions: what is written, created, marked, refused, and in which order."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from ipvsproxy.config import AgentConfig
 from ipvsproxy.dataplane.base import INTERFACE_MARK, DataplaneError, InterfaceRefused
 from ipvsproxy.dataplane.ipvs_wire import Cmd, IPVSError
+from ipvsproxy.dataplane.link_wire import AddrInfo, LinkInfo
 from ipvsproxy.dataplane.netlink import STRICT_ARP, SYSCTLS, NetlinkDataplane
 from ipvsproxy.dataplane.netlink_wire import Counters
 from ipvsproxy.model import AF_INET, VirtualServer, VSKey
@@ -22,16 +23,9 @@ from ipvsproxy.plan import Op, OpKind
 from tests.unit.test_kernel_modules import kernel
 
 
-class Attrs:
-    def __init__(self, **attrs: Any) -> None:
-        self.attrs = attrs
-
-    def get_attr(self, name: str) -> Any:
-        return self.attrs.get(name)
-
-
 class FakeLinks:
-    """The links of a node: index -> (name, kind, alias, up); records every change."""
+    """The links of a node: index -> (name, kind, alias, up); records every change. Fails as
+    link_wire.LinkWire does: OSError in the kernel's words, ENODEV for an index that is not there."""
 
     def __init__(self, links: dict[str, tuple[str | None, str | None]] | None = None,
                  refuse_add: bool = False) -> None:
@@ -39,37 +33,47 @@ class FakeLinks:
         for name, (kind, alias) in (links or {}).items():
             self._new(name, kind, alias)
         self.refuse_add = refuse_add
-        self.calls: list[tuple[str, ...]] = []
+        self.calls: list[tuple[Any, ...]] = []
 
     def _new(self, name: str, kind: str | None, alias: str | None) -> int:
         idx = len(self.links) + 1
         self.links[idx] = {"name": name, "kind": kind, "alias": alias, "up": False}
         return idx
 
-    def link_lookup(self, ifname: str) -> list[int]:
-        return [i for i, link in self.links.items() if link["name"] == ifname]
+    def _get(self, index: int, what: str) -> dict[str, Any]:
+        if index not in self.links:
+            raise OSError(errno.ENODEV, f"cannot {what} interface {index}: No such device")
+        return self.links[index]
 
-    def get_links(self, idx: int) -> list[Attrs]:
-        link = self.links[idx]
-        info = Attrs(IFLA_INFO_KIND=link["kind"]) if link["kind"] else None
-        return [Attrs(IFLA_LINKINFO=info, IFLA_IFALIAS=link["alias"])]
+    def link(self, name: str) -> LinkInfo | None:
+        for i, link in self.links.items():
+            if link["name"] == name:
+                return LinkInfo(i, name, link["kind"], link["alias"])
+        return None
 
-    def link(self, cmd: str, **kw: Any) -> None:
-        self.calls.append((cmd, *(f"{k}={v}" for k, v in sorted(kw.items()))))
-        if cmd == "add":
-            if self.refuse_add:
-                raise OSError(95, "Operation not supported")
-            self._new(kw["ifname"], kw["kind"], None)
-        elif cmd == "set":
-            link = self.links[kw["index"]]
-            if "ifalias" in kw:
-                link["alias"] = kw["ifalias"]
-            if "state" in kw:
-                link["up"] = kw["state"] == "up"
-        elif cmd == "del":
-            del self.links[kw["index"]]
+    def add_dummy(self, name: str) -> None:
+        self.calls.append(("add_dummy", name))
+        if self.refuse_add:
+            raise OSError(errno.EOPNOTSUPP, f"cannot create dummy interface {name}: Operation not supported: "
+                          "Unknown device type")
+        if self.link(name) is not None:
+            raise OSError(errno.EEXIST, f"cannot create dummy interface {name}: File exists")
+        self._new(name, "dummy", None)
 
-    def get_addr(self, **kw: Any) -> list[Any]:
+    def set_alias(self, index: int, alias: str) -> None:
+        self.calls.append(("set_alias", index, alias))
+        self._get(index, "set the alias of")["alias"] = alias
+
+    def set_up(self, index: int) -> None:
+        self.calls.append(("set_up", index))
+        self._get(index, "bring up")["up"] = True
+
+    def delete(self, index: int) -> None:
+        self.calls.append(("delete", index))
+        self._get(index, "delete")
+        del self.links[index]
+
+    def addresses(self, family: int, index: int | None = None) -> list[AddrInfo]:
         return []
 
     def close(self) -> None:
@@ -125,9 +129,11 @@ def test_setup_loads_modules_sets_sysctls_and_creates_a_marked_dummy(tmp_path: P
     dp.setup()
     assert probed == ["ip_vs_rr", "nf_conntrack"]  # ip_vs loaded, dummy built in: no modprobe for them
     assert sysctls.written == SYSCTLS | STRICT_ARP
-    (idx,) = links.link_lookup("ipvsproxy0")
-    assert links.links[idx] == {"name": "ipvsproxy0", "kind": "dummy", "alias": INTERFACE_MARK, "up": True}
-    assert links.calls[0] == ("add", "ifname=ipvsproxy0", "kind=dummy")
+    ours = links.link("ipvsproxy0")
+    assert ours is not None
+    assert links.links[ours.index] == {"name": "ipvsproxy0", "kind": "dummy", "alias": INTERFACE_MARK, "up": True}
+    assert links.calls == [("add_dummy", "ipvsproxy0"), ("set_alias", ours.index, INTERFACE_MARK),
+                           ("set_up", ours.index)]
     assert dp.wire.config == (900, 0, 60)  # type: ignore[attr-defined]
 
 
@@ -159,12 +165,13 @@ def test_an_unmarked_dummy_of_ours_is_adopted_and_marked(tmp_path: Path) -> None
     dp, _, _ = dataplane(tmp_path, links, interface="kube-ipvs0")
     dp.setup()
     assert links.links[1]["alias"] == INTERFACE_MARK and links.links[1]["up"]
-    assert not any(c[0] == "add" for c in links.calls)
+    assert not any(c[0] == "add_dummy" for c in links.calls)
 
 
 def test_a_dummy_that_cannot_be_created_is_one_clear_error(tmp_path: Path) -> None:
     dp, _, _ = dataplane(tmp_path, FakeLinks(refuse_add=True))
-    with pytest.raises(DataplaneError, match=r"cannot create dummy interface ipvsproxy0: .*'dummy' kernel module"):
+    with pytest.raises(DataplaneError, match=r"^cannot create dummy interface ipvsproxy0: Operation not supported: "
+                       r"Unknown device type \(is the 'dummy' kernel module available\?\)$"):
         dp.setup()
 
 
