@@ -2,7 +2,7 @@
 
 `python -m ipvsproxy.bench.rss --services N --endpoints M [--mode full|paged]`
 prints one JSON object. The child imports what the agent imports (the agent,
-the API source and its client, pyroute2), builds an :class:`~ipvsproxy.agent.Agent`
+the API source and its client, the netlink codecs), builds an :class:`~ipvsproxy.agent.Agent`
 on a dataplane that keeps no table (the kernel's copy is not the agent's
 memory) and with the nftables companion (as `ipvsproxy run` has it by
 default; a no-op `nft`), feeds it the cluster the way the Kubernetes source
@@ -80,7 +80,7 @@ def _frames(proc: subprocess.Popen[bytes]) -> Iterator[tuple[str, bytes | None]]
 
 def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) -> dict[str, Any]:
     import ipvsproxy.agent as agent_mod
-    import ipvsproxy.dataplane.netlink  # noqa: F401  (pyroute2 and the wire codec, as the agent loads them)
+    import ipvsproxy.dataplane.netlink  # noqa: F401  (the netlink codecs, as the agent loads them)
     import ipvsproxy.sources.kube  # noqa: F401  (the API source and its own client, as the agent loads them)
 
     kube = "kubernetes" in sys.modules  # the official client: ~22 MiB, no longer imported since issue 18
