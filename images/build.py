@@ -368,10 +368,33 @@ def _pause_build(work: Path) -> tuple[list[Path], ImageConfig]:
 
 BUSYBOX = Path("/bin/busybox")
 
+# Debian's busybox-static before 1.36.1-5 is built without FEATURE_WGET_TIMEOUT, and its wget then
+# segfaults on -T (the option parser writes through a NULL pointer; bookworm ships 1.35.0). The e2e
+# suite's probes run `wget -q -T 1 -O - URL` in exec pods: every one of them answered "Segmentation
+# fault" in the 2026-12-01 conformance run, for either proxy. So `wget` is this script: the same
+# applet, with -T N turned into busybox's `timeout N` around it (a bound on the whole request).
+WGET_WRAPPER = b"""#!/bin/sh
+# wget = busybox wget, with -T N as `timeout N` (Debian's busybox-static wget segfaults on -T).
+t= want=
+for a in "$@"; do
+    shift
+    if [ -n "$want" ]; then t=$a want=; continue; fi
+    case $a in
+        -T) want=1 ;;
+        -T?*) t=${a#-T} ;;
+        --timeout=*) t=${a#--timeout=} ;;
+        *) set -- "$@" "$a" ;;
+    esac
+done
+if [ -n "$t" ]; then exec busybox timeout "$t" busybox wget "$@"; fi
+exec busybox wget "$@"
+"""
+
 
 def _busybox_inputs(h: Any) -> None:
     h.update(dpkg_version("busybox-static").encode())
     hash_paths(h, BUSYBOX.parent, [BUSYBOX.name])
+    h.update(WGET_WRAPPER)
 
 
 def _busybox_build(work: Path) -> tuple[list[Path], ImageConfig]:
@@ -384,7 +407,9 @@ def _busybox_build(work: Path) -> tuple[list[Path], ImageConfig]:
         t.dir("tmp", 0o1777)
         t.copy("bin/busybox", BUSYBOX, 0o755)
         for applet in sorted(set(applets)):
-            if applet != "bin/busybox":
+            if applet == "usr/bin/wget":
+                t.file(applet, WGET_WRAPPER, 0o755)
+            elif applet != "bin/busybox":
                 t.symlink(applet, "/bin/busybox")
         t.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n")
         t.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
@@ -403,7 +428,8 @@ def _agnhost_inputs(h: Any) -> None:
 # What agnhost's Alpine image adds with apk (its Dockerfile), from Debian: the e2e tests exec curl,
 # nc, ss, iperf and bash in agnhost pods, and `nslookup` and `wget` (the ExternalName and the
 # serve-hostname Service tests run them; here they are
-# busybox-static's applets, 2 MB, where Debian's bind9-dnsutils would pull libicu, 36 MB). Left out:
+# busybox-static's applets, 2 MB, where Debian's bind9-dnsutils would pull libicu, 36 MB; wget through
+# WGET_WRAPPER). Left out:
 # bind-tools' dig (only the DNS tests use it) and the CoreDNS binary (a download, not in the tree).
 AGNHOST_PACKAGES = ["bash", "curl", "netcat-openbsd", "iproute2", "iperf"]
 
@@ -423,7 +449,8 @@ def _agnhost_build(work: Path) -> tuple[list[Path], ImageConfig]:
         f'cp {shlex.quote(str(porter / "localhost.crt"))} {shlex.quote(str(porter / "localhost.key"))} "$1/"',
         f'cp {shlex.quote(str(BUSYBOX))} "$1/usr/bin/busybox"',
         'ln -s busybox "$1/usr/bin/nslookup"',
-        'ln -s busybox "$1/usr/bin/wget"',
+        f'printf %s {shlex.quote(WGET_WRAPPER.decode())} > "$1/usr/bin/wget"',
+        'chmod 755 "$1/usr/bin/wget"',
     ]
     layer = work / "rootfs.tar"
     mmdebstrap(layer, "minbase", AGNHOST_PACKAGES, hooks)
