@@ -64,6 +64,26 @@ def parse_junit(path: Path) -> dict[str, tuple[str, str, float]]:
     return out
 
 
+def skip_messages(log: str) -> dict[str, str]:
+    """Test name -> the message of a spec the suite skipped at run time, from e2e.log's
+    "S [SKIPPING]" blocks (the JUnit file records those without the message): the nested
+    container texts up to the "[It]" line make the name, the first line after it the reason."""
+    out: dict[str, str] = {}
+    for block in log.split("S [SKIPPING]")[1:]:
+        lines = [ln.strip() for ln in block.splitlines()[1:]]
+        parts: list[str] = []
+        for i, ln in enumerate(lines):
+            if not ln or ln.startswith("/"):
+                continue
+            if ln.endswith(" [It]"):
+                parts.append(ln[:-5])
+                reason = next((x for x in lines[i + 1:] if x and not x.startswith("/")), "")
+                out[" ".join(parts)] = reason[:160]
+                break
+            parts.append(ln)
+    return out
+
+
 def our_skip(name: str, skip: str) -> str | None:
     if not re.search(skip, name):
         return None
@@ -73,7 +93,8 @@ def our_skip(name: str, skip: str) -> str | None:
     return "skipped: --skip " + skip
 
 
-def cell(name: str, results: dict[str, tuple[str, str, float]] | None, skip: str) -> str:
+def cell(name: str, results: dict[str, tuple[str, str, float]] | None, skip: str,
+         skipped: dict[str, str] | None = None) -> str:
     why = our_skip(name, skip)
     if why:
         return why
@@ -86,6 +107,8 @@ def cell(name: str, results: dict[str, tuple[str, str, float]] | None, skip: str
         return f"**pass** ({secs:.0f} s)"
     if status == "fail":
         return f"**FAIL** ({secs:.0f} s): {detail}".replace("|", "\\|")
+    if not detail:
+        detail = (skipped or {}).get(name, "")
     if not detail:  # ginkgo reports specs outside --ginkgo.focus / --ginkgo.skip as skipped, without a message
         return "not run (outside this run's focus)"
     return f"skipped by the suite: {detail}".replace("|", "\\|")
@@ -105,7 +128,10 @@ def main() -> int:
         return 1
     results: dict[str, dict[str, tuple[str, str, float]] | None] = {}
     walls: dict[str, str] = {}
+    skipped: dict[str, dict[str, str]] = {}
     for p in proxies:
+        log = args.out / p / "e2e.log"
+        skipped[p] = skip_messages(log.read_text(errors="replace")) if log.is_file() else {}
         junits = sorted((args.out / p).glob("junit_*.xml"))
         merged: dict[str, tuple[str, str, float]] = {}
         for j in junits:
@@ -116,7 +142,7 @@ def main() -> int:
     lines = [f"| test | {' | '.join(proxies)} |", "|---|" + "---|" * len(proxies)]
     counts: dict[str, dict[str, int]] = {p: {"pass": 0, "fail": 0, "skip": 0, "not run": 0} for p in proxies}
     for n in names:
-        cells = [cell(n, results[p], args.skip) for p in proxies]
+        cells = [cell(n, results[p], args.skip, skipped[p]) for p in proxies]
         for p, c in zip(proxies, cells, strict=True):
             key = ("pass" if c.startswith("**pass") else "fail" if c.startswith("**FAIL")
                    else "not run" if c.startswith("not run") else "skip")

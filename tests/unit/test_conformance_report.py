@@ -86,3 +86,46 @@ def test_no_comparison_without_both_columns(tmp_path: Path, monkeypatch: Any) ->
     assert rc == 1
     assert "Not both columns ran: no comparison." in table
     assert row(table, A) == ["**pass** (12 s)", "not run (no JUnit file)"]
+
+
+SKIP_LOG = """\
+SSSS
+------------------------------
+S [SKIPPING] [38.091 seconds]
+[sig-network] Networking
+/tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/network/framework.go:23
+  Granular Checks: Services
+  /tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/network/networking.go:149
+    should function for client IP based session affinity: http [LinuxOnly] [It]
+    /tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/network/networking.go:414
+
+    Requires at least 2 nodes (not 1)
+
+    /tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/framework/network/utils.go:760
+------------------------------
+S [SKIPPING] [0.516 seconds]
+[sig-network] Services
+/tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/network/framework.go:23
+  should reconcile LB health check interval [Slow][Serial] [It]
+  /tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/network/service.go:2321
+
+  Only supported for providers [gce] (not skeleton)
+
+  /tmp/k8s/gopath/src/k8s.io/kubernetes/test/e2e/network/service.go:2325
+------------------------------
+"""
+
+
+def test_specs_the_suite_skipped_at_run_time_carry_its_message() -> None:
+    """The JUnit file records them as skipped without a message (as it does specs outside the
+    focus): the reason comes from e2e.log, so the table does not call them "outside the focus"."""
+    msgs = report.skip_messages(SKIP_LOG)
+    affinity = ("[sig-network] Networking Granular Checks: Services should function for client IP based "
+                "session affinity: http [LinuxOnly]")
+    lb = "[sig-network] Services should reconcile LB health check interval [Slow][Serial]"
+    assert msgs == {affinity: "Requires at least 2 nodes (not 1)",
+                    lb: "Only supported for providers [gce] (not skeleton)"}
+    results = {affinity: ("skip", "", 38.1), lb: ("skip", "", 0.5), "other": ("skip", "", 0.0)}
+    skip = r"\[Disruptive\]"
+    assert report.cell(affinity, results, skip, msgs) == "skipped by the suite: Requires at least 2 nodes (not 1)"
+    assert report.cell("other", results, skip, msgs) == "not run (outside this run's focus)"
