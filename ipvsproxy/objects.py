@@ -25,6 +25,9 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 # A Service carrying this label belongs to another proxy (kube-proxy's informers
 # select "!service.kubernetes.io/service-proxy-name"); docs/semantics.md rule 3.
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+# A Service carrying this label (any value) is no proxy's: kube-proxy's informers also select
+# "!service.kubernetes.io/headless" (noHeadlessEndpoints); docs/semantics.md rule 3.
+HEADLESS_LABEL = "service.kubernetes.io/headless"
 # The Cluster Autoscaler's taint on a node it is about to delete (KEP-3836).
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
@@ -133,10 +136,11 @@ class Node:
 def proxy_name_selector(proxy_name: str = "") -> str:
     """The label selector for the Services this proxy owns: those without a
     service-proxy-name label, or (``--service-proxy-name NAME``) exactly those
-    labelled NAME."""
+    labelled NAME; never one labelled service.kubernetes.io/headless (kube-proxy
+    server.go: noProxyName and noHeadlessEndpoints on its informer factory)."""
     if proxy_name:
-        return f"{SERVICE_PROXY_NAME_LABEL}={proxy_name}"
-    return f"!{SERVICE_PROXY_NAME_LABEL}"
+        return f"{SERVICE_PROXY_NAME_LABEL}={proxy_name},!{HEADLESS_LABEL}"
+    return f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
 
 
 def selected_by_proxy_name(obj: Any, proxy_name: str = "") -> bool:
@@ -145,6 +149,8 @@ def selected_by_proxy_name(obj: Any, proxy_name: str = "") -> bool:
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     labels = meta.get("labels") if isinstance(meta, Mapping) else None
     labels = labels if isinstance(labels, Mapping) else {}
+    if HEADLESS_LABEL in labels:
+        return False
     if proxy_name:
         return labels.get(SERVICE_PROXY_NAME_LABEL) == proxy_name
     return SERVICE_PROXY_NAME_LABEL not in labels

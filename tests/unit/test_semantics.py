@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from ipvsproxy.dataplane.memory import MemoryDataplane
 from ipvsproxy.model import AF_INET, AF_INET6
 from ipvsproxy.objects import (
+    HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
     parse_endpointslice,
     parse_node,
@@ -127,11 +128,36 @@ def test_ipv6_only_service_gets_ipv6_nodeports_only() -> None:
 
 def test_proxy_name_selector_and_its_local_twin_agree() -> None:
     mine, theirs = service("a"), labelled(service("b"), **{SERVICE_PROXY_NAME_LABEL: "kube-router"})
-    assert proxy_name_selector() == f"!{SERVICE_PROXY_NAME_LABEL}"
-    assert proxy_name_selector("ipvsproxy") == f"{SERVICE_PROXY_NAME_LABEL}=ipvsproxy"
+    assert proxy_name_selector() == f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+    assert proxy_name_selector("ipvsproxy") == f"{SERVICE_PROXY_NAME_LABEL}=ipvsproxy,!{HEADLESS_LABEL}"
     assert selected_by_proxy_name(mine) and not selected_by_proxy_name(theirs)
     assert not selected_by_proxy_name(mine, "kube-router") and selected_by_proxy_name(theirs, "kube-router")
     assert not selected_by_proxy_name(theirs, "ipvsproxy")
+    # service.kubernetes.io/headless (any value, even ""): no proxy's, whatever --service-proxy-name says
+    for value in ("", "true"):
+        assert not selected_by_proxy_name(labelled(service("c"), **{HEADLESS_LABEL: value}))
+        both = labelled(service("d"), **{SERVICE_PROXY_NAME_LABEL: "kube-router", HEADLESS_LABEL: value})
+        assert not selected_by_proxy_name(both, "kube-router")
+
+
+def test_api_source_drops_a_service_labelled_headless_and_takes_it_back(api: FakeApiServer) -> None:
+    """The e2e test "should implement service.kubernetes.io/headless": a Service with the label is
+    not served; adding the label takes it away, removing it brings it back."""
+    api.create(node(NODE))
+    api.create(service("web"))
+    api.create(labelled(service("hidden", cluster_ip="10.96.0.20"), **{HEADLESS_LABEL: ""}))
+    tracker = Tracker(NODE)
+    src = KubeSource(tracker, NODE, api_client=api.client(), timing=FAST)
+    src.start()
+    try:
+        wait_until(tracker.ready, what="listed")
+        assert set(tracker.services) == {"default/web"}
+        api.update(labelled(service("web"), **{HEADLESS_LABEL: ""}))
+        wait_until(lambda: not tracker.services, what="web labelled headless")
+        api.update(service("web"))
+        wait_until(lambda: set(tracker.services) == {"default/web"}, what="web back without the label")
+    finally:
+        src.stop()
 
 
 def _write_manifest(path: Path, objs: list[dict[str, Any]]) -> None:
@@ -167,7 +193,8 @@ def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label(
     finally:
         src.stop()
     queries = [q for m, p, q in list(api.requests) if m == "GET" and p.endswith("/services")]
-    assert queries and all(q.get("labelSelector") == f"!{SERVICE_PROXY_NAME_LABEL}" for q in queries)
+    assert queries and all(q.get("labelSelector") == f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+                           for q in queries)
 
 
 def test_service_proxy_name_flag_reaches_the_sources() -> None:
