@@ -55,6 +55,12 @@ def _bodies(objects: Iterator[dict[str, Any]], page: int) -> Iterator[bytes]:
         yield b'{"kind":"List","metadata":{},"items":[' + b",".join(items) + b"]}"
 
 
+def _command(services: int, endpoints: int, seed: int, mode: str, noise: bool, *extra: str) -> list[str]:
+    """This module run in a fresh interpreter for one cluster (the probe, or with --serve its source)."""
+    return [sys.executable, "-m", "ipvsproxy.bench.rss", *extra, "--services", str(services), "--endpoints",
+            str(endpoints), "--seed", str(seed), "--mode", mode] + ([] if noise else ["--no-noise"])
+
+
 def serve(services: int, endpoints: int, seed: int, mode: str, noise: bool, out: BinaryIO) -> None:
     """Write the synthetic cluster's list responses as frames (``KIND LENGTH\\n`` + body;
     LENGTH -1 ends a kind's listing). Run in its own process: the generator's model of the
@@ -107,8 +113,7 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
     no_nft.takes_file = True  # type: ignore[attr-defined]  # the document written as for the real nft
     firewall = NftFirewall(cfg, nft=no_nft) if cfg.nftables else None
     agent = agent_mod.Agent(cfg, Sink(), record_state=False, firewall=firewall)
-    cmd = [sys.executable, "-m", "ipvsproxy.bench.rss", "--serve", "--services", str(services),
-           "--endpoints", str(endpoints), "--seed", str(seed), "--mode", mode] + ([] if noise else ["--no-noise"])
+    cmd = _command(services, endpoints, seed, mode, noise, "--serve")
     t0 = time.perf_counter()
     response_bytes = 0
     seen: set[tuple[str, str]] = set()
@@ -149,9 +154,8 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
 def run_child(services: int, endpoints: int, seed: int, mode: str, noise: bool,
               timeout: float = 1800) -> dict[str, Any]:
     """Run the probe in a fresh interpreter (so the number is the agent's, not the harness's)."""
-    cmd = [sys.executable, "-m", "ipvsproxy.bench.rss", "--services", str(services), "--endpoints",
-           str(endpoints), "--seed", str(seed), "--mode", mode] + ([] if noise else ["--no-noise"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(_command(services, endpoints, seed, mode, noise), capture_output=True, text=True,
+                          timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS probe failed: {proc.stderr.strip().splitlines()[-1:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

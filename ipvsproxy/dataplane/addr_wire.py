@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..model import family_of
-from .netlink_wire import NetlinkWire
+from .netlink_wire import NETLINK_ROUTE, NLM_F_CREATE, NLM_F_EXCL, NetlinkWire
 
 __all__ = ["AddrError", "AddrRequest", "AddrWire", "encode_addr"]
 
-NETLINK_ROUTE = 0
 RTM_NEWADDR, RTM_DELADDR = 20, 21
-NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x02
 RT_SCOPE_UNIVERSE = 0

@@ -28,17 +28,27 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .netlink_wire import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG, NetlinkWire, attrs, nla
+from .addr_wire import IFA_ADDRESS, IFA_LOCAL, RTM_NEWADDR
+from .netlink_wire import (
+    NETLINK_ROUTE,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSG,
+    NetlinkWire,
+    attrs,
+    nla,
+)
 
 __all__ = ["AddrInfo", "LinkInfo", "LinkWire"]
 
-NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR, RTM_GETADDR = 20, 22
-NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+RTM_GETADDR = 22
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_IFALIAS = 3, 18, 20
 IFLA_INFO_KIND = 1
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_FLAGS = 8
 IFF_UP = 0x1
 
 IFINFO = struct.Struct("=BxHiII")  # struct ifinfomsg: family, type, index, flags, change

@@ -37,7 +37,7 @@ from ..model import (
 )
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
-from .addr_wire import AddrRequest, AddrWire
+from .addr_wire import IFA_F_NODAD, AddrRequest, AddrWire
 from .base import (
     INTERFACE_MARK,
     KUBE_PROXY_DUMMY,
@@ -188,9 +188,6 @@ def interface_refusal(name: str, kind: str | None, alias: str | None) -> str | N
     return (f"--interface {name}: refusing to use dummy interface {name}: ipvsproxy did not create it "
             f"({marked}, not {INTERFACE_MARK!r}); to hand it over: ip link set dev {name} alias "
             f"'{INTERFACE_MARK}' {hint}")
-
-
-IFA_F_NODAD = 0x02
 
 
 def _kernel_link_local(addr: str, flags: int) -> bool:

@@ -34,10 +34,12 @@ NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP = 0x300
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400  # on a new object: EEXIST if it is there
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
 NLMSGERR_ATTR_MSG = 1
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
+NETLINK_ROUTE = 0  # rtnetlink: addresses and links
 NETLINK_NETFILTER = 12  # ctnetlink and nf_tables share it (nfnetlink)
 NLMSG = struct.Struct("=IHHII")
 NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version (NFNETLINK_V0), res_id (big-endian)

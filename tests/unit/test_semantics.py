@@ -140,26 +140,6 @@ def test_proxy_name_selector_and_its_local_twin_agree() -> None:
         assert not selected_by_proxy_name(both, "kube-router")
 
 
-def test_api_source_drops_a_service_labelled_headless_and_takes_it_back(api: FakeApiServer) -> None:
-    """The e2e test "should implement service.kubernetes.io/headless": a Service with the label is
-    not served; adding the label takes it away, removing it brings it back."""
-    api.create(node(NODE))
-    api.create(service("web"))
-    api.create(labelled(service("hidden", cluster_ip="10.96.0.20"), **{HEADLESS_LABEL: ""}))
-    tracker = Tracker(NODE)
-    src = KubeSource(tracker, NODE, api_client=api.client(), timing=FAST)
-    src.start()
-    try:
-        wait_until(tracker.ready, what="listed")
-        assert set(tracker.services) == {"default/web"}
-        api.update(labelled(service("web"), **{HEADLESS_LABEL: ""}))
-        wait_until(lambda: not tracker.services, what="web labelled headless")
-        api.update(service("web"))
-        wait_until(lambda: set(tracker.services) == {"default/web"}, what="web back without the label")
-    finally:
-        src.stop()
-
-
 def _write_manifest(path: Path, objs: list[dict[str, Any]]) -> None:
     import yaml
 
@@ -178,18 +158,25 @@ def test_from_file_skips_services_of_another_proxy(tmp_path: Path) -> None:
     assert set(tracker.services) == {"default/other"}
 
 
-def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label(api: FakeApiServer) -> None:
+@pytest.mark.parametrize(("label", "value"), [(SERVICE_PROXY_NAME_LABEL, "x"), (HEADLESS_LABEL, "")])
+def test_api_source_selects_server_side_and_drops_a_service_that_gets_the_label(
+        api: FakeApiServer, label: str, value: str) -> None:
+    """A Service of another proxy, or labelled headless (the e2e test "should implement
+    service.kubernetes.io/headless"), is not served; gaining the label takes it away, losing
+    the label brings it back."""
     api.create(node(NODE))
     api.create(service("web"))
-    api.create(labelled(service("other", cluster_ip="10.96.0.20"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
+    api.create(labelled(service("other", cluster_ip="10.96.0.20"), **{label: value}))
     tracker = Tracker(NODE)
     src = KubeSource(tracker, NODE, api_client=api.client(), timing=FAST)
     src.start()
     try:
         wait_until(tracker.ready, what="listed")
         assert set(tracker.services) == {"default/web"}
-        api.update(labelled(service("web"), **{SERVICE_PROXY_NAME_LABEL: "x"}))
-        wait_until(lambda: not tracker.services, what="web handed to another proxy")
+        api.update(labelled(service("web"), **{label: value}))
+        wait_until(lambda: not tracker.services, what=f"web labelled {label}")
+        api.update(service("web"))
+        wait_until(lambda: set(tracker.services) == {"default/web"}, what="web back without the label")
     finally:
         src.stop()
     queries = [q for m, p, q in list(api.requests) if m == "GET" and p.endswith("/services")]
