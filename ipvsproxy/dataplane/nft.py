@@ -43,7 +43,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
@@ -52,6 +52,7 @@ from ..model import (
     Delta,
     DesiredState,
     Protocol,
+    Real,
     ServiceKind,
     VirtualServer,
     canonical_ip,
@@ -157,17 +158,20 @@ class _Elements:
     """One add/delete of a set's elements, encoded when sent (as a dict, or straight to text)."""
 
     verb: str
-    name: str
+    name: str  # a count set's name: "hairpin4/6" is set hairpin4's TCP elements, kept as Reals
     elems: Collection[Elem]
 
     def _head(self) -> dict[str, Any]:
-        return {"family": FAMILY, "table": TABLE, "name": self.name}
+        return {"family": FAMILY, "table": TABLE, "name": kernel_set(self.name)[0]}
 
-    def _sorted(self) -> list[Elem]:
+    def _sorted(self) -> Iterator[Elem]:
+        """The elements in order, as the kernel's set spells them (one at a time)."""
         try:  # one set's elements share a shape: tuples compare without a repr string each
-            return sorted(self.elems)
+            ordered = sorted(self.elems)
         except TypeError:
-            return sorted(self.elems, key=repr)
+            ordered = sorted(self.elems, key=repr)
+        proto = kernel_set(self.name)[1]
+        return iter(ordered) if proto is None else (_hairpin_elem(proto, r) for r in ordered)
 
     def json(self) -> dict[str, Any]:
         return {self.verb: {"element": {**self._head(), "elem": [_to_json(e) for e in self._sorted()]}}}
@@ -344,6 +348,53 @@ SETS = tuple(_set_specs())
 RULES = tuple(_rule_specs())
 SET_NAMES = tuple(s.name for s in SETS)
 
+# ---- hairpin elements, counted by real server ----------------------------------
+# Set hairpin4/6 holds one element (endpoint . proto . port . endpoint) per real server and
+# protocol: ~240,000 at 20,000 Services x 10, and as 4-tuples ~17 MiB of the agent's memory.
+# The counts keep them as the desired state's own `Real` objects instead, in one count set per
+# family and protocol ("hairpin4/6": hairpin4's TCP elements), and spell them as the kernel's
+# elements only while a transaction is written or a read is compared.
+HAIRPIN_COUNTS = {f"hairpin{v}": tuple(f"hairpin{v}/{int(p)}" for p in Protocol) for v in (4, 6)}
+# The kernel's hairpin sets stay count sets too, always empty: a stray element lands there.
+COUNT_NAMES = SET_NAMES + tuple(n for names in HAIRPIN_COUNTS.values() for n in names)
+
+
+def kernel_set(name: str) -> tuple[str, int | None]:
+    """A count set's name -> (the kernel's set, the protocol of a hairpin count set)."""
+    base, _, proto = name.partition("/")
+    return base, int(proto) if proto else None
+
+
+def _hairpin_elem(proto: int, real: Elem) -> Elem:
+    """A Real (address, port, weight) counted in a hairpin count set -> the kernel's element."""
+    return (real[0], proto, real[1], real[0])
+
+
+def _by_count_set(kernel: dict[str, set[Elem]]) -> dict[str, set[Elem]]:
+    """Sets as the kernel spells them -> as the counts do. A hairpin element whose two
+    addresses differ, or with a protocol no Service uses, stays under the kernel's set
+    name, which counts nothing: a full sync deletes it."""
+    out = {name: kernel.get(name, set()) for name in COUNT_NAMES}
+    for base in HAIRPIN_COUNTS:
+        stray: set[Elem] = set()
+        for elem in kernel.get(base, ()):
+            name = f"{base}/{elem[1]}" if len(elem) == 4 and elem[0] == elem[3] else base
+            if name in out and name != base:
+                out[name].add(Real(elem[0], elem[2]))
+            else:
+                stray.add(elem)
+        out[base] = stray
+    return out
+
+
+def _by_kernel_set(counted: dict[str, set[Elem]]) -> dict[str, set[Elem]]:
+    """The inverse: each set's elements as the kernel spells them."""
+    out: dict[str, set[Elem]] = {}
+    for name, elems in counted.items():
+        base, proto = kernel_set(name)
+        out.setdefault(base, set()).update(elems if proto is None else (_hairpin_elem(proto, r) for r in elems))
+    return out
+
 
 # ---- elements: desired and listed ----------------------------------------------
 
@@ -360,8 +411,8 @@ def _collapse(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> 
     return [str(n) for n in [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]]
 
 
-def _empty() -> dict[str, set[Elem]]:
-    return {name: set() for name in SET_NAMES}
+def _empty(names: tuple[str, ...] = COUNT_NAMES) -> dict[str, set[Elem]]:
+    return {name: set() for name in names}
 
 
 def _elem_json(value: Any) -> Any:
@@ -477,7 +528,7 @@ class NftFirewall:
             self._static.append((f"cluster{v}", (net,)))
             self._has_cluster[v] = True
         # What the desired state asks for: element -> how many contributions.
-        self._counts: dict[str, dict[Elem, int]] = {name: {} for name in SET_NAMES}
+        self._counts: dict[str, dict[Elem, int]] = {name: {} for name in COUNT_NAMES}
         for name, elem in self._static:
             self._counts[name][elem] = 1
         # Elements whose kernel state may differ from the counts, with what the kernel
@@ -505,7 +556,7 @@ class NftFirewall:
         for vs in servers:
             for name, elem in self._contribution(vs):
                 want[name].add(elem)
-        return want
+        return _by_kernel_set(want)
 
     def _contribution(self, vs: VirtualServer | None) -> list[tuple[str, Elem]]:
         """The (set, element) pairs one virtual server needs (its address in
@@ -532,7 +583,8 @@ class NftFirewall:
                 # No cluster CIDR known for this family: as kube-proxy does,
                 # external kinds are masqueraded from anywhere, ClusterIPs not.
                 out.append((f"masq_any{v}", key))
-        out += [(f"hairpin{v}", (r.address, proto, r.port, r.address))
+        hairpin = f"hairpin{v}/{proto}"  # the Real itself is the count (HAIRPIN_COUNTS)
+        out += [(hairpin, r if r.weight == 1 else Real(r.address, r.port))
                 for r in vs.reals if ip_version(r.address) == v]
         if kind == ServiceKind.LOAD_BALANCER and vs.source_ranges:
             nets = []
@@ -668,13 +720,13 @@ class NftFirewall:
     def _read(self) -> tuple[list[dict[str, Any]], int, dict[str, set[Elem]]]:
         """Read the kernel's table: the structure commands still needed (none
         when it is this version's), how many rules they add, and every set's
-        elements as the kernel holds them."""
+        elements as the kernel holds them, spelled as the counts are (hairpin by Real)."""
         reader = self._element_reader()
         listing = self._structure_listing()
         cmds, nrules, fresh = self._structure(listing)
         if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
             cmds, nrules = [], 0
-        known = _empty()
+        known = _empty(SET_NAMES)
         if listing is not None:
             full: Listing | None = None
             if reader is None:  # elements from nft's own listing (a custom runner, or no netlink)
@@ -689,7 +741,7 @@ class NftFirewall:
                 elif full is not None and spec.name in full.sets:
                     known[spec.name] = {_elem_from_json(e, spec) for e in full.sets[spec.name].get("elem", [])}
         self.reads += 1
-        return cmds, nrules, known
+        return cmds, nrules, _by_count_set(known)
 
     def sync(self, delta: Delta, full: bool = False) -> int:
         """Apply a change delta to the table in one transaction; with `full`
@@ -717,7 +769,7 @@ class NftFirewall:
                             "check (the next full sync checks again)", FAMILY, TABLE, exc)
                 read = False
         if read:  # the whole table against the counts; nothing stays pending
-            for name in SET_NAMES:
+            for name in COUNT_NAMES:
                 want, have = self._counts[name].keys(), known[name]
                 dels.append((name, have - want))
                 adds.append((name, want - have if have else want))  # a fresh set: no copy of them all

@@ -652,6 +652,37 @@ def test_the_full_sync_repairs_silent_drift() -> None:
     assert fw.elements()["vips4"] == {("10.96.0.10",)}
 
 
+def test_hairpin_drift_is_repaired_element_by_element() -> None:
+    """Hairpin elements are counted by real server (one count set per protocol); the kernel's
+    4-field elements are compared after a read: one gone comes back, a foreign one (two
+    different addresses, or a protocol no Service has) goes, the rest stay untouched."""
+    kernel = FakeNft()
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
+    hairpin = kernel.elems("hairpin4")
+    hairpin.remove({"concat": ["10.244.2.7", 17, 53, "10.244.2.7"]})
+    hairpin.append({"concat": ["10.244.1.5", 6, 8080, "10.244.9.9"]})
+    hairpin.append({"concat": ["10.244.1.5", 1, 8080, "10.244.1.5"]})
+    sent = len(kernel.docs)
+    assert fw.sync_state(state(*BASE)) == 3
+    tx = [c for c in kernel.docs[sent:][-1]["nftables"] if "element" in next(iter(c.values()), {})]
+    assert [(next(iter(c)), c[next(iter(c))]["element"]["name"]) for c in tx] == [
+        ("delete", "hairpin4"), ("add", "hairpin4")]
+    assert fw.elements()["hairpin4"] == fw.desired_elements(state(*BASE))["hairpin4"] == {
+        ("10.244.1.5", TCP, 8080, "10.244.1.5"), ("10.244.2.7", UDP, 53, "10.244.2.7"),
+        ("10.244.2.7", TCP, 8080, "10.244.2.7")}
+    assert fw.sync_state(state(*BASE)) == 0
+
+
+def test_hairpin_counts_hold_the_desired_states_own_reals() -> None:
+    """The memory point of counting by real server: no 4-tuple per endpoint is kept."""
+    fw = Firewall(cfg(), nft=FakeNft())
+    fw.sync_state(state(*BASE))
+    counted = [r for name, counts in fw._counts.items() if name.startswith("hairpin") for r in counts]
+    reals = [r for vs in BASE for r in vs.reals]
+    assert len(counted) == 4 and all(any(c is r for r in reals) for c in counted)
+
+
 def test_a_failure_that_persists_is_raised(nft: FakeNft) -> None:
     fw = Firewall(cfg(), nft=nft)
 
