@@ -91,6 +91,7 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
 
     kube = "kubernetes" in sys.modules  # the official client: ~22 MiB, no longer imported since issue 18
     from ..config import AgentConfig
+    from ..core import sync as core_sync
     from ..dataplane.nft import NftFirewall
     from ..tracker import object_key
     from .cluster import NODE_NAME
@@ -132,7 +133,7 @@ def measure(services: int, endpoints: int, seed: int, mode: str, noise: bool) ->
             del data
     if server.returncode != 0:
         raise RuntimeError(f"the list server exited with status {server.returncode}")
-    report = agent.reconciler.sync(full=True)
+    report = core_sync(agent.reconciler, True)  # the daemon's full sync (gcpause: collector paused, heap trimmed)
     elapsed = time.perf_counter() - t0
     write_ops = len(report.ops)
     del report  # the agent does not keep a sync's report (Runner drops it after on_report)

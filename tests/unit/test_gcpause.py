@@ -61,6 +61,33 @@ def test_paused_leaves_off_a_collector_that_was_off() -> None:
     assert not gc.isenabled()
 
 
+def test_the_last_pause_to_end_trims_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(gcpause, "trim_heap", lambda: trims.append(gcpause._depth))
+    with gcpause.paused():
+        with gcpause.paused():
+            pass
+        assert trims == []  # an inner pause ending is not the end of the bulk work
+    assert trims == [0]
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_trim_heap_gives_freed_pages_back() -> None:
+    """Against the real C library: 32 MiB of 2 KiB blocks (malloc's heap, not pymalloc's arenas)
+    freed under a block still in use stay resident until the trim."""
+    blocks = [bytes(2048) for _ in range(16384)]
+    keep = bytes(2048)  # above the freed ones: the heap's top cannot shrink by itself
+    del blocks
+    before = _rss_kib()
+    gcpause._libc_trim()()
+    assert before - _rss_kib() > 16 * 1024, "malloc_trim gave back less than half of 32 MiB freed"
+    del keep
+
+
 def test_an_unmatched_resume_changes_nothing() -> None:
     gc.disable()
     gcpause.resume()  # no pause to end: the collector someone turned off stays off
