@@ -7,6 +7,7 @@ benchmark measures.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from typing import Any
 
@@ -78,7 +79,8 @@ def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
                    "(FORMAT: yaml, json, or api: listed from the in-process API stand-in of tests/apiserver.py).")
 @click.option("--naive-objects", default=2000, show_default=True, type=click.IntRange(0),
               help="Objects (virtual + real servers) the naive pyroute2 loop programs; its per-object cost "
-                   "is extrapolated to the whole table.")
+                   "is extrapolated to the whole table. The loop needs pyroute2 (pip install "
+                   "'ipvsproxy[bench]'); 0 leaves it out.")
 @click.option("--churn-steps", default=300, show_default=True, type=click.IntRange(0),
               help="Endpoint changes in the churn scenario, one sync each.")
 @click.option("--churn-rate", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -115,6 +117,9 @@ def bench(report_only: bool, progress: bool | None, churn_duration: float, min_s
         if not opts.include:
             raise click.UsageError("--report-only needs at least one --include FILE")
         opts.services = ()
+    elif opts.dataplane == "kernel" and opts.naive_objects and importlib.util.find_spec("pyroute2") is None:
+        raise click.UsageError("the naive reference loop needs pyroute2 (pip install 'ipvsproxy[bench]'), "
+                               "or run with --naive-objects 0")
     doc = run(opts)
     click.echo(report.text_summary(doc))
     click.echo(f"results: {opts.out}" + (f"; plots: {', '.join(doc.get('plots') or [])}" if opts.plot else ""))

@@ -280,6 +280,21 @@ def test_bench_command_writes_json_and_exits_zero(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "not a number" in r.output
 
 
+def test_the_naive_loop_without_pyroute2_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyroute2 is no runtime dependency (the `bench` extra): without it the kernel benchmark says
+    what to install, or how to leave the loop out, before it builds anything."""
+    import importlib.util
+
+    from ipvsproxy.cli.bench import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyroute2" else real(name, *a))
+    r = CliRunner().invoke(bench, ["--dataplane", "kernel", "--services", "40", "--out", str(tmp_path / "k.json")])
+    assert r.exit_code == 2 and "ipvsproxy[bench]" in r.output and "--naive-objects 0" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not (tmp_path / "k.json").exists()
+
+
 def test_scenario_selection_always_includes_the_cold_start(tmp_path: Path) -> None:
     doc = run(Options(scenarios=("cold", "steady"), services=(20,), endpoints=2, rss=False,
                       out=str(tmp_path / "x.json")))
