@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RECORD_INTERVAL = 5.0  # seconds between two writes of the record file, at least
+RECORD_SHARE = 20  # ... and at least this many times the last write's duration
+
 
 class ObjectEventPoster(Protocol):
     """Posts a Warning Event on an object; `version` (its resourceVersion) makes a
@@ -82,6 +85,7 @@ class Agent:
         self.record_state = record_state and not dry_run
         self._record_dirty = False
         self._record_written = -1e9
+        self._record_cost = 0.0  # seconds the last write took (on the clock)
         self._recorded = False  # written at least once
         self._servers: list[Any] = []
         self._stop_source: Callable[[], None] | None = None
@@ -135,16 +139,22 @@ class Agent:
         self._write_record()
 
     def _write_record(self, force: bool = False) -> None:
-        """Record Service names for `list`, at most every 5 s (it is O(cluster))."""
+        """Record Service names for `list`. It is O(cluster) and runs between syncs (13 MB and
+        0.4 s of host CPU at 10,000 Services, several seconds under emulation), so under churn
+        it comes at most every RECORD_INTERVAL seconds and never takes more than
+        1/RECORD_SHARE of the time: the syncs keep the rest."""
         if not self.record_state or not (self._record_dirty or force):
             return
-        if not force and self.clock() - self._record_written < 5:
+        if not force and self.clock() - self._record_written < max(RECORD_INTERVAL,
+                                                                    RECORD_SHARE * self._record_cost):
             return
         try:
+            start = self.clock()
             records.write(self.cfg.state_dir, records.from_desired(self.reconciler.index.state,
                                                                    self.cfg.node_name))
             self._record_dirty = False
             self._record_written = self.clock()
+            self._record_cost = self._record_written - start
             self._recorded = True
         except OSError as exc:
             log.warning("cannot record state in %s: %s", self.cfg.state_dir, exc)

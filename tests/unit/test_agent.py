@@ -139,3 +139,41 @@ def test_health_goes_503_when_syncs_stop_succeeding() -> None:
     clock.advance(0.15)
     ok, reason = h.status()
     assert not ok and "Cannot allocate memory" in reason
+
+
+def test_the_record_file_takes_at_most_a_twentieth_of_the_time(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record for `list` is O(cluster) and written between syncs: a write that takes 2 s is
+    followed by 40 s without one (20x), a cheap one by 5 s; a forced one (exit, --once) always goes."""
+    from ipvsproxy.observe import records
+
+    clock = FakeClock()
+    cfg = AgentConfig(node_name="demo-node", from_files=(str(EXAMPLES),), state_dir=str(tmp_path / "state"))
+    agent = Agent(cfg, MemoryDataplane(), clock=clock)
+    writes: list[float] = []
+    cost = [2.0]
+
+    def slow_write(state_dir: str, rec: records.Record) -> None:
+        writes.append(clock())
+        clock.advance(cost[0])
+
+    monkeypatch.setattr(records, "write", slow_write)
+
+    def changed(after: float) -> None:
+        clock.advance(after)
+        agent._record_dirty = True
+        agent._write_record()
+
+    changed(0)
+    changed(10)
+    changed(29)  # 39 s after the 2-s write ended: still within 20 x 2 s
+    assert writes == [1000.0]
+    changed(1)
+    assert writes == [1000.0, 1042.0]
+    cost[0] = 0.0
+    changed(39)  # the write at 1042 took 2 s: 20 x 2 s again
+    changed(1)
+    assert writes == [1000.0, 1042.0, 1084.0]
+    changed(5)  # that one cost nothing: every 5 s
+    agent._write_record(force=True)
+    assert writes == [1000.0, 1042.0, 1084.0, 1089.0, 1089.0]
