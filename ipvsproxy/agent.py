@@ -131,7 +131,7 @@ class Agent:
             self.service_health.update(self.reconciler.health_checks)
         desired = self.reconciler.index.state
         self.metrics.virtual_servers.set(len(desired.services))
-        self.metrics.real_servers.set(sum(len(vs.reals) for vs in desired.services.values()))
+        self.metrics.real_servers.set(self.reconciler.index.real_servers)  # kept by the index: O(1) per sync
         self.metrics.draining.set(self.reconciler.draining)
         self.metrics.services_failing.set(self.reconciler.failing)
         if report.ops:

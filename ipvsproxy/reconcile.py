@@ -93,6 +93,7 @@ class DesiredIndex:
 
     def __init__(self) -> None:
         self.state = DesiredState()
+        self.real_servers = 0  # over every virtual server in the state (a metric; kept, not summed per sync)
         self.keys_of: dict[str, tuple[VSKey, ...]] = {}  # tuples: a set per Service costs 2 MiB at 10k
         self.owner: dict[VSKey, str] = {}
         self.waiting: dict[VSKey, set[str]] = {}
@@ -119,6 +120,7 @@ class DesiredIndex:
         problems: list[str] = []
         for key in self.keys_of.pop(sid, ()):
             old = self.state.services.pop(key)
+            self.real_servers -= len(old.reals)
             self._ref(old, -1)
             del self.owner[key]
             record_change(changes, key, old, None)
@@ -139,7 +141,9 @@ class DesiredIndex:
                 self.keys_of[holder] = tuple(k for k in self.keys_of[holder] if k != vs.key)
                 self.waiting.setdefault(vs.key, set()).add(holder)
                 problems.append(f"Service {holder}: {vs.key} now belongs to Service {sid}; ignored")
-            record_change(changes, vs.key, self.state.services.get(vs.key), vs)
+            prior = self.state.services.get(vs.key)
+            record_change(changes, vs.key, prior, vs)
+            self.real_servers += len(vs.reals) - (len(prior.reals) if prior is not None else 0)
             self.state.services[vs.key] = vs
             self.owner[vs.key] = sid
             self._ref(vs, +1)

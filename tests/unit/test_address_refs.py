@@ -82,6 +82,8 @@ def random_run(rng: random.Random, steps: int = 12) -> bool:
             # the one change delta moved the firewall's counts exactly: the kernel holds
             # what a from-scratch computation of the desired state wants
             assert fw.elements() == fw.desired_elements(rec.index.state)
+            # the index's real-server count (a metric) is kept, not summed: it matches the sum
+            assert rec.index.real_servers == sum(len(vs.reals) for vs in rec.index.state.services.values())
     rec.sync()
     assert fw.elements() == fw.desired_elements(rec.index.state)
     tracker.replace("Service", [])
@@ -89,7 +91,7 @@ def random_run(rng: random.Random, steps: int = 12) -> bool:
     rec.sync(full=True)
     vips = kernel.elems("vips4") + kernel.elems("vips6") if kernel.tables else []
     leaked = bool(dp.state.addresses or rec.index.state.addresses or rec.index.bind_refs or vips
-                  or dp.state.services)
+                  or dp.state.services or rec.index.real_servers)
     return leaked
 
 
