@@ -13,7 +13,8 @@
 # VM_MEMORY (default 2G), VM_TIMEOUT (seconds for the whole vng run, default 3600),
 # VM_LOCK (the flock file, default /tmp/ipvsproxy-vm.lock; another path lets a second VM run beside),
 # VM_DEADLINE (Unix time: the run ends by then; when the lock frees later, it gives up, exit 124),
-# VM_CONSOLE=1 (the guest kernel's messages on stderr too: vng --verbose; for a run that may hang).
+# VM_CONSOLE=1 (the guest kernel's messages on stderr too: vng --verbose; for a run that may hang),
+# VM_CPUS (guest vCPUs, vng --cpus; default vng's own: the host's cores).
 # See docs/troubleshooting.md ("The test VM") for why the VM exists and why --disable-kvm.
 set -euo pipefail
 
@@ -130,6 +131,7 @@ for d in "${rwdirs[@]}"; do
     vng_args+=(--rwdir "$(cd "$d" && pwd)")
 done
 [[ ${VM_CONSOLE:-0} == 1 ]] && vng_args+=(--verbose)
+[[ -n ${VM_CPUS:-} ]] && vng_args+=(--cpus "$VM_CPUS")
 
 # The command travels in a file under the first rwdir (the guest sees the host's file system;
 # the kernel command line that --exec uses is limited to ~2 KiB).
