@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Any
 
 import pytest
@@ -266,3 +268,16 @@ def test_scoped_ipv6_addresses_rejected() -> None:
     assert svc.cluster_ips == ("fd00::10",) and "fe80::1%eth0" in problems[0]
     sl, problems = parse_endpointslice(slice_(endpoints=["fe80::2%1"], family="IPv6"))
     assert sl.endpoints == () and problems
+
+
+def test_an_endpoint_reads_back_every_condition_and_hint_it_was_built_with() -> None:
+    # Endpoint packs its conditions and hints into one slot: each combination must read back
+    for ready, serving, terminating in itertools.product((False, True), repeat=3):
+        for zones, nodes in ((None, None), (("z1",), None), (None, ("n1",)), (("z1", "z2"), ("n1",))):
+            ep = Endpoint("10.1.0.1", ready, serving, terminating, "n1", zones, "Pod/a", nodes)
+            assert (ep.ready, ep.serving, ep.terminating, ep.zones, ep.nodes) == (
+                ready, serving, terminating, zones, nodes)
+            assert ep == Endpoint("10.1.0.1", ready, serving, terminating, "n1", zones, "Pod/a", nodes)
+            assert ep != Endpoint("10.1.0.1", not ready, serving, terminating, "n1", zones, "Pod/a", nodes)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ep.address = "10.1.0.2"  # type: ignore[misc]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import random
 
 import pytest
 
 from ipvsproxy.model import AF_INET, AF_INET6, F_OWNED, F_PERSISTENT, F_SCHED1, EndpointMap, Real
-from ipvsproxy.objects import parse_endpointslice, parse_node, parse_service
+from ipvsproxy.objects import Endpoint, parse_endpointslice, parse_node, parse_service
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.translate import Config, translate, translate_service
 from tests.unit.factories import (
@@ -151,7 +150,7 @@ def test_endpoint_refs_are_the_slice_records_shared_by_the_ports_virtual_servers
     record = parse_endpointslice(sl)[0].endpoints[0]
     assert a["10.1.0.1"] == record
     # one entry per address, as a dict would have it
-    twice = EndpointMap([record, dataclasses.replace(record, target="Pod/other")])
+    twice = EndpointMap([record, Endpoint(record.address, node=record.node, target="Pod/other")])
     assert len(twice) == 1 and twice["10.1.0.1"].target == "Pod/other"
 
 
