@@ -84,8 +84,29 @@ def test_verdict_holds_when_ipvsproxy_passes_what_kube_proxy_passes(tmp_path: Pa
 def test_no_comparison_without_both_columns(tmp_path: Path, monkeypatch: Any) -> None:
     rc, table = run(tmp_path, monkeypatch, {"ipvsproxy": [(A, "pass")]})
     assert rc == 1
-    assert "Not both columns ran: no comparison." in table
+    assert "Not both columns ran to the end: no comparison." in table
     assert row(table, A) == ["**pass** (12 s)", "not run (no JUnit file)"]
+
+
+FROZEN_LOG = (
+    '{"msg":"PASSED ' + A + '","total":53,"completed":1,"skipped":44,"failed":0}\n'
+    'SSSS\n'
+    '{"msg":"FAILED ' + B + '","total":53,"completed":1,"skipped":45,"failed":1}\n'
+)
+
+
+def test_a_column_that_stopped_early_shows_what_its_log_says_ran_and_gives_no_verdict(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    # A frozen VM leaves e2e.log but no JUnit file: the specs that ended are still shown, and the
+    # column does not count as complete, so there is no verdict even though nothing failed on A
+    out = tmp_path / "conformance"
+    (out / "ipvsproxy").mkdir(parents=True)
+    (out / "ipvsproxy" / "e2e.log").write_text(FROZEN_LOG)
+    rc, table = run(tmp_path, monkeypatch, {"kube-proxy": [(A, "pass"), (B, "pass")]})
+    assert row(table, A)[0].startswith("**pass** (from e2e.log")
+    assert row(table, B)[0].startswith("**FAIL** (from e2e.log")
+    assert row(table, C)[0] == "not run"
+    assert rc == 1 and "Not both columns ran to the end: no comparison." in table
 
 
 SKIP_LOG = """\
