@@ -10,6 +10,7 @@
 #   --focus     the selection (default '\[sig-network\] (Services|Networking)', issue 17)
 #   --skip      replaces the default skip list (below), e.g. to try one of them anyway
 #   --report    only rebuild the table from the results already there (no VM)
+#   --resume    go on with columns whose last boot froze or was stopped: only the tests not yet ended
 #
 # Results: results/conformance/<proxy>/{junit_01.xml,e2e.log}, the table results/conformance/table.md
 # (test x proxy: pass / fail / skipped with the reason), and a summary on stdout. Exit 0 when every
@@ -28,7 +29,8 @@
 # scripts/install-kubernetes.sh (kube-proxy, e2e.test, kubectl v1.20.2), helm (scripts/install-helm.sh).
 # Env: VM_MEMORY (default 6G), VM_TIMEOUT per boot (default 14400), E2E_TIMEOUT per column (default 3h),
 #      CLUSTER_SH (default scripts/cluster.sh), FROZEN_AFTER (default 1200: seconds without e2e output
-#      after which the VM is taken to be frozen and stopped, exit 124).
+#      after which the VM is taken to be frozen and stopped), BOOTS_PER_COLUMN (default 3: a frozen
+#      column is resumed in a new boot with the tests not yet ended), VM_CPUS (guest vCPUs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +54,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 in_vm=0
 report_only=0
+resume=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --in-vm) in_vm=1 ;;
@@ -60,6 +63,7 @@ while [[ $# -gt 0 ]]; do
         --focus) FOCUS=$2; shift ;;
         --skip) SKIP=$2; shift ;;
         --report) report_only=1 ;;
+        --resume) resume=1 ;;
         -h|--help) usage; exit 0 ;;
         *) log "unknown option $1 (see --help)"; exit 2 ;;
     esac
@@ -70,7 +74,7 @@ for p in $PROXIES; do
 done
 
 report() {
-    python3 "$ROOT/scripts/conformance_report.py" --out "$OUT" --proxies "$PROXIES" --skip "$SKIP"
+    python3 "$ROOT/scripts/conformance_report.py" --out "$OUT" --proxies "$PROXIES" --focus "$FOCUS" --skip "$SKIP"
 }
 
 # ---- inside the VM -----------------------------------------------------------------------------------
@@ -248,11 +252,16 @@ kill_tree() {  # kill_tree PID: the process and all its descendants (vm-run.sh, 
 # Watchdog: a running column's e2e log changes every few seconds (pods are polled every 2-3 s);
 # stop a boot after FROZEN_AFTER quiet seconds rather than wait out VM_TIMEOUT, and say so.
 FROZEN_AFTER=${FROZEN_AFTER:-1200}
-column_boot() {  # column_boot PROXY -> the boot's exit status (124: frozen)
-    local proxy=$1 vm rc=0 frozen=0 newest args boot
-    args=(--proxies "$proxy" --focus "$FOCUS" --skip "$SKIP")
+# A column whose boot froze is resumed in a new boot (up to BOOTS_PER_COLUMN boots) with the tests
+# its logs do not show as ended; the frozen boot's logs stay as e2e.bootN.log / console.bootN.log and
+# the report counts what they show. Each e2e test makes its own namespace and objects, so a test run
+# in the second boot is the same test as in the first.
+BOOTS_PER_COLUMN=${BOOTS_PER_COLUMN:-3}
+column_boot() {  # column_boot PROXY FOCUS -> the boot's exit status (124: frozen)
+    local proxy=$1 focus=$2 vm rc=0 frozen=0 newest args boot
+    args=(--proxies "$proxy" --focus "$focus" --skip "$SKIP")
     mkdir -p "$OUT/$proxy"
-    rm -f "$OUT/$proxy/e2e.log"
+    rm -f "$OUT/$proxy/e2e.log" "$OUT/$proxy/seconds"
     VM_CONSOLE=1 VM_MEMORY=${VM_MEMORY:-6G} VM_TIMEOUT=${VM_TIMEOUT:-14400} \
         bash scripts/vm-run.sh --rwdir "$ROOT/results" -- \
         CLUSTER_SH="$(printf '%q' "$CLUSTER_SH")" bash scripts/conformance.sh --in-vm "$(printf '%q ' "${args[@]}")" \
@@ -274,10 +283,35 @@ column_boot() {  # column_boot PROXY -> the boot's exit status (124: frozen)
     log "$proxy: VM boot exit $rc after $(( $(date +%s) - boot )) s$( (( frozen )) && echo ' (stopped: frozen)')"
     return "$rc"
 }
+run_column() {  # run_column PROXY: boots until the column's e2e.test runs to the end (or BOOTS_PER_COLUMN)
+    local proxy=$1 n=1 focus=$FOCUS rc=124
+    if [[ $resume == 1 ]]; then  # go on from the boots already there (the last one froze or was stopped)
+        while [[ -f $OUT/$proxy/e2e.boot$n.log ]]; do n=$((n + 1)); done
+        ls "$OUT/$proxy"/junit_*.xml >/dev/null 2>&1 && { log "$proxy: already ran to the end"; return 0; }
+        [[ -f $OUT/$proxy/e2e.log ]] || n=$((n - 1))
+    else
+        rm -f "$OUT/$proxy"/e2e.boot*.log "$OUT/$proxy"/console.boot*.log
+        n=0
+    fi
+    while :; do
+        if (( n > 0 )); then  # the boot before froze: keep its logs, go on with what it did not end
+            (( rc == 124 && n < BOOTS_PER_COLUMN )) || return 0  # done, failed otherwise, or out of boots
+            [[ -f $OUT/$proxy/e2e.log ]] && mv "$OUT/$proxy/e2e.log" "$OUT/$proxy/e2e.boot$n.log"
+            [[ -f $OUT/$proxy/console.log ]] && mv "$OUT/$proxy/console.log" "$OUT/$proxy/console.boot$n.log"
+            focus=$(python3 "$ROOT/scripts/conformance_report.py" --out "$OUT" --proxies "$proxy" \
+                --focus "$FOCUS" --skip "$SKIP" --remaining) || return 0
+            [[ -n $focus ]] || { log "$proxy: every selected test ended before the freeze"; return 0; }
+            log "$proxy: boot $((n + 1)) resumes with the $(tr -cd '|' <<<"$focus" | wc -c | awk '{print $1 + 1}') tests not yet ended"
+        fi
+        n=$((n + 1))
+        rc=0
+        column_boot "$proxy" "$focus" || rc=$?
+    done
+}
 log "one run, one VM boot per column: ${PROXIES// / then } (selection: $FOCUS; skipping: $SKIP)"
 start=$(date +%s)
 for p in $PROXIES; do
-    column_boot "$p" || true  # a frozen or failed column is "not run" in the report; the next one still runs
+    run_column "$p"  # a column that never finished shows what its logs say ran; the next one still runs
 done
 log "all columns after $(( $(date +%s) - start )) s"
 report

@@ -84,14 +84,47 @@ def skip_messages(log: str) -> dict[str, str]:
     return out
 
 
-def logged_outcomes(log: str) -> dict[str, tuple[str, str, float]]:
-    """Test name -> (pass|fail, detail, -1.0) from the progress lines e2e.test prints as each spec
-    ends (`{"msg":"PASSED <name>",...}`), for a column that stopped before writing its JUnit file
-    (a VM that froze): what ran is still shown. Durations are not in those lines (-1)."""
+def logged_outcomes(log: str, source: str) -> dict[str, tuple[str, str, float]]:
+    """Test name -> (pass|fail, where it was read, -1.0) from the progress lines e2e.test prints as
+    each spec ends (`{"msg":"PASSED <name>",...}`): what a boot that froze before writing its JUnit
+    file still ran. Durations are not in those lines (-1)."""
     out: dict[str, tuple[str, str, float]] = {}
     for status, name in re.findall(r'\{"msg":"(PASSED|FAILED) (.*?)","total"', log):
-        out[name] = ("pass", "", -1.0) if status == "PASSED" else ("fail", "see e2e.log", -1.0)
+        out[name] = ("pass" if status == "PASSED" else "fail", source, -1.0)
     return out
+
+
+def column(out: Path) -> tuple[dict[str, tuple[str, str, float]] | None, bool, dict[str, str]]:
+    """One proxy's results: (test -> outcome, or None when nothing ran; whether its last boot ran
+    e2e.test to the end; the suite's skip messages). A column whose boot froze was resumed in a new
+    boot with the tests not yet ended (scripts/conformance.sh): the frozen boots' logs were kept as
+    e2e.bootN.log, and their outcomes stand unless the last boot's JUnit file ran the test again."""
+    merged: dict[str, tuple[str, str, float]] = {}
+    skipped: dict[str, str] = {}
+    frozen = sorted(out.glob("e2e.boot*.log"), key=lambda f: int(re.sub(r"\D", "", f.name) or 0))
+    for f in frozen:
+        text = f.read_text(errors="replace")
+        merged.update(logged_outcomes(text, f"from {f.name}: that boot froze"))
+        skipped.update(skip_messages(text))
+    log = out / "e2e.log"
+    last = log.read_text(errors="replace") if log.is_file() else ""
+    skipped.update(skip_messages(last))
+    junits = sorted(out.glob("junit_*.xml"))
+    if not junits:
+        merged.update(logged_outcomes(last, "from e2e.log: the column stopped before its JUnit file"))
+        return (merged or None), False, skipped
+    for j in junits:
+        for name, outcome in parse_junit(j).items():
+            # outside a resumed boot's focus, a test is "skipped" with no message: an earlier outcome stands
+            if outcome[0] == "skip" and not outcome[1] and name in merged:
+                continue
+            merged[name] = outcome
+    return merged, True, skipped
+
+
+def go_regex_any(names: list[str]) -> str:
+    """A Go (RE2) regular expression matching any of these test names literally."""
+    return "|".join(re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", n) for n in names)
 
 
 def our_skip(name: str, skip: str) -> str | None:
@@ -113,11 +146,11 @@ def cell(name: str, results: dict[str, tuple[str, str, float]] | None, skip: str
     if name not in results:
         return "not run"
     status, detail, secs = results[name]
-    took = f"{secs:.0f} s" if secs >= 0 else "from e2e.log: the column stopped before its JUnit file"
+    took = f"{secs:.0f} s" if secs >= 0 else detail  # read from a log: detail says which
     if status == "pass":
         return f"**pass** ({took})"
     if status == "fail":
-        return f"**FAIL** ({took}): {detail}".replace("|", "\\|")
+        return (f"**FAIL** ({took}): {detail}" if secs >= 0 else f"**FAIL** ({took})").replace("|", "\\|")
     if not detail:
         detail = (skipped or {}).get(name, "")
     if not detail:  # ginkgo reports specs outside --ginkgo.focus / --ginkgo.skip as skipped, without a message
@@ -131,31 +164,31 @@ def main() -> int:
     ap.add_argument("--proxies", default="ipvsproxy kube-proxy")
     ap.add_argument("--skip", default="")
     ap.add_argument("--focus", default=FOCUS)
+    ap.add_argument("--remaining", action="store_true",
+                    help="print a focus for the selected tests the column (one proxy) has not yet ended")
     args = ap.parse_args()
     proxies = args.proxies.split()
     names = selection(args.focus)
     if not names:
         print(f"conformance_report: e2e.test lists no test for {args.focus!r} ({E2E})", file=sys.stderr)
         return 1
+    if args.remaining:
+        ended, _, _ = column(args.out / proxies[0])
+        print(go_regex_any([n for n in names if n not in (ended or {}) and not our_skip(n, args.skip)]))
+        return 0
     results: dict[str, dict[str, tuple[str, str, float]] | None] = {}
     walls: dict[str, str] = {}
     skipped: dict[str, dict[str, str]] = {}
-    complete: set[str] = set()  # columns with a JUnit file: the run of e2e.test finished
+    complete: set[str] = set()  # columns whose last boot ran e2e.test to the end
     for p in proxies:
-        log = args.out / p / "e2e.log"
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        skipped[p] = skip_messages(text)
-        junits = sorted((args.out / p).glob("junit_*.xml"))
-        merged: dict[str, tuple[str, str, float]] = {}
-        for j in junits:
-            merged.update(parse_junit(j))
-        if junits:
+        results[p], done, skipped[p] = column(args.out / p)
+        if done:
             complete.add(p)
-        else:
-            merged = logged_outcomes(text)
-        results[p] = merged if merged or junits else None
         secs = args.out / p / "seconds"
         walls[p] = f"{int(secs.read_text()):d} s" if secs.is_file() else "-"
+        frozen = len(list((args.out / p).glob("e2e.boot*.log")))
+        if frozen:
+            walls[p] += f" in its last boot; {frozen} earlier boot(s) froze and the column was resumed"
     lines = [f"| test | {' | '.join(proxies)} |", "|---|" + "---|" * len(proxies)]
     counts: dict[str, dict[str, int]] = {p: {"pass": 0, "fail": 0, "skip": 0, "not run": 0} for p in proxies}
     for n in names:

@@ -8,6 +8,7 @@ and the verdict "ipvsproxy passes every test kube-proxy passes" only when both c
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,41 @@ def test_specs_the_suite_skipped_at_run_time_carry_its_message() -> None:
     skip = r"\[Disruptive\]"
     assert report.cell(affinity, results, skip, msgs) == "skipped by the suite: Requires at least 2 nodes (not 1)"
     assert report.cell("other", results, skip, msgs) == "not run (outside this run's focus)"
+
+
+def test_a_column_resumed_after_a_frozen_boot_counts_both_boots(tmp_path: Path, monkeypatch: Any) -> None:
+    # boot 1 froze after A passed and B failed; boot 2 ran the rest (A and B outside its focus, so its
+    # JUnit file lists them as skipped without a message): the column is complete, A and B keep boot
+    # 1's outcomes, and the verdict compares the whole column
+    out = tmp_path / "conformance"
+    (out / "ipvsproxy").mkdir(parents=True)
+    (out / "ipvsproxy" / "e2e.boot1.log").write_text(FROZEN_LOG)
+    (out / "ipvsproxy" / "junit_01.xml").write_text(junit([(A, "unfocused"), (B, "unfocused"), (C, "pass")]))
+    (out / "kube-proxy").mkdir(parents=True)
+    (out / "kube-proxy" / "junit_01.xml").write_text(junit([(A, "pass"), (B, "pass"), (C, "pass")]))
+    monkeypatch.setattr(report, "selection", lambda focus: [A, B, C, D, E])
+    monkeypatch.setattr(sys, "argv", ["conformance_report.py", "--out", str(out), "--skip", SKIP])
+    rc = report.main()
+    table = (out / "table.md").read_text()
+    assert row(table, A)[0] == "**pass** (from e2e.boot1.log: that boot froze)"
+    assert row(table, B)[0] == "**FAIL** (from e2e.boot1.log: that boot froze)"
+    assert row(table, C)[0] == "**pass** (12 s)"
+    assert rc == 1 and "Passed with kube-proxy but not with ipvsproxy: " + B in table
+    assert "1 earlier boot(s) froze and the column was resumed" in table
+
+
+def test_the_focus_to_resume_with_is_every_selected_test_not_yet_ended(
+        tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    out = tmp_path / "conformance"
+    (out / "ipvsproxy").mkdir(parents=True)
+    (out / "ipvsproxy" / "e2e.boot1.log").write_text(FROZEN_LOG)
+    monkeypatch.setattr(report, "selection", lambda focus: [A, B, C, D, E])
+    monkeypatch.setattr(sys, "argv", ["conformance_report.py", "--out", str(out), "--proxies", "ipvsproxy",
+                                      "--skip", SKIP, "--remaining"])
+    assert report.main() == 0
+    focus = capsys.readouterr().out.strip()
+    # C and E are left (A and B ended, D is on the skip list); the names match literally
+    alternatives = focus.split("|")
+    assert len(alternatives) == 2
+    assert [n for n in (A, B, C, D, E) if re.search(focus, n)] == [C, E]
+    assert r"\[sig-network\] Networking Granular Checks: Services should update nodePort: http \[Slow\]" in focus
