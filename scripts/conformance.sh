@@ -205,6 +205,8 @@ in_guest() {
     for p in $PROXIES; do
         mkdir -p "$OUT/$p"
         rm -f "$OUT/$p"/junit_*.xml
+        # the guest kernel's text symbols: a freeze's instruction pointers get names (qemu_monitor.py)
+        awk '$2 == "t" || $2 == "T"' /proc/kallsyms >"$OUT/$p/kallsyms" 2>/dev/null || true
         log "$p: starting"
         if [[ $p == ipvsproxy ]]; then
             proxy_up_ipvsproxy || { echo "proxy did not start" >"$OUT/$p/error"; continue; }
@@ -258,11 +260,11 @@ FROZEN_AFTER=${FROZEN_AFTER:-1200}
 # in the second boot is the same test as in the first.
 BOOTS_PER_COLUMN=${BOOTS_PER_COLUMN:-3}
 column_boot() {  # column_boot PROXY FOCUS -> the boot's exit status (124: frozen)
-    local proxy=$1 focus=$2 vm rc=0 frozen=0 newest args boot
+    local proxy=$1 focus=$2 vm rc=0 frozen=0 newest args boot mon=/tmp/ipvsproxy-conformance-$1.monitor
     args=(--proxies "$proxy" --focus "$focus" --skip "$SKIP")
     mkdir -p "$OUT/$proxy"
-    rm -f "$OUT/$proxy/e2e.log" "$OUT/$proxy/seconds"
-    VM_CONSOLE=1 VM_MEMORY=${VM_MEMORY:-6G} VM_TIMEOUT=${VM_TIMEOUT:-14400} \
+    rm -f "$OUT/$proxy/e2e.log" "$OUT/$proxy/seconds" "$OUT/$proxy/freeze.txt" "$mon"
+    VM_MONITOR=$mon VM_CONSOLE=1 VM_MEMORY=${VM_MEMORY:-6G} VM_TIMEOUT=${VM_TIMEOUT:-14400} \
         bash scripts/vm-run.sh --rwdir "$ROOT/results" -- \
         CLUSTER_SH="$(printf '%q' "$CLUSTER_SH")" bash scripts/conformance.sh --in-vm "$(printf '%q ' "${args[@]}")" \
         >"$OUT/$proxy/console.log" 2>&1 &
@@ -272,7 +274,9 @@ column_boot() {  # column_boot PROXY FOCUS -> the boot's exit status (124: froze
         sleep 30
         newest=$(stat -c %Y "$OUT/$proxy/e2e.log" 2>/dev/null || echo "$boot")
         if (( $(date +%s) - newest > FROZEN_AFTER )) && kill -0 "$vm" 2>/dev/null; then
-            log "$proxy: no e2e output for ${FROZEN_AFTER}s: the VM looks frozen; stopping it"
+            log "$proxy: no e2e output for ${FROZEN_AFTER}s: the VM looks frozen; its vCPUs to $OUT/$proxy/freeze.txt, then stopping it"
+            python3 "$ROOT/scripts/qemu_monitor.py" "$mon" --kallsyms "$OUT/$proxy/kallsyms" \
+                >"$OUT/$proxy/freeze.txt" 2>&1 || true
             frozen=1
             kill_tree "$vm"
             break
@@ -290,7 +294,7 @@ run_column() {  # run_column PROXY: boots until the column's e2e.test runs to th
         ls "$OUT/$proxy"/junit_*.xml >/dev/null 2>&1 && { log "$proxy: already ran to the end"; return 0; }
         [[ -f $OUT/$proxy/e2e.log ]] || n=$((n - 1))
     else
-        rm -f "$OUT/$proxy"/e2e.boot*.log "$OUT/$proxy"/console.boot*.log
+        rm -f "$OUT/$proxy"/e2e.boot*.log "$OUT/$proxy"/console.boot*.log "$OUT/$proxy"/freeze.boot*.txt
         n=0
     fi
     while :; do
@@ -298,6 +302,7 @@ run_column() {  # run_column PROXY: boots until the column's e2e.test runs to th
             (( rc == 124 && n < BOOTS_PER_COLUMN )) || return 0  # done, failed otherwise, or out of boots
             [[ -f $OUT/$proxy/e2e.log ]] && mv "$OUT/$proxy/e2e.log" "$OUT/$proxy/e2e.boot$n.log"
             [[ -f $OUT/$proxy/console.log ]] && mv "$OUT/$proxy/console.log" "$OUT/$proxy/console.boot$n.log"
+            [[ -f $OUT/$proxy/freeze.txt ]] && mv "$OUT/$proxy/freeze.txt" "$OUT/$proxy/freeze.boot$n.txt"
             focus=$(python3 "$ROOT/scripts/conformance_report.py" --out "$OUT" --proxies "$proxy" \
                 --focus "$FOCUS" --skip "$SKIP" --remaining) || return 0
             [[ -n $focus ]] || { log "$proxy: every selected test ended before the freeze"; return 0; }

@@ -14,7 +14,8 @@
 # VM_LOCK (the flock file, default /tmp/ipvsproxy-vm.lock; another path lets a second VM run beside),
 # VM_DEADLINE (Unix time: the run ends by then; when the lock frees later, it gives up, exit 124),
 # VM_CONSOLE=1 (the guest kernel's messages on stderr too: vng --verbose; for a run that may hang),
-# VM_CPUS (guest vCPUs, vng --cpus; default vng's own: the host's cores).
+# VM_CPUS (guest vCPUs, vng --cpus; default vng's own: the host's cores),
+# VM_MONITOR=PATH (a QEMU human monitor on this unix socket: `info registers -a` of a frozen guest).
 # See docs/troubleshooting.md ("The test VM") for why the VM exists and why --disable-kvm.
 set -euo pipefail
 
@@ -132,6 +133,7 @@ for d in "${rwdirs[@]}"; do
 done
 [[ ${VM_CONSOLE:-0} == 1 ]] && vng_args+=(--verbose)
 [[ -n ${VM_CPUS:-} ]] && vng_args+=(--cpus "$VM_CPUS")
+[[ -n ${VM_MONITOR:-} ]] && vng_args+=("--qemu-opts=-monitor unix:$VM_MONITOR,server=on,wait=off")  # "=": the value starts with "-"
 
 # The command travels in a file under the first rwdir (the guest sees the host's file system;
 # the kernel command line that --exec uses is limited to ~2 KiB).
