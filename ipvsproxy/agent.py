@@ -115,6 +115,7 @@ class Agent:
 
     def _on_report(self, report: SyncReport | None, error: BaseException | None) -> None:
         self.startup_gc.end(freeze=report is not None)
+        self.core.freeze_full_syncs = self.startup_gc.frozen
         self.metrics.record(report, error)
         if report is None:
             self.health.failure(str(error))

@@ -64,12 +64,14 @@ def next_sync_due(
     return due
 
 
-def sync(reconciler: Reconciler, full: bool) -> SyncReport:
+def sync(reconciler: Reconciler, full: bool, *, freeze: bool = False) -> SyncReport:
     """One reconciler sync; a full one walks the whole state, so the cyclic garbage collector
-    is paused through it (gcpause.py says why). The daemon and the benchmark both sync here."""
+    is paused through it, and with `freeze` (the daemon, once its start-up state is frozen) the
+    state it leaves is frozen after it (gcpause.py says why). The daemon and the benchmark both
+    sync here."""
     if not full:
         return reconciler.sync(False)
-    with gcpause.paused():
+    with gcpause.paused(freeze=freeze):
         return reconciler.sync(True)
 
 
@@ -136,6 +138,9 @@ class NodeCore:
         self.backoff = 0.0
         self.last_error: str | None = None
         self.last_sync = self.last_full = -1e9
+        # Set once the state of the first sync is frozen (the daemon: gcpause.StartupPause): from
+        # then on each full sync freezes the state it leaves too.
+        self.freeze_full_syncs = False
 
     def runner(self) -> Runner:
         """A bounded-frequency runner for `tick`, on this core's clock, woken by
@@ -151,7 +156,7 @@ class NodeCore:
         report, or None when it raised. A full sync walks the whole state: the cyclic
         garbage collector is paused through it (gcpause.py says why)."""
         try:
-            report = sync(self.reconciler, full)
+            report = sync(self.reconciler, full, freeze=self.freeze_full_syncs)
         except Exception as exc:  # any failure: keep serving the last good state, retry
             self.failures += 1
             self.last_error = str(exc)

@@ -19,6 +19,7 @@ the desired state computed independently by translate().
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -127,7 +128,7 @@ def timed_sync(agent: Agentlet, full: bool) -> tuple[SyncReport, dict[str, Any]]
         agent.fw.seconds = 0.0
         reads = agent.fw.reads
     cpu = time.process_time()
-    report = core_sync(agent.rec, full)
+    report = core_sync(agent.rec, full, freeze=agent.core.freeze_full_syncs)
     cpu = time.process_time() - cpu  # this process's CPU (user + system: the netlink calls too)
     after = _snapshot(agent.dp)
     delta = {k: after[k] - before[k] for k in before}
@@ -225,10 +226,14 @@ def _as_observed(desired: DesiredState) -> ObservedState:
 # ---- scenarios ------------------------------------------------------------------------------
 def first_sync(ctx: Context, agent: Agentlet) -> tuple[float, SyncReport, dict[str, Any]]:
     """List everything, then one full sync, with the garbage collector paused as the daemon
-    pauses it from its start to the end of its first sync; (ingest seconds, report, costs)."""
+    pauses it from its start to the end of its first sync, and what it built frozen after it
+    as the daemon freezes it (gcpause.StartupPause; later full syncs freeze again);
+    (ingest seconds, report, costs)."""
     with gcpause.paused():
         ingest_s = ingest(ctx, agent.tracker)
         report, m = timed_sync(agent, full=True)
+        gc.freeze()
+    agent.core.freeze_full_syncs = True
     return ingest_s, report, m
 
 
@@ -318,7 +323,9 @@ def summarize_churn(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_period: float,
                seed: int) -> dict[str, Any]:
-    """Changes at `rate` per second for `duration` s, synced by the real Runner (coalescing)."""
+    """Changes at `rate` per second for `duration` s, synced by the real Runner (coalescing), with
+    the periodic full resync of `ipvsproxy run` (--sync-period, 30 s by default) in a phase
+    that lasts longer than that."""
     rng = random.Random(seed)
     candidates = ctx.cluster.churnable()
     reports: list[tuple[float, SyncReport]] = []
@@ -333,12 +340,24 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
         got.set()
 
     agent.core.on_report, agent.core.min_period = on_report, min_period
+    agent.core.sync_period = AgentConfig().sync_period
     runner = agent.core.runner()
     thread = threading.Thread(target=runner.run, name="bench-runner", daemon=True)
     thread.start()
     got.wait(600)  # the runner's first sync is a full one: not part of the measurement
     reports.clear()
     n = max(1, int(rate * duration))
+    pauses: list[float] = []  # the collector's full (generation 2) collections in the phase, seconds each
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") == 2:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pauses.append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(on_gc)
     cpu0, t0 = time.process_time(), time.monotonic()
     ctx.progress.start(f"churn at {rate:g}/s", n)
     for i in range(n):
@@ -359,15 +378,18 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
         got.wait(0.05)
     runner.stop()
     thread.join(60)
+    gc.callbacks.remove(on_gc)
     elapsed = time.monotonic() - t0
     lat = [x for _, r in reports for x in r.latencies]
     result = {
         "rate_per_s": rate, "duration_s": duration, "min_sync_period_s": min_period, "changes": n,
-        "syncs": len(reports), "errors": len(errors),
+        "syncs": len(reports), "full_syncs": sum(1 for _, r in reports if r.full), "errors": len(errors),
         "write_ops": sum(len(r.ops) for _, r in reports),
         "sync_ms": summary([r.duration for _, r in reports], 1000, 4),
         "latency_ms": summary(lat, 1000, 4),
         "cpu_fraction": round((time.process_time() - cpu0) / elapsed, 4) if elapsed else None,
+        "gc_full_collections": {"count": len(pauses), "max_ms": round(max(pauses, default=0.0) * 1000, 1),
+                                "total_ms": round(sum(pauses) * 1000, 1)},
     }
     check(ctx, agent, result, agent.dp.inner.observe)
     return result

@@ -4,7 +4,8 @@ What could go wrong and is checked: a pause that leaves the collector off (after
 exception, after nesting, from two threads, when the daemon's first sync never comes),
 a pause that turns on a collector someone else had turned off, a full sync or a
 `run --once` that runs with the collector on, an incremental sync that runs with it off,
-and the cold start's state not frozen.
+the cold start's state not frozen, a later full sync's state not frozen again (or frozen with
+its garbage cycles in it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import gc
 import shutil
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -209,16 +211,54 @@ def test_daemon_pauses_for_full_syncs_only_and_freezes_after_its_first(tmp_path:
         assert dp.seen and ("observe", False) not in dp.seen
         assert any(on for _, on in dp.seen), dp.seen
 
-        # a full resync (SIGHUP, or every --sync-period) runs with it off, then on again
+        # a full resync (SIGHUP, or every --sync-period) runs with it off, then on again, and
+        # freezes the state it leaves: its virtual servers are new objects
+        assert agent.core.freeze_full_syncs
         dp.seen.clear()
+        frozen = gc.get_freeze_count()
         agent.request_full()
         assert synced.wait_for(lambda: ("observe", False) in dp.seen)
         assert synced.wait_for(lambda: gc.isenabled())
+        assert synced.wait_for(lambda: gc.get_freeze_count() > frozen)
     finally:
         agent.stop()
         t.join(5)
     assert not t.is_alive() and gc.isenabled()
 
+
+
+class Node:
+    """A garbage cycle's member, with a weak reference to see it go."""
+
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def test_paused_with_freeze_collects_the_cycles_then_freezes_what_is_alive() -> None:
+    kept = [Node() for _ in range(100)]
+    with gcpause.paused(freeze=True):
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # garbage once the names go: only the collector can free it
+        gone = weakref.ref(a)
+        del a, b
+        made = [Node() for _ in range(1000)]
+    assert gc.isenabled()
+    assert gone() is None  # collected before the freeze, not kept forever in the permanent generation
+    assert gc.get_freeze_count() >= len(kept) + len(made)
+    assert not any(o is made[0] for o in gc.get_objects())  # frozen: in no generation a collection walks
+
+
+def test_core_sync_freezes_full_syncs_only_when_asked(tmp_path: Path) -> None:
+    dp = RecordingDataplane()
+    core = NodeCore.build(config(tmp_path, EXAMPLES), dp)
+    ManifestReader((str(EXAMPLES),), "").load(core.tracker)
+    sync(core.reconciler, True)  # the cold start: the start-up pause freezes it, not the sync
+    assert gc.get_freeze_count() == 0
+    core.freeze_full_syncs = True
+    core.sync_now(False)  # an incremental sync never freezes (nor pauses)
+    assert gc.get_freeze_count() == 0
+    core.sync_now(True)
+    assert gc.get_freeze_count() > 0 and gc.isenabled()
 
 
 def test_core_sync_pauses_full_syncs(tmp_path: Path) -> None:
