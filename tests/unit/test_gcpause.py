@@ -212,7 +212,7 @@ def test_daemon_pauses_for_full_syncs_only_and_freezes_after_its_first(tmp_path:
         assert any(on for _, on in dp.seen), dp.seen
 
         # a full resync (SIGHUP, or every --sync-period) runs with it off, then on again, and
-        # freezes the state it leaves: its virtual servers are new objects
+        # freezes what is alive then: the objects the change above made join the frozen ones
         assert agent.core.freeze_full_syncs
         dp.seen.clear()
         frozen = gc.get_freeze_count()
