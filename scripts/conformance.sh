@@ -256,7 +256,7 @@ kill_tree() {  # kill_tree PID: the process and all its descendants (vm-run.sh, 
     kill "$1" 2>/dev/null || true
 }
 # Each column gets its own boot of the VM and so a fresh cluster: no column inherits the other's
-# leftovers, and a boot that freezes costs only its own column (the emulated guest has frozen four
+# leftovers, and a boot that freezes costs only its own column (the emulated guest has frozen five
 # times, 28 to 127 minutes after boot, in one-column boots too: docs/conformance.md). The guest
 # kernel's console goes to results/conformance/<proxy>/console.log, the evidence of a freeze.
 # Watchdog: a running column's e2e log changes every few seconds (pods are polled every 2-3 s);
