@@ -159,12 +159,11 @@ class ServiceRef(NamedTuple):
 
 
 class EndpointInfo(typing.Protocol):
-    """Who stands behind a real server, for display only (objects.Endpoint is one)."""
+    """Where a real server runs, for display only (objects.Endpoint is one; its pod's name is
+    its slice's, EndpointSlice.targets)."""
 
     @property
     def address(self) -> str: ...
-    @property
-    def target(self) -> str: ...  # e.g. "Pod/web-1" ("" when the slice does not say)
     @property
     def node(self) -> str: ...
 

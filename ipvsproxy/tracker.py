@@ -230,3 +230,10 @@ class Tracker:
     def slices_for(self, service_id: str) -> list[EndpointSlice]:
         with self._lock:
             return [s for g in self.slices_of.get(service_id, ()) for s in self.groups.get(g, ())]
+
+    def targets_of(self, service_id: str) -> dict[str, str]:
+        """A Service's endpoint addresses -> their targetRefs ("Pod/web-1"), for display."""
+        out: dict[str, str] = {}
+        for s in self.slices_for(service_id):
+            out.update(s.targets_by_address())
+        return out

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,17 +46,25 @@ class Record:
         return dict(entry.get("endpoints", {}).get(address, {}))
 
 
-def from_desired(desired: DesiredState, node: str = "") -> Record:
+def from_desired(desired: DesiredState, node: str = "",
+                 targets: Callable[[str], Mapping[str, str]] = lambda service_id: {}) -> Record:
+    """The record of a desired state. `targets` gives a Service's endpoint address -> targetRef
+    ("Pod/web-1"; Tracker.targets_of): the pods' names live in the slices, not in the state."""
     rec = Record(node=node)
+    by_service: dict[str, Mapping[str, str]] = {}
     for key, vs in desired.services.items():
         if vs.service is None:
             continue
+        sid = vs.service.service_id
+        named = by_service.get(sid)
+        if named is None:
+            named = by_service[sid] = targets(sid)
         rec.services[key_text(key)] = {
             "namespace": vs.service.namespace,
             "name": vs.service.name,
             "port": vs.service.port_name,
             "kind": vs.service.kind,
-            "endpoints": {a: {"target": e.target, "node": e.node} for a, e in vs.endpoints.items()},
+            "endpoints": {a: {"target": named.get(a, ""), "node": e.node} for a, e in vs.endpoints.items()},
         }
     return rec
 

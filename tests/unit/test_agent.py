@@ -177,3 +177,19 @@ def test_the_record_file_takes_at_most_a_twentieth_of_the_time(tmp_path: Path,
     changed(5)  # that one cost nothing: every 5 s
     agent._write_record(force=True)
     assert writes == [1000.0, 1042.0, 1084.0, 1089.0, 1089.0]
+
+
+def test_the_record_names_each_real_servers_pod_from_its_slice(tmp_path: Path) -> None:
+    """The pods' names are not kept per endpoint (EndpointSlice.targets): the agent's record for
+    `list` still names the pod behind each real server."""
+    from ipvsproxy.observe import records
+
+    cfg = AgentConfig(node_name="demo-node", from_files=(str(EXAMPLES),), state_dir=str(tmp_path / "state"))
+    agent = Agent(cfg, MemoryDataplane())
+    agent.once()
+    rec = records.read(cfg.state_dir)
+    assert rec is not None
+    web = VSKey(AF_INET, 6, "198.19.0.10", 80)
+    assert rec.endpoint_of(web, "198.18.1.11") == {"target": "Pod/web-0", "node": "demo-node"}
+    named = {e["target"] for entry in rec.services.values() for e in entry["endpoints"].values()}
+    assert {"Pod/web-0", "Pod/web-1", "Pod/web-2"} <= named  # and "" where a slice names no pod

@@ -162,9 +162,27 @@ def test_slice_record() -> None:
     assert sl.id == "prod/web-ipv4" and sl.service_id == "prod/web" and sl.family == AF_INET
     assert [(p.name, p.protocol, p.port) for p in sl.ports] == [("http", TCP, 8080), ("dns", UDP, 53)]
     assert sl.endpoints == (
-        Endpoint("10.1.0.1", True, True, False, "n9", ("z1",), "Pod/web-0"),
-        Endpoint("10.1.0.2", False, True, True, "", None, ""),
+        Endpoint("10.1.0.1", True, True, False, "n9", ("z1",)),
+        Endpoint("10.1.0.2", False, True, True, "", None),
     )
+    assert sl.targets_by_address() == {"10.1.0.1": "Pod/web-0"}
+
+
+def test_targets_stay_in_step_with_the_endpoints_kept() -> None:
+    # one line per endpoint kept: a dropped endpoint (bad address) takes no line, and a
+    # name with a newline cannot shift the others (display only, but it must name the right pod)
+    sl, problems = parse_endpointslice(slice_("web", [
+        endpoint("10.1.0.1", target="web-0"),
+        endpoint("bad", target="web-bad"),
+        endpoint("10.1.0.3"),
+        endpoint("10.1.0.4", target="web\n4"),
+        endpoint("10.1.0.5", target="web-5"),
+    ]))
+    assert len(problems) == 1
+    assert sl.targets_by_address() == {"10.1.0.1": "Pod/web-0", "10.1.0.4": "Pod/web 4",
+                                       "10.1.0.5": "Pod/web-5"}
+    bare, _ = parse_endpointslice(slice_("web", ["10.1.0.1", "10.1.0.2"]))
+    assert bare.targets == "" and bare.targets_by_address() == {}
 
 
 def test_unset_serving_is_true_as_kube_proxy_reads_it() -> None:
@@ -246,6 +264,12 @@ def test_endpoints_mirrored_per_family_ready_and_not_ready() -> None:
     assert [(e.address, e.ready, e.serving) for e in v4.endpoints] == [("10.1.0.1", True, True),
                                                                        ("10.1.0.3", False, False)]
     assert [(p.name, p.port) for p in v4.ports] == [("http", 8080)]
+    named = legacy_endpoints("legacy", ready=["10.1.0.1", "10.1.0.2"], not_ready=["fd01::3"])
+    named["subsets"][0]["addresses"][1]["targetRef"] = {"kind": "Pod", "name": "legacy-2"}
+    named["subsets"][0]["notReadyAddresses"][0]["targetRef"] = {"kind": "Pod", "name": "legacy-3"}
+    v4, v6 = parse_endpoints(named)[0]
+    assert v4.targets_by_address() == {"10.1.0.2": "Pod/legacy-2"}
+    assert v6.targets_by_address() == {"fd01::3": "Pod/legacy-3"}
 
 
 def test_endpoints_without_subsets_give_no_slices() -> None:
@@ -274,10 +298,10 @@ def test_an_endpoint_reads_back_every_condition_and_hint_it_was_built_with() -> 
     # Endpoint packs its conditions and hints into one slot: each combination must read back
     for ready, serving, terminating in itertools.product((False, True), repeat=3):
         for zones, nodes in ((None, None), (("z1",), None), (None, ("n1",)), (("z1", "z2"), ("n1",))):
-            ep = Endpoint("10.1.0.1", ready, serving, terminating, "n1", zones, "Pod/a", nodes)
+            ep = Endpoint("10.1.0.1", ready, serving, terminating, "n1", zones, nodes)
             assert (ep.ready, ep.serving, ep.terminating, ep.zones, ep.nodes) == (
                 ready, serving, terminating, zones, nodes)
-            assert ep == Endpoint("10.1.0.1", ready, serving, terminating, "n1", zones, "Pod/a", nodes)
-            assert ep != Endpoint("10.1.0.1", not ready, serving, terminating, "n1", zones, "Pod/a", nodes)
+            assert ep == Endpoint("10.1.0.1", ready, serving, terminating, "n1", zones, nodes)
+            assert ep != Endpoint("10.1.0.1", not ready, serving, terminating, "n1", zones, nodes)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ep.address = "10.1.0.2"  # type: ignore[misc]
