@@ -12,8 +12,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 from .logfmt import escape
 from .model import F_PERSISTENT, F_SCHED1, F_SCHED2, F_SCHED3, ObservedState, ObservedVS, Protocol, join_host_port
 from .observe.records import Record
@@ -162,6 +160,8 @@ def render(doc: dict[str, Any], fmt: str, *, stats: bool = False, rate: bool = F
     if fmt == "json":
         return json.dumps(doc, indent=2, sort_keys=False)
     if fmt == "yaml":
+        import yaml  # only here: the agent imports this module and never prints YAML
+
         return yaml.safe_dump(doc, sort_keys=False).rstrip()
     return table(doc, wide=fmt == "wide", stats=stats, rate=rate)
 

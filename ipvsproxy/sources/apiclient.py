@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import urllib3
-import yaml
 
 TOKEN_REFRESH = 60.0  # seconds between re-reads of a token file (kubelet rotates service-account tokens)
 EXEC_TIMEOUT = 60.0  # longest an exec credential plugin may take
@@ -240,6 +239,8 @@ def kubeconfig_paths(path: str | None, environ: Mapping[str, str]) -> list[str]:
 def _merged(paths: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """kubectl's merge: the first file to set current-context or to name an entry wins.
     Returns (merged document, entry -> the file's directory, for relative paths)."""
+    import yaml  # here, not at the top: an agent in a pod reads no kubeconfig (~1 MiB)
+
     merged: dict[str, Any] = {"current-context": "", "clusters": {}, "users": {}, "contexts": {}}
     base: dict[str, str] = {}
     found = False

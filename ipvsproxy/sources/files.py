@@ -16,14 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..objects import describe, selected_by_proxy_name
 from ..tracker import Tracker
-
-# libyaml's loader when PyYAML has it: 2.5x faster on a large manifest (and tens of seconds per
-# start in the emulated test VM); the same safe constructors either way.
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +75,17 @@ def _load(text: str) -> list[Any]:
             return [json.loads(text)]
         except ValueError:
             pass  # YAML flow style, or several documents: YAML's loader reads it or says what is wrong
-    return list(yaml.load_all(text, Loader=_LOADER))
+    import yaml  # here, not at the top: an agent reading the API never needs it (~1 MiB)
+
+    # libyaml's loader when PyYAML has it: 2.5x faster on a large manifest (and tens of seconds
+    # per start in the emulated test VM); the same safe constructors either way.
+    return list(yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
 def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
     """Objects in one file by kind (None when the file as a whole is unusable)."""
+    import yaml
+
     problems: list[str] = []
     try:
         docs = _load(path.read_text())
