@@ -55,7 +55,9 @@ from ..model import (
     Real,
     ServiceKind,
     VirtualServer,
+    VSKey,
     canonical_ip,
+    family_of,
     ip_version,
 )
 
@@ -74,8 +76,9 @@ NftRunner = Callable[[dict[str, Any]], dict[str, Any]]
 # = True`, as run_nft_cli): the firewall then writes a transaction into an in-memory file one
 # element at a time, and no copy of the document is ever whole in the agent's heap.
 TakesFile = Callable[[dict[str, Any] | BinaryIO], dict[str, Any]]
-Elem = tuple[Any, ...]
-ElementReader = Callable[["SetSpec"], set[Elem]]  # one set's elements, as the kernel holds them
+KernelElem = tuple[Any, ...]  # a set element as the kernel holds it: a tuple of its fields
+Elem = KernelElem | str  # an element as counted: a VIP is its address (VIP_SETS), a VSKey a tuple
+ElementReader = Callable[["SetSpec"], set[KernelElem]]  # one set's elements, as the kernel holds them
 
 # Protocols go to nft as numbers: nft resolves a name through /etc/protocols, which a minimal
 # image (debian:bookworm-slim, no netbase) lacks ("Error: Could not resolve protocol name", seen
@@ -171,7 +174,7 @@ class _Elements:
         except TypeError:
             ordered = sorted(self.elems, key=repr)
         proto = kernel_set(self.name)[1]
-        return iter(ordered) if proto is None else (_hairpin_elem(proto, r) for r in ordered)
+        return (_kernel_elem(e) for e in ordered) if proto is None else (_hairpin_elem(proto, r) for r in ordered)
 
     def json(self) -> dict[str, Any]:
         return {self.verb: {"element": {**self._head(), "elem": [_to_json(e) for e in self._sorted()]}}}
@@ -365,19 +368,39 @@ def kernel_set(name: str) -> tuple[str, int | None]:
     return base, int(proto) if proto else None
 
 
+# The sets keyed by virtual server (address . proto . port) count the desired state's own VSKey
+# objects, not a 3-tuple of their own per virtual server (2 MiB at 20,000 Services), and spell
+# them as the kernel's elements only while a transaction is written or a read is compared.
+KEYED_SETS = frozenset(s.name for s in SETS if len(s.type) == 3)
+# vips4/6 count the addresses themselves (the desired state's strings), not a 1-tuple of each.
+VIP_SETS = frozenset(("vips4", "vips6"))
+
+
+def _kernel_elem(elem: Elem) -> Elem:
+    """A counted element -> the kernel's: a VSKey as (address, proto, port), a VIP's address as
+    (address,); others as they are."""
+    if type(elem) is VSKey:
+        return (elem.address, elem.protocol, elem.port)
+    return (elem,) if type(elem) is str else elem
+
+
 def _hairpin_elem(proto: int, real: Elem) -> Elem:
     """A Real (address, port, weight) counted in a hairpin count set -> the kernel's element."""
     return (real[0], proto, real[1], real[0])
 
 
-def _by_count_set(kernel: dict[str, set[Elem]]) -> dict[str, set[Elem]]:
+def _by_count_set(kernel: dict[str, set[KernelElem]]) -> dict[str, set[Elem]]:
     """Sets as the kernel spells them -> as the counts do. A hairpin element whose two
     addresses differ, or with a protocol no Service uses, stays under the kernel's set
     name, which counts nothing: a full sync deletes it."""
-    out = {name: kernel.get(name, set()) for name in COUNT_NAMES}
+    out: dict[str, set[Elem]] = {name: kernel.get(name, set()) for name in COUNT_NAMES}  # type: ignore[misc]
+    for name in KEYED_SETS & kernel.keys():
+        out[name] = {VSKey(family_of(e[0]), e[1], e[0], e[2]) if len(e) == 3 else e for e in kernel[name]}
+    for name in VIP_SETS & kernel.keys():
+        out[name] = {e[0] if len(e) == 1 else e for e in kernel[name]}
     for base in HAIRPIN_COUNTS:
         stray: set[Elem] = set()
-        for elem in kernel.get(base, ()):
+        for elem in kernel.get(base, set()):
             name = f"{base}/{elem[1]}" if len(elem) == 4 and elem[0] == elem[3] else base
             if name in out and name != base:
                 out[name].add(Real(elem[0], elem[2]))
@@ -392,7 +415,8 @@ def _by_kernel_set(counted: dict[str, set[Elem]]) -> dict[str, set[Elem]]:
     out: dict[str, set[Elem]] = {}
     for name, elems in counted.items():
         base, proto = kernel_set(name)
-        out.setdefault(base, set()).update(elems if proto is None else (_hairpin_elem(proto, r) for r in elems))
+        out.setdefault(base, set()).update(
+            (_kernel_elem(e) for e in elems) if proto is None else (_hairpin_elem(proto, r) for r in elems))
     return out
 
 
@@ -452,7 +476,7 @@ def _value_from_json(value: Any, cidr: bool) -> Any:
     return value
 
 
-def _elem_from_json(value: Any, spec: SetSpec) -> Elem:
+def _elem_from_json(value: Any, spec: SetSpec) -> KernelElem:
     if isinstance(value, dict) and "elem" in value:  # {"elem": {"val": ..., "comment": ...}}
         value = value["elem"].get("val")
     parts = value["concat"] if isinstance(value, dict) and "concat" in value else [value]
@@ -567,11 +591,11 @@ class NftFirewall:
         if Protocol.name_of(proto) is None or self.cfg.excluded(addr):
             return []
         v = ip_version(addr)
-        key = (addr, proto, port)
+        key = vs.key  # counted as itself (KEYED_SETS)
         kind = vs.service.kind if vs.service is not None else ServiceKind.CLUSTER_IP
         out: list[tuple[str, Elem]] = [(f"services{v}", key)]
         if kind != ServiceKind.NODE_PORT and vs.bind:  # a node's own address is no VIP: its other ports stay open
-            out.append((f"vips{v}", (addr,)))
+            out.append((f"vips{v}", addr))  # counted as itself (VIP_SETS)
         if vs.local_origin_only:
             out.append((f"nolocal{v}", key))
         if not vs.local:
@@ -601,7 +625,7 @@ class NftFirewall:
                     nets.append(net)
             if nets:  # none of this family left: the address is not restricted (as kube-proxy)
                 out.append((f"fw{v}", key))
-                out += [(f"fw_allow{v}", (*key, n)) for n in _collapse(nets)]
+                out += [(f"fw_allow{v}", (addr, proto, port, n)) for n in _collapse(nets)]
         return out
 
     def _count(self, delta: Delta, track: bool = True) -> None:
@@ -707,7 +731,7 @@ class NftFirewall:
                 return None
             wire: NftWire = self._wire
 
-            def read(spec: SetSpec) -> set[Elem]:
+            def read(spec: SetSpec) -> set[KernelElem]:
                 try:
                     return wire.elements(FAMILY, TABLE, spec.name, spec.type, interval=spec.interval,
                                          cidr=spec.cidr)
@@ -726,7 +750,7 @@ class NftFirewall:
         cmds, nrules, fresh = self._structure(listing)
         if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
             cmds, nrules = [], 0
-        known = _empty(SET_NAMES)
+        known: dict[str, set[KernelElem]] = {name: set() for name in SET_NAMES}
         if listing is not None:
             full: Listing | None = None
             if reader is None:  # elements from nft's own listing (a custom runner, or no netlink)

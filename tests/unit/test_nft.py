@@ -683,6 +683,23 @@ def test_hairpin_counts_hold_the_desired_states_own_reals() -> None:
     assert len(counted) == 4 and all(any(c is r for r in reals) for c in counted)
 
 
+def test_keyed_sets_count_the_desired_states_own_keys_and_repair_drift() -> None:
+    """services/masq/nolocal/fw elements are counted as the virtual servers' own VSKey objects
+    (no 3-tuple per virtual server) and compared with the kernel's 3-field elements after a read."""
+    kernel = FakeNft()
+    fw = Firewall(cfg(), nft=kernel)
+    fw.sync_state(state(*BASE))
+    counted = [k for name, counts in fw._counts.items() if name.startswith(("services", "masq")) for k in counts]
+    assert counted and all(any(k is vs.key for vs in BASE) for k in counted)
+    services = kernel.elems("services4")
+    gone = services.pop()
+    services.append({"concat": ["10.96.0.99", 6, 81]})  # not ours to keep
+    assert fw.sync_state(state(*BASE)) == 2
+    assert gone in kernel.elems("services4") and {"concat": ["10.96.0.99", 6, 81]} not in kernel.elems("services4")
+    assert fw.elements()["services4"] == fw.desired_elements(state(*BASE))["services4"]
+    assert fw.sync_state(state(*BASE)) == 0
+
+
 def test_a_failure_that_persists_is_raised(nft: FakeNft) -> None:
     fw = Firewall(cfg(), nft=nft)
 
