@@ -11,6 +11,7 @@ import ipaddress
 import socket
 import typing
 from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import NamedTuple, TypeAlias
@@ -291,7 +292,9 @@ class DesiredState:
     """What the node should look like: virtual servers and addresses to bind."""
 
     services: dict[VSKey, VirtualServer] = field(default_factory=dict)
-    addresses: set[str] = field(default_factory=set)
+    # A set, or (the reconciler's DesiredIndex) the keys of its count per address: a set of
+    # 20,000 strings is a 2 MiB table beside the counts' 0.6 MiB.
+    addresses: AbstractSet[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, servers: Iterable[VirtualServer], addresses: Iterable[str] = ()) -> DesiredState:
@@ -304,7 +307,7 @@ class DesiredState:
         outside the scope cannot have changed, and diffing every address would
         make each small sync cost O(cluster)."""
         if scope is FULL:
-            return AddressChanges(self.addresses - have, have - self.addresses)
+            return AddressChanges(set(self.addresses - have), set(have - self.addresses))
         addrs = {key.address for key in scope}
         return AddressChanges({a for a in addrs if a in self.addresses and a not in have},
                               {a for a in addrs if a in have and a not in self.addresses})

@@ -98,6 +98,7 @@ class DesiredIndex:
         self.owner: dict[VSKey, str] = {}
         self.waiting: dict[VSKey, set[str]] = {}
         self.bind_refs: dict[str, int] = {}
+        self.state.addresses = self.bind_refs.keys()  # the addresses to bind: those with a count
 
     def _bindable(self, vs: VirtualServer) -> bool:
         return vs.bind and vs.service is not None and vs.service.kind != ServiceKind.NODE_PORT
@@ -108,10 +109,8 @@ class DesiredIndex:
         n = self.bind_refs.get(vs.key.address, 0) + delta
         if n > 0:
             self.bind_refs[vs.key.address] = n
-            self.state.addresses.add(vs.key.address)
         else:
             self.bind_refs.pop(vs.key.address, None)
-            self.state.addresses.discard(vs.key.address)
 
     def update(self, sid: str, servers: Iterable[VirtualServer]) -> IndexUpdate:
         """Set one Service's virtual servers; returns the change delta with the rest."""
