@@ -81,7 +81,7 @@ def vs(key: VSKey, *reals: Real, scheduler: str = "rr", timeout: int = 0) -> Vir
 
 
 def add(v: VirtualServer) -> list[Op]:
-    return [Op(OpKind.ADD_VS, v.key, vs=v, service=REF)] + [Op(OpKind.ADD_RS, v.key, real=r) for r in v.reals]
+    return [Op(OpKind.ADD_VS, v.key, vs=v)] + [Op(OpKind.ADD_RS, v.key, real=r) for r in v.reals]
 
 
 def refused(failures: list[Failure]) -> list[tuple[OpKind, int]]:
@@ -117,7 +117,7 @@ def test_adding_an_existing_virtual_server_or_real_server_is_refused_eexist(dp: 
 
 
 def test_anything_on_a_missing_virtual_server_is_refused_esrch(dp: Dataplane) -> None:
-    ops = [Op(OpKind.EDIT_VS, A, vs=vs(A), service=REF), Op(OpKind.ADD_RS, A, real=R1),
+    ops = [Op(OpKind.EDIT_VS, A, vs=vs(A)), Op(OpKind.ADD_RS, A, real=R1),
            Op(OpKind.EDIT_RS, A, real=R1._replace(weight=0))]
     assert refused(dp.apply(ops)) == [(OpKind.EDIT_VS, errno.ESRCH), (OpKind.ADD_RS, errno.ESRCH),
                                       (OpKind.EDIT_RS, errno.ESRCH)]
@@ -140,11 +140,11 @@ def test_deleting_what_is_gone_counts_as_done(dp: Dataplane) -> None:
 def test_weights_edit_and_a_deleted_virtual_server_takes_its_reals(dp: Dataplane) -> None:
     assert dp.apply(add(vs(A, R1, R2))) == []
     assert dp.apply([Op(OpKind.EDIT_RS, A, real=R1._replace(weight=0)),
-                     Op(OpKind.EDIT_VS, A, vs=vs(A, scheduler="wlc"), service=REF)]) == []
+                     Op(OpKind.EDIT_VS, A, vs=vs(A, scheduler="wlc"))]) == []
     assert table(dp) == {A: {(R1.address, 8080): 0, (R2.address, 8080): 1}}
     assert dp.observe().services[A].scheduler == "wlc"
     assert dp.apply([Op(OpKind.DEL_VS, A)]) == []
-    assert dp.apply([Op(OpKind.ADD_VS, A, vs=vs(A), service=REF)]) == []
+    assert dp.apply([Op(OpKind.ADD_VS, A, vs=vs(A))]) == []
     assert table(dp) == {A: {}}  # re-created empty: the old real servers went with it
 
 
