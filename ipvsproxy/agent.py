@@ -152,7 +152,7 @@ class Agent:
         try:
             start = self.clock()
             records.write(self.cfg.state_dir, records.from_desired(self.reconciler.index.state,
-                                                                   self.cfg.node_name, self.tracker.targets_of))
+                                                                   self.cfg.node_name, self.tracker.endpoints_of))
             self._record_dirty = False
             self._record_written = self.clock()
             self._record_cost = self._record_written - start

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import typing
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
@@ -159,53 +158,6 @@ class ServiceRef(NamedTuple):
         return f"{self.namespace}/{self.name}{port}"
 
 
-class EndpointInfo(typing.Protocol):
-    """Where a real server runs, for display only (objects.Endpoint is one; its pod's name is
-    its slice's, EndpointSlice.targets)."""
-
-    @property
-    def address(self) -> str: ...
-    @property
-    def node(self) -> str: ...
-
-
-class EndpointMap(Mapping[str, EndpointInfo]):
-    """Real-server address -> its endpoint, for display (`ipvsproxy list`).
-
-    A tuple of the tracker's own endpoint records, shared by every virtual
-    server of one Service port and family: no copy per real server and no
-    dict per virtual server (at 10,000 Services those were ~10 MiB for
-    data only `list` reads). Lookup by address is a scan; it is not on the
-    sync path.
-    """
-
-    __slots__ = ("_eps",)
-
-    def __init__(self, endpoints: Iterable[EndpointInfo] = ()) -> None:
-        eps = tuple(endpoints)
-        if len({e.address for e in eps}) != len(eps):  # one entry per address (the last), as a dict
-            eps = tuple({e.address: e for e in eps}.values())
-        self._eps = eps
-
-    def __getitem__(self, address: str) -> EndpointInfo:
-        for e in self._eps:
-            if e.address == address:
-                return e
-        raise KeyError(address)
-
-    def __iter__(self) -> Iterator[str]:
-        return (e.address for e in self._eps)
-
-    def __len__(self) -> int:
-        return len(self._eps)
-
-    def __repr__(self) -> str:
-        return f"EndpointMap({list(self._eps)!r})"
-
-
-NO_ENDPOINTS = EndpointMap()
-
-
 class Settings(NamedTuple):
     """A virtual server's settings as the kernel stores them: what an edit changes."""
 
@@ -237,7 +189,6 @@ class VirtualServer:
     # the cluster's, for traffic that starts on this node (pods, the host);
     # traffic from elsewhere is dropped by the packet filter (rule 2).
     local_origin_only: bool = False
-    endpoints: Mapping[str, EndpointInfo] = field(default_factory=lambda: NO_ENDPOINTS, compare=False, hash=False)
 
     @property
     def kernel_flags(self) -> int:

@@ -234,9 +234,12 @@ class Tracker:
         with self._lock:
             return [s for g in self.slices_of.get(service_id, ()) for s in self.groups.get(g, ())]
 
-    def targets_of(self, service_id: str) -> dict[str, str]:
-        """A Service's endpoint addresses -> their targetRefs ("Pod/web-1"), for display."""
-        out: dict[str, str] = {}
+    def endpoints_of(self, service_id: str) -> dict[str, tuple[str, str]]:
+        """A Service's endpoint addresses -> (targetRef, node): "Pod/web-1" and its node's
+        name, for display (`ipvsproxy list`); the desired state keeps neither."""
+        out: dict[str, tuple[str, str]] = {}
         for s in self.slices_for(service_id):
-            out.update(s.targets_by_address())
+            targets = s.targets_by_address()
+            for e in s.endpoints:
+                out[e.address] = (targets.get(e.address, ""), e.node)
         return out

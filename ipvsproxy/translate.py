@@ -17,7 +17,6 @@ from .model import (
     AF_INET,
     AF_INET6,
     DesiredState,
-    EndpointMap,
     Real,
     ServiceKind,
     ServiceRef,
@@ -132,8 +131,8 @@ def _select(cands: list[_Candidate], node: Node | None, local: bool, node_name: 
     return [c for c in cands if c.ep.serving and c.ep.terminating]
 
 
-def _reals(chosen: list[_Candidate]) -> tuple[tuple[Real, ...], EndpointMap]:
-    return tuple(sorted(Real(c.ep.address, c.port) for c in chosen)), EndpointMap(c.ep for c in chosen)
+def _reals(chosen: list[_Candidate]) -> tuple[Real, ...]:
+    return tuple(sorted(Real(c.ep.address, c.port) for c in chosen))
 
 
 def local_ready_endpoints(svc: Service, slices: Iterable[EndpointSlice], node_name: str) -> int:
@@ -195,7 +194,7 @@ def translate_service(
             # syncEndpoint, PR 97081); the packet filter drops the rest.
             fallback = svc.external_local and not local and bool(cluster)
             external = (local or cluster) if svc.external_local else cluster
-            inner = _reals(internal)  # one map shared by every address that uses the same endpoints
+            inner = _reals(internal)  # one tuple shared by every address that uses the same endpoints
             picked = {False: inner, True: inner if external is internal else _reals(external)}
             vips = [(ip, ServiceKind.CLUSTER_IP, False) for ip in svc.cluster_ips]
             vips += [(ip, ServiceKind.EXTERNAL_IP, True) for ip in svc.external_ips]
@@ -207,7 +206,7 @@ def translate_service(
                     continue
                 node_port = kind == ServiceKind.NODE_PORT
                 port = sp.node_port if node_port else sp.port
-                rs, eps = picked[is_external]
+                rs = picked[is_external]
                 bind = not node_port and ip not in local_addresses and ip not in node_addrs
                 out.servers.append(
                     VirtualServer(
@@ -219,7 +218,6 @@ def translate_service(
                         service=ServiceRef(svc.namespace, svc.name, sp.name, kind),
                         local=svc.external_local if is_external else svc.internal_local,
                         source_ranges=svc.source_ranges if kind == ServiceKind.LOAD_BALANCER else (),
-                        endpoints=eps,
                         bind=bind,
                         local_origin_only=is_external and fallback,
                     )

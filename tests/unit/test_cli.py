@@ -48,7 +48,7 @@ def programmed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MemoryDatapla
         r.stats = dict(web.stats)
     dp.state.services[FOREIGN] = ObservedVS(FOREIGN, "wlc", 0, 0, {("198.18.99.2", 80): ObservedReal(
         "198.18.99.2", 80, 1, 1, 0)})
-    records.write(str(tmp_path), records.from_desired(desired, "demo-node", tracker.targets_of))
+    records.write(str(tmp_path), records.from_desired(desired, "demo-node", tracker.endpoints_of))
     monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
     monkeypatch.setenv("IPVSPROXY_STATE_DIR", str(tmp_path))
     return dp

@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from ipvsproxy.model import AF_INET, AF_INET6, F_OWNED, F_PERSISTENT, F_SCHED1, EndpointMap, Real
-from ipvsproxy.objects import Endpoint, parse_endpointslice, parse_node, parse_service
+from ipvsproxy.model import AF_INET, AF_INET6, F_OWNED, F_PERSISTENT, F_SCHED1, Real
+from ipvsproxy.objects import parse_endpointslice, parse_node, parse_service
 from ipvsproxy.schedulers import Registry
+from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config, translate, translate_service
 from tests.unit.factories import (
     NODE,
@@ -132,26 +133,24 @@ def test_duplicate_endpoint_across_slices_is_one_real() -> None:
     assert len(desired.services[key("10.96.0.10")].reals) == 2
 
 
-def test_reals_are_sorted_and_endpoint_refs_kept() -> None:
+def test_reals_are_sorted_and_shared_by_the_ports_virtual_servers() -> None:
     sl = slice_(endpoints=[endpoint("10.1.0.9", target="web-9", node="n2"), endpoint("10.1.0.1")])
-    vs = run([service()], [sl])[0].services[key("10.96.0.10")]
+    desired, _ = run([service(external_ips=["192.0.2.7"])], [sl])
+    vs, ext = (desired.services[key(ip)] for ip in ("10.96.0.10", "192.0.2.7"))
     assert vs.reals == (Real("10.1.0.1", 8080), Real("10.1.0.9", 8080))
-    assert vs.endpoints["10.1.0.9"].node == "n2"
-    assert sorted(vs.endpoints) == ["10.1.0.1", "10.1.0.9"] and len(vs.endpoints) == 2
-    assert "10.1.0.5" not in vs.endpoints and vs.endpoints.get("10.1.0.5") is None
+    assert ext.reals is vs.reals  # one tuple per Service port and family, not one per address
 
 
-def test_endpoint_refs_are_the_slice_records_shared_by_the_ports_virtual_servers() -> None:
-    # no copy per real server: every address of one Service port and family shares one map
-    sl = slice_(endpoints=[endpoint("10.1.0.1", target="web-1")])
-    desired, _ = run([service(cluster_ips=None, external_ips=["192.0.2.7"])], [sl])
-    a, b = (desired.services[key(ip)].endpoints for ip in ("10.96.0.10", "192.0.2.7"))
-    assert a is b
-    record = parse_endpointslice(sl)[0].endpoints[0]
-    assert a["10.1.0.1"] == record
-    # one entry per address, as a dict would have it
-    twice = EndpointMap([record, Endpoint(record.address, node="other-node")])
-    assert len(twice) == 1 and twice["10.1.0.1"].node == "other-node"
+def test_the_tracker_says_who_stands_behind_each_address_for_display() -> None:
+    # the desired state keeps no endpoint records: `list` learns pod and node from the slices
+    tracker = Tracker(NODE)
+    tracker.replace("EndpointSlice", [
+        slice_(name="a", endpoints=[endpoint("10.1.0.9", target="web-9", node="n2"), endpoint("10.1.0.1")]),
+        slice_(name="b", endpoints=[endpoint("10.1.0.3", target="web-3", node=None)]),
+        slice_("other", endpoints=[endpoint("10.1.0.4", target="other-4")])])
+    assert tracker.endpoints_of("default/web") == {
+        "10.1.0.9": ("Pod/web-9", "n2"), "10.1.0.1": ("", NODE), "10.1.0.3": ("Pod/web-3", "")}
+    assert tracker.endpoints_of("default/nothing") == {}
 
 
 # ---- no VS ------------------------------------------------------------------
