@@ -13,11 +13,12 @@ version, so nothing already programmed is lost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from .objects import (
@@ -234,12 +235,10 @@ class Tracker:
         with self._lock:
             return [s for g in self.slices_of.get(service_id, ()) for s in self.groups.get(g, ())]
 
-    def endpoints_of(self, service_id: str) -> dict[str, tuple[str, str]]:
-        """A Service's endpoint addresses -> (targetRef, node): "Pod/web-1" and its node's
-        name, for display (`ipvsproxy list`); the desired state keeps neither."""
-        out: dict[str, tuple[str, str]] = {}
+    def endpoints_of(self, service_id: str) -> Iterator[tuple[str, str, str]]:
+        """A Service's endpoints as (address, targetRef, node), e.g. ("10.1.0.9", "Pod/web-9",
+        "node-2"), for display (`ipvsproxy list`); the desired state keeps neither name."""
         for s in self.slices_for(service_id):
-            targets = s.targets_by_address()
-            for e in s.endpoints:
-                out[e.address] = (targets.get(e.address, ""), e.node)
-        return out
+            targets = s.targets.split("\n") if s.targets else itertools.repeat("")
+            for e, target in zip(s.endpoints, targets, strict=False):  # repeat("") is endless
+                yield e.address, target, e.node

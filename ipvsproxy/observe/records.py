@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,26 +47,26 @@ class Record:
 
 
 def from_desired(desired: DesiredState, node: str = "",
-                 endpoints: Callable[[str], Mapping[str, tuple[str, str]]] = lambda service_id: {}) -> Record:
-    """The record of a desired state. `endpoints` gives a Service's endpoint address ->
-    (targetRef, node), e.g. ("Pod/web-1", "node-2") (Tracker.endpoints_of): who stands behind
-    a real server lives in the slices, not in the desired state (4 MiB at 20,000 Services)."""
+                 endpoints: Callable[[str], Iterable[tuple[str, str, str]]] = lambda service_id: ()) -> Record:
+    """The record of a desired state. `endpoints` gives a Service's endpoints as (address,
+    targetRef, node), e.g. ("10.1.0.9", "Pod/web-9", "node-2") (Tracker.endpoints_of): who
+    stands behind a real server lives in the slices, not in the desired state (4 MiB at
+    20,000 Services). One entry per endpoint, shared by the Service's virtual servers."""
     rec = Record(node=node)
-    by_service: dict[str, Mapping[str, tuple[str, str]]] = {}
+    by_service: dict[str, dict[str, dict[str, str]]] = {}
     for key, vs in desired.services.items():
         if vs.service is None:
             continue
         sid = vs.service.service_id
         known = by_service.get(sid)
         if known is None:
-            known = by_service[sid] = endpoints(sid)
-        where = {r.address: known.get(r.address, ("", "")) for r in vs.reals}
+            known = by_service[sid] = {a: {"target": t, "node": n} for a, t, n in endpoints(sid)}
         rec.services[key_text(key)] = {
             "namespace": vs.service.namespace,
             "name": vs.service.name,
             "port": vs.service.port_name,
             "kind": vs.service.kind,
-            "endpoints": {a: {"target": t, "node": n} for a, (t, n) in where.items()},
+            "endpoints": {r.address: known.get(r.address) or {"target": "", "node": ""} for r in vs.reals},
         }
     return rec
 
