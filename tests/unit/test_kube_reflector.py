@@ -66,7 +66,8 @@ def test_a_hung_watch_stream_is_noticed_and_resumed(
     api.watch_fault("hang", SERVICES)
     drop(api)
     before = len(service_watches(api))
-    wait_until(lambda: len(service_watches(api)) >= before + 2, timeout=3, what="hung watches given up")
+    wait_until(lambda: len(service_watches(api)) >= before + 2, timeout=10,  # two 0.5-s idle timeouts and
+               what="hung watches given up")  # their retry backoff; a loaded CI host takes longer
     api.watch_fault(None, SERVICES)
     api.drop_watches()  # the hung streams' server side ends
     api.create(service("d", cluster_ip="10.96.0.4"))
