@@ -10,8 +10,9 @@ wrong is dropped with a problem message, an object that is unusable raises
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -173,11 +174,10 @@ class EndpointSlice(_Namespaced):
     def service_id(self) -> str:
         return f"{self.namespace}/{self.service}"
 
-    def targets_by_address(self) -> dict[str, str]:
-        """Endpoint address -> its targetRef, for the endpoints that have one."""
-        if not self.targets:
-            return {}
-        return {e.address: t for e, t in zip(self.endpoints, self.targets.split("\n"), strict=True) if t}
+    def named(self) -> Iterator[tuple[Endpoint, str]]:
+        """Each endpoint with its targetRef ("" when it has none)."""
+        targets = self.targets.split("\n") if self.targets else itertools.repeat("")
+        return zip(self.endpoints, targets, strict=False)  # repeat("") is endless
 
 
 def _target(ref: Any) -> str:

@@ -13,7 +13,6 @@ version, so nothing already programmed is lost.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import threading
@@ -239,6 +238,5 @@ class Tracker:
         """A Service's endpoints as (address, targetRef, node), e.g. ("10.1.0.9", "Pod/web-9",
         "node-2"), for display (`ipvsproxy list`); the desired state keeps neither name."""
         for s in self.slices_for(service_id):
-            targets = s.targets.split("\n") if s.targets else itertools.repeat("")
-            for e, target in zip(s.endpoints, targets, strict=False):  # repeat("") is endless
+            for e, target in s.named():
                 yield e.address, target, e.node

@@ -11,6 +11,7 @@ import pytest
 from ipvsproxy.model import AF_INET, AF_INET6
 from ipvsproxy.objects import (
     Endpoint,
+    EndpointSlice,
     InvalidObject,
     describe,
     parse_endpoints,
@@ -153,6 +154,10 @@ def test_describe() -> None:
 # ---- EndpointSlice ------------------------------------------------------------
 
 
+def _named(sl: EndpointSlice) -> dict[str, str]:
+    return {e.address: t for e, t in sl.named() if t}
+
+
 def test_slice_record() -> None:
     sl, problems = parse_endpointslice(slice_("web", [
         endpoint("10.1.0.1", target="web-0", zones=["z1"], node="n9"),
@@ -165,7 +170,7 @@ def test_slice_record() -> None:
         Endpoint("10.1.0.1", True, True, False, "n9", ("z1",)),
         Endpoint("10.1.0.2", False, True, True, "", None),
     )
-    assert sl.targets_by_address() == {"10.1.0.1": "Pod/web-0"}
+    assert _named(sl) == {"10.1.0.1": "Pod/web-0"}
 
 
 def test_targets_stay_in_step_with_the_endpoints_kept() -> None:
@@ -179,10 +184,10 @@ def test_targets_stay_in_step_with_the_endpoints_kept() -> None:
         endpoint("10.1.0.5", target="web-5"),
     ]))
     assert len(problems) == 1
-    assert sl.targets_by_address() == {"10.1.0.1": "Pod/web-0", "10.1.0.4": "Pod/web 4",
+    assert _named(sl) == {"10.1.0.1": "Pod/web-0", "10.1.0.4": "Pod/web 4",
                                        "10.1.0.5": "Pod/web-5"}
     bare, _ = parse_endpointslice(slice_("web", ["10.1.0.1", "10.1.0.2"]))
-    assert bare.targets == "" and bare.targets_by_address() == {}
+    assert bare.targets == "" and _named(bare) == {}
 
 
 def test_unset_serving_is_true_as_kube_proxy_reads_it() -> None:
@@ -268,8 +273,8 @@ def test_endpoints_mirrored_per_family_ready_and_not_ready() -> None:
     named["subsets"][0]["addresses"][1]["targetRef"] = {"kind": "Pod", "name": "legacy-2"}
     named["subsets"][0]["notReadyAddresses"][0]["targetRef"] = {"kind": "Pod", "name": "legacy-3"}
     v4, v6 = parse_endpoints(named)[0]
-    assert v4.targets_by_address() == {"10.1.0.2": "Pod/legacy-2"}
-    assert v6.targets_by_address() == {"fd01::3": "Pod/legacy-3"}
+    assert _named(v4) == {"10.1.0.2": "Pod/legacy-2"}
+    assert _named(v6) == {"fd01::3": "Pod/legacy-3"}
 
 
 def test_endpoints_without_subsets_give_no_slices() -> None:
