@@ -87,6 +87,9 @@ def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
+RESYNC_MODES = ("full", "rolling")
+
+
 @dataclass(slots=True)
 class AgentConfig:
     """Everything `ipvsproxy run` can be told."""
@@ -100,6 +103,9 @@ class AgentConfig:
     scheduler: str = "rr"
     sync_period: float = 30.0
     min_sync_period: float = 1.0
+    # How the periodic drift check runs: "full" (one full sync every --sync-period) or "rolling"
+    # (a round begins every --sync-period and compares a few virtual servers per sync).
+    resync: str = "full"
     exclude_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()
     service_proxy_name: str = ""  # "": the Services without a service-proxy-name label
@@ -141,6 +147,8 @@ class AgentConfig:
         elif self.sync_period > 0 and self.min_sync_period > self.sync_period:
             out.append(f"--min-sync-period ({self.min_sync_period:g}s) must not be longer than "
                        f"--sync-period ({self.sync_period:g}s)")
+        if self.resync not in RESYNC_MODES:
+            out.append(f"--resync must be one of {', '.join(RESYNC_MODES)}, not {self.resync!r}")
         for flag, value in (("tcp-timeout", self.tcp_timeout), ("tcpfin-timeout", self.tcpfin_timeout),
                             ("udp-timeout", self.udp_timeout)):
             if 0 < value < 1 or value != int(value):

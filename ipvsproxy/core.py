@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 ReportHook = Callable[[SyncReport | None, BaseException | None], None]  # (report, or the error)
 
 MAX_BACKOFF = 60.0  # seconds between attempts after consecutive failed syncs, at most
+# The rolling drift check (--resync rolling) compares a few virtual servers per step, as many as
+# fit in this share of --min-sync-period by the last step's cost per key. A step is a sync of its
+# own right after the one that carries the changes, and the runner measures its interval from the
+# start of a tick, so a change arriving during a step waits no longer than it would anyway.
+SWEEP_SHARE = 0.2
+SWEEP_MIN = 8  # keys per sync at least, however slow the last ones were
 
 
 def backoff_delay(failures: int, base: float, rng: random.Random) -> float:
@@ -50,11 +56,16 @@ def next_sync_due(
     drain_check: float | None = None,
     backoff: float | None = None,
     retry: float | None = None,
+    sweep: float | None = None,
 ) -> float:
-    """When the next sync is due, with nothing changed: the periodic full resync,
-    a re-check of draining real servers (`drain_check`: while any drain), a retry
-    after a failed sync (`backoff`: while failing) or a Service's retry (`retry`)."""
+    """When the next sync is due, with nothing changed: the periodic full resync (or the
+    next round of the rolling drift check), a re-check of draining real servers
+    (`drain_check`: while any drain), a retry after a failed sync (`backoff`: while
+    failing), a Service's retry (`retry`) or the drift check's next step (`sweep`: while a
+    round is under way)."""
     due = last_full + sync_period
+    if sweep is not None:
+        due = min(due, last_sync + sweep)
     if drain_check is not None:
         due = min(due, last_sync + drain_check)
     if backoff is not None:
@@ -64,13 +75,18 @@ def next_sync_due(
     return due
 
 
-def sync(reconciler: Reconciler, full: bool, *, freeze: bool = False) -> SyncReport:
+def sync(reconciler: Reconciler, full: bool, *, freeze: bool = False, sweep: int = 0) -> SyncReport:
     """One reconciler sync; a full one walks the whole state, so the cyclic garbage collector
     is paused through it, and with `freeze` (the daemon, once its start-up state is frozen) the
-    state it leaves is frozen after it (gcpause.py says why). The daemon and the benchmark both
-    sync here."""
+    state it leaves is frozen after it (gcpause.py says why). `sweep`: keys of the rolling drift
+    check compared too (incremental syncs only); the sync that ends a round freezes as a full
+    one does. The daemon and the benchmark both sync here."""
     if not full:
-        return reconciler.sync(False)
+        rounds = reconciler.sweeps
+        report = reconciler.sync(False, sweep)
+        if freeze and reconciler.sweeps != rounds:  # a drift-check round ended: as after a full sync
+            gcpause.refreeze()
+        return report
     with gcpause.paused(freeze=freeze):
         return reconciler.sync(True)
 
@@ -111,7 +127,8 @@ class NodeCore:
             dry_run=dry_run, firewall=None if dry_run else firewall, clock=clock,
         )
         return cls(tracker, reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
-                   clock=clock, rng=rng, ready=tracker.ready, on_report=on_report)
+                   clock=clock, rng=rng, ready=tracker.ready, on_report=on_report,
+                   rolling=cfg.resync == "rolling")
 
     def __init__(
         self,
@@ -125,8 +142,13 @@ class NodeCore:
         rng: random.Random | None = None,
         ready: Callable[[], bool] | None = None,
         on_report: ReportHook | None = None,
+        rolling: bool = False,
     ) -> None:
         self.tracker, self.reconciler = tracker, reconciler
+        # --resync rolling: every --sync-period a drift-check round begins, compared a few keys
+        # per sync (SWEEP_SHARE) instead of one full sync that holds up the changes behind it.
+        self.rolling = rolling
+        self.sweep_cost = 1e-3  # seconds per key compared, as the last drift-check step took
         self.sync_period, self.min_period, self.drain_check = sync_period, min_period, drain_check
         self.clock = clock
         self.rng = rng or random.Random()
@@ -151,12 +173,12 @@ class NodeCore:
         """Make the next sync a full one (SIGHUP); the caller pokes its runner."""
         self.full_requested = True
 
-    def sync_now(self, full: bool) -> SyncReport | None:
+    def sync_now(self, full: bool, sweep: int = 0) -> SyncReport | None:
         """One sync, accounted (failures counted, the report hook called); the
         report, or None when it raised. A full sync walks the whole state: the cyclic
         garbage collector is paused through it (gcpause.py says why)."""
         try:
-            report = sync(self.reconciler, full, freeze=self.freeze_full_syncs)
+            report = sync(self.reconciler, full, freeze=self.freeze_full_syncs, sweep=sweep)
         except Exception as exc:  # any failure: keep serving the last good state, retry
             self.failures += 1
             self.last_error = str(exc)
@@ -167,7 +189,7 @@ class NodeCore:
         self.failures = 0
         self.last_error = None
         nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
-        kind = " (full)" if report.full else ""
+        kind = " (full)" if report.full else f" (drift check: {report.swept})" if report.swept else ""
         if report.ops or report.firewall_changes:
             log.info("sync: %d services translated, %d operations%s in %.3fs%s",
                      report.services_translated, len(report.ops), nft, report.duration, kind)
@@ -185,12 +207,25 @@ class NodeCore:
         if not self.ready():
             return None
         now = self.clock()
-        full = self.full_requested or now - self.last_full >= self.sync_period
+        due = now - self.last_full >= self.sync_period
+        sweep = 0
+        if self.rolling:  # full only at start-up, on SIGHUP or after a failed sync
+            full = self.full_requested or self.reconciler.need_full
+            if not full and (due or self.reconciler.sweep):
+                sweep = max(SWEEP_MIN, int(SWEEP_SHARE * self.min_period / self.sweep_cost))
+            if full or (due and not self.reconciler.sweep):  # a round begins (or a full sync did it all)
+                self.last_full = now
+        else:
+            full = self.full_requested or due
+            if full:
+                self.last_full = now
         self.full_requested = False
         self.last_sync = now
-        if full:
-            self.last_full = now
-        self.sync_now(full)
+        report = self.sync_now(full)
+        if sweep and report is not None:  # the changes went first: they never wait behind a drift-check step
+            report = self.sync_now(False, sweep)
+            if report is not None and report.swept:
+                self.sweep_cost = max(report.duration / report.swept, 1e-6)
         self.backoff = backoff_delay(self.failures, self.min_period, self.rng)
         return self.next_due()
 
@@ -200,4 +235,5 @@ class NodeCore:
             drain_check=self.drain_check if self.reconciler.draining else None,
             backoff=self.backoff if self.failures else None,
             retry=self.reconciler.next_retry(),
+            sweep=self.min_period if self.reconciler.sweep else None,
         )

@@ -19,7 +19,8 @@ So the collector is paused (never left off):
   permanent generation, which later collections skip: the incremental syncs that follow do
   not pay for walking the whole cluster's state again. Frozen objects are still freed by
   reference counting when a change drops them.
-- after every later full sync of the daemon (`core.sync(..., freeze=True)`): what the changes
+- after every later full sync of the daemon (`core.sync(..., freeze=True)`; with --resync
+  rolling, after the sync that ends a drift-check round): what the changes
   since the last freeze made and kept (slices, endpoints, virtual servers, real servers) is outside
   the permanent generation, and every full collection walks it again; without a refreeze it only
   grows with the cluster's churn. So each full sync (every --sync-period) freezes it too: a full

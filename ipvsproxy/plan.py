@@ -164,6 +164,7 @@ def plan(
     scope: Scope = FULL,
     excluded: Callable[[str], bool] = lambda address: False,
     drain: DrainPolicy | None = None,
+    all_addresses: bool = False,
 ) -> list[Op]:
     """Operations that turn `observed` into `desired`, in a safe order.
 
@@ -175,11 +176,12 @@ def plan(
 
     With a scope, only those virtual servers and the addresses they sit on
     are compared (an incremental sync); with FULL, everything (a full sync,
-    which also repairs addresses bound or lost behind our back).
+    which also repairs addresses bound or lost behind our back). `all_addresses`: every
+    address compared, with only the scope's virtual servers (the rolling drift check's last step).
     """
     drain = drain or DrainPolicy()
     keys = set(desired.services) | set(observed.services) if scope is FULL else set(scope)
-    bind, unbind = desired.address_changes(observed.addresses, FULL if scope is FULL else keys)
+    bind, unbind = desired.address_changes(observed.addresses, FULL if scope is FULL or all_addresses else keys)
     # One list per kind, filled in key order: concatenated, they are in plan order without a
     # sort of every operation (a tuple key per operation was half of a cold plan's time).
     out: dict[OpKind, list[Op]] = {k: [] for k in OpKind}

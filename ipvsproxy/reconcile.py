@@ -78,6 +78,7 @@ class SyncReport:
     firewall_changes: int = 0
     service_failures: dict[str, str] = field(default_factory=dict)  # Service id (or object) -> why
     recovered: list[str] = field(default_factory=list)  # Services that went through after failing
+    swept: int = 0  # virtual servers the rolling drift check compared in this sync (--resync rolling)
 
 
 class DesiredIndex:
@@ -168,6 +169,8 @@ class Computed(NamedTuple):
     full: bool
     seen: dict[str, float]  # Service id -> when its change was first seen
     translated: int  # Services re-translated
+    swept: int = 0  # keys of the drift-check round compared
+    round_end: bool = False  # the round's last keys: the bound addresses and the firewall checked too
 
 
 @dataclass(slots=True)
@@ -213,6 +216,10 @@ class Reconciler:
         # scope fresh from the kernel anyway.
         self.cache = ObservedState()
         self.need_full = True
+        # The rolling drift check (--resync rolling): the keys of the current round not yet
+        # compared with the kernel, popped from the end a few per sync (start_sweep, compute).
+        self.sweep: list[VSKey] = []
+        self.sweeps = 0  # rounds completed
         self.retries = RetrySchedule(backoff)
         self._attempted: list[Failing] = []  # retries released into the current sync
         self.drain_started: dict[DrainKey, float] = {}
@@ -279,10 +286,23 @@ class Reconciler:
         return delta
 
     # ---- syncing ----------------------------------------------------------
-    def compute(self, full: bool = False) -> Computed:
-        """Translate pending changes and plan; nothing is applied."""
+    def start_sweep(self) -> None:
+        """Begin a round of the rolling drift check: every virtual server desired or in the
+        kernel (one services-only dump, no real servers), compared a few per sync (compute's
+        `sweep`) against a fresh read of just those, as an incremental sync reads its scope.
+        The node's own addresses are re-read now, as a full sync does."""
+        self._read_local_addresses()
+        keys = set(self.index.state.services) | set(self.dp.service_stats())
+        self.sweep = sorted(keys, reverse=True)
+
+    def compute(self, full: bool = False, sweep: int = 0) -> Computed:
+        """Translate pending changes and plan; nothing is applied. `sweep`: also compare the
+        next `sweep` keys of the drift-check round (a new round when none is under way); the
+        round's last sync checks the bound addresses too."""
         if full or self.need_full:
             self._read_local_addresses()
+        elif sweep and not self.sweep:
+            self.start_sweep()
         dirty, _ = self.tracker.take_dirty()
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
@@ -297,20 +317,35 @@ class Reconciler:
         # servers to re-plan (an address no Service claims waits for the next full sync).
         self._attempted = released if full else [f for f in released
                                                   if f.unit in dirty or self._retry_scope([f])]
+        swept: list[VSKey] = []
+        round_end = False
         if full:
+            self.sweep = []  # a full sync compares everything: a round under way has nothing left to do
             self.cache = self.dp.observe()
             for dk in pending_drains(self.index.state, self.cache):
                 self.drain_started.setdefault(dk, now)
         else:
+            if sweep and self.sweep:
+                swept = self.sweep[-sweep:]
+                del self.sweep[-sweep:]
+                round_end = not self.sweep
+                scope.update(swept)
+            if round_end:  # the bound addresses are compared whole, as a full sync does
+                self.cache.addresses = self.dp.bound_addresses()
             scope |= {dk.key for dk in self.drain_started}
             self.cache.services = {k: o for k, o in self.dp.observe_keys(scope).items() if o is not None}
+            if swept:  # drains the kernel holds that this agent has not timed (a restart)
+                for dk in pending_drains(self.index.state, self.cache):
+                    self.drain_started.setdefault(dk, now)
         drain = DrainPolicy(self.grace, now, self.drain_started)
         ops = plan(self.index.state, self.cache, scope=FULL if full else scope,
-                   excluded=self.excluded, drain=drain)
+                   excluded=self.excluded, drain=drain, all_addresses=round_end)
         if held_keys or held_addresses:  # Services in backoff wait for their turn, even in a full sync
             ops = [op for op in ops if op.key not in held_keys and op.address not in held_addresses]
         self.cache.services = {}  # planned: only the addresses are kept (see __init__)
-        return Computed(ops, full, dict(self.pending_seen), len(dirty))
+        if round_end:
+            self.sweeps += 1
+        return Computed(ops, full, dict(self.pending_seen), len(dirty), len(swept), round_end)
 
     def _read_local_addresses(self) -> None:
         """Re-read the node's own addresses; when they changed, every Service
@@ -389,7 +424,7 @@ class Reconciler:
         """When the earliest per-Service retry is due (on the reconciler's clock)."""
         return self.retries.next_due()
 
-    def sync(self, full: bool = False) -> SyncReport:
+    def sync(self, full: bool = False, sweep: int = 0) -> SyncReport:
         """One sync. Operations the kernel refuses are accounted per Service and
         do not fail it; raises (after applying what it could) when the dataplane
         or the firewall fails as a whole. After a dataplane failure the next sync
@@ -398,11 +433,11 @@ class Reconciler:
         start = self.clock()
         self.syncs += 1
         try:
-            ops, full, seen, translated = self.compute(full)
+            ops, full, seen, translated, swept, round_end = self.compute(full, sweep)
         except Exception:
             self.need_full = True
             raise
-        report = SyncReport(full, translated, ops)
+        report = SyncReport(full, translated, ops, swept=swept)
         if self.dry_run:
             report.duration = self.clock() - start
             return report
@@ -420,13 +455,14 @@ class Reconciler:
                 apply_op(self.cache, op)  # the bound addresses stay current between full dumps
             self._track_drain(op, now)
         self._account(report, now)
-        if self.firewall is not None and (self.unsent or full or self.firewall.behind):
+        check_firewall = full or round_end  # the rolling round's end reads the firewall's table too
+        if self.firewall is not None and (self.unsent or check_firewall or self.firewall.behind):
             # The firewall owns the delta from here: a failure is retried (and
             # repaired) by the firewall itself, so it does not make the next
             # sync a full one for IPVS too.
             delta, self.unsent = self.unsent, {}
             try:
-                report.firewall_changes = self.firewall.sync(delta, full)
+                report.firewall_changes = self.firewall.sync(delta, check_firewall)
             except Exception as exc:
                 raise SyncError(f"nftables: {exc}") from exc
         done = self.clock()

@@ -77,6 +77,9 @@ class Timed:
     def local_addresses(self) -> set[str]:
         return self.inner.local_addresses()
 
+    def bound_addresses(self) -> set[str]:
+        return self.inner.bound_addresses()
+
     def remove_interface(self) -> bool:
         return self.inner.remove_interface()
 
@@ -139,6 +142,9 @@ class Sink:
         return True
 
     def local_addresses(self) -> set[str]:
+        return set()
+
+    def bound_addresses(self) -> set[str]:
         return set()
 
     def remove_interface(self) -> bool:

@@ -45,6 +45,7 @@ class Options:
     churn_rate: float = 0.0
     churn_duration: float = 5.0
     min_sync_period: float = 1.0
+    resync: str = "full"  # the --churn-rate phase's drift check, as `run --resync`
     rss: bool | None = None  # None: on for the memory dataplane
     naive_objects: int = 2000
     nftables: bool = True  # kernel runs: the nftables companion with the real nft, as `run` ships
@@ -103,7 +104,7 @@ def run_memory(ctx: scenarios.Context, opts: Options, n: int) -> dict[str, Any]:
             sc["churn"] = scenarios.churn(ctx, agent, opts.churn_steps, opts.seed)
         if opts.churn_rate > 0:
             sc["churn_rate"] = scenarios.churn_rate(ctx, agent, opts.churn_rate, opts.churn_duration,
-                                                    opts.min_sync_period, opts.seed + 1)
+                                                    opts.min_sync_period, opts.seed + 1, resync=opts.resync)
     return out
 
 

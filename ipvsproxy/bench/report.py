@@ -142,7 +142,8 @@ def text_summary(doc: dict[str, Any]) -> str:
                              f" max {one['firewall_ms']['max']} ms, {one['firewall_reads']} table reads")
         cr = sc.get("churn_rate")
         if cr:
-            lines.append(f"        churn at {cr['rate_per_s']}/s: {cr['syncs']} syncs, latency median"
+            lines.append(f"        churn at {cr['rate_per_s']}/s ({cr.get('resync', 'full')} resync): {cr['syncs']}"
+                         f" syncs, {cr.get('full_syncs', 0)} full, latency median"
                          f" {cr['latency_ms']['median']} ms p99 {cr['latency_ms']['p99']} ms")
         for fmt, ps in (r.get("process_start") or {}).items():
             if ps.get("error"):

@@ -322,10 +322,10 @@ def summarize_churn(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_period: float,
-               seed: int) -> dict[str, Any]:
+               seed: int, resync: str = "full") -> dict[str, Any]:
     """Changes at `rate` per second for `duration` s, synced by the real Runner (coalescing), with
-    the periodic full resync of `ipvsproxy run` (--sync-period, 30 s by default) in a phase
-    that lasts longer than that."""
+    the periodic drift check of `ipvsproxy run` (--sync-period, 30 s by default; `resync` as
+    --resync: one full sync, or a rolling round) in a phase that lasts longer than that."""
     rng = random.Random(seed)
     candidates = ctx.cluster.churnable()
     reports: list[tuple[float, SyncReport]] = []
@@ -341,6 +341,7 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
 
     agent.core.on_report, agent.core.min_period = on_report, min_period
     agent.core.sync_period = AgentConfig().sync_period
+    agent.core.rolling = resync == "rolling"
     runner = agent.core.runner()
     thread = threading.Thread(target=runner.run, name="bench-runner", daemon=True)
     thread.start()
@@ -383,7 +384,9 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
     lat = [x for _, r in reports for x in r.latencies]
     result = {
         "rate_per_s": rate, "duration_s": duration, "min_sync_period_s": min_period, "changes": n,
-        "syncs": len(reports), "full_syncs": sum(1 for _, r in reports if r.full), "errors": len(errors),
+        "resync": resync, "syncs": len(reports), "full_syncs": sum(1 for _, r in reports if r.full),
+        "drift_rounds": agent.core.reconciler.sweeps, "keys_compared": sum(r.swept for _, r in reports),
+        "errors": len(errors),
         "write_ops": sum(len(r.ops) for _, r in reports),
         "sync_ms": summary([r.duration for _, r in reports], 1000, 4),
         "latency_ms": summary(lat, 1000, 4),

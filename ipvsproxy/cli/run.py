@@ -21,6 +21,9 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
 @source_options
 @translate_options
 @opt("sync-period", default="30s", type=Duration(), help="Full resync that repairs drift, this often.")
+@opt("resync", default="full", type=click.Choice(["full", "rolling"]),
+     help="The drift check every --sync-period: one full sync (full), or a round that compares a few "
+          "virtual servers per sync, so changes never wait behind it (rolling).")
 @opt("min-sync-period", default="1s", type=Duration(),
      help="At most one sync per interval; bursts of events coalesce (greater than 0, at most --sync-period).")
 @opt("once", is_flag=True, help="One full sync, then exit (non-zero if it failed).")

@@ -101,6 +101,9 @@ class Dataplane(Protocol):
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         """Every virtual server's (owned, kernel counters), without real servers: what /metrics reads."""
 
+    def bound_addresses(self) -> set[str]:
+        """The addresses on our dummy interface (what observe() reports, without the table)."""
+
     def apply(self, ops: Sequence[Op]) -> list[Failure]:
         """Carry out operations in order; failures are returned, never raised."""
 

@@ -110,6 +110,9 @@ class MemoryDataplane:
     def local_addresses(self) -> set[str]:
         return set(self.local)
 
+    def bound_addresses(self) -> set[str]:
+        return set(self.state.addresses)
+
     def remove_interface(self) -> bool:
         had, self.interface = self.interface, False
         self.state.addresses.clear()

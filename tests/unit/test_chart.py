@@ -82,7 +82,7 @@ EXPECTED_RULES = {
 }
 
 CONFIG_KEYS = {
-    "scheduler", "syncPeriod", "minSyncPeriod", "interface", "excludeCIDRs", "nodePortAddresses",
+    "scheduler", "syncPeriod", "resync", "minSyncPeriod", "interface", "excludeCIDRs", "nodePortAddresses",
     "healthzBindAddress", "metricsBindAddress", "tcpTimeout", "tcpfinTimeout", "udpTimeout", "strictARP",
     "clusterCIDR", "masqueradeAll", "nftables", "drainGracePeriod", "logLevel", "loadModules", "stateDir", "extraArgs",
     "endpointsSource",
@@ -422,7 +422,8 @@ def test_command_and_default_args() -> None:
     c = agent()
     assert c["command"] == ["ipvsproxy", "--log-level=info", "run"]
     assert flag_values(c["args"]) == {
-        "--scheduler": "rr", "--sync-period": "30s", "--min-sync-period": "1s", "--interface": "ipvsproxy0",
+        "--scheduler": "rr", "--sync-period": "30s", "--resync": "full", "--min-sync-period": "1s",
+        "--interface": "ipvsproxy0",
         "--healthz-bind-address": "0.0.0.0:10256", "--metrics-bind-address": "127.0.0.1:10249",
         "--tcp-timeout": "0s", "--tcpfin-timeout": "0s", "--udp-timeout": "0s",
         "--drain-grace-period": "30s", "--state-dir": "/run/ipvsproxy",

@@ -132,6 +132,7 @@ Arguments of `ipvsproxy run`, one flag per config key.
 {{- $c := .Values.config -}}
 - {{ printf "--scheduler=%s" ($c.scheduler) | quote }}
 - {{ printf "--sync-period=%s" ($c.syncPeriod) | quote }}
+- {{ printf "--resync=%s" ($c.resync) | quote }}
 - {{ printf "--min-sync-period=%s" ($c.minSyncPeriod) | quote }}
 - {{ printf "--interface=%s" ($c.interface) | quote }}
 {{- with $c.excludeCIDRs }}
