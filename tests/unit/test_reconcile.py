@@ -36,9 +36,9 @@ def eps(name: str, ips: list[str], port: int = 8080, proto: str = "TCP") -> dict
     }
 
 
-def setup(n: int = 3, **kw: Any) -> tuple[Tracker, MemoryDataplane, Reconciler]:
+def setup(n: int = 3, dp: MemoryDataplane | None = None, **kw: Any) -> tuple[Tracker, MemoryDataplane, Reconciler]:
     tracker = Tracker(NODE)
-    dp = MemoryDataplane()
+    dp = dp or MemoryDataplane()
     rec = Reconciler(tracker, dp, Config(NODE), Registry(), **kw)
     tracker.replace("Service", [svc(f"s{i}", f"198.19.0.{i + 1}") for i in range(n)])
     tracker.replace("EndpointSlice", [eps(f"s{i}", [f"198.18.1.{i + 1}", f"198.18.2.{i + 1}"]) for i in range(n)])

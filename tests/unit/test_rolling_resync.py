@@ -20,7 +20,7 @@ from ipvsproxy.schedulers import Registry
 from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
 from tests.unit.factories import FakeClock
-from tests.unit.test_reconcile import NODE, eps, key, svc
+from tests.unit.test_reconcile import NODE, eps, key, setup, svc
 
 
 class CountingDataplane(MemoryDataplane):
@@ -57,12 +57,8 @@ class RecordingFirewall:
 
 
 def programmed(n: int, **kw: Any) -> tuple[Tracker, CountingDataplane, Reconciler]:
-    tracker = Tracker(NODE)
     dp = CountingDataplane()
-    rec = Reconciler(tracker, dp, Config(NODE), Registry(), **kw)
-    tracker.replace("Service", [svc(f"s{i}", f"198.19.0.{i + 1}") for i in range(n)])
-    tracker.replace("EndpointSlice", [eps(f"s{i}", [f"198.18.1.{i + 1}", f"198.18.2.{i + 1}"]) for i in range(n)])
-    tracker.replace("Node", [])
+    tracker, _, rec = setup(n, dp, **kw)
     assert rec.sync().full  # the start-up sync is full in either mode
     return tracker, dp, rec
 
