@@ -299,10 +299,12 @@ class Reconciler:
         """Translate pending changes and plan; nothing is applied. `sweep`: also compare the
         next `sweep` keys of the drift-check round (a new round when none is under way); the
         round's last sync checks the bound addresses too."""
+        began = False
         if full or self.need_full:
             self._read_local_addresses()
         elif sweep and not self.sweep:
             self.start_sweep()
+            began = True  # an empty table makes a round of no keys: its end still checks addresses
         dirty, _ = self.tracker.take_dirty()
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
@@ -325,7 +327,7 @@ class Reconciler:
             for dk in pending_drains(self.index.state, self.cache):
                 self.drain_started.setdefault(dk, now)
         else:
-            if sweep and self.sweep:
+            if sweep and (self.sweep or began):
                 swept = self.sweep[-sweep:]
                 del self.sweep[-sweep:]
                 round_end = not self.sweep

@@ -204,3 +204,11 @@ def test_the_sync_that_ends_a_round_refreezes_as_a_full_sync_does(monkeypatch: A
     core_mod.sync(rec, False, freeze=False, sweep=4)  # not the daemon (no start-up freeze yet): never
     core_mod.sync(rec, False, freeze=False, sweep=100)
     assert frozen == [1] and rec.sweeps == 2
+
+
+def test_a_round_over_an_empty_table_still_checks_the_addresses() -> None:
+    tracker, dp, rec = programmed(0)
+    dp.state.addresses.add("198.19.5.5")  # bound by hand on our interface, no virtual server anywhere
+    report = rec.sync(sweep=8)
+    assert [(op.kind, op.address) for op in report.ops] == [(OpKind.UNBIND, "198.19.5.5")]
+    assert rec.sweeps == 1 and not rec.sweep
