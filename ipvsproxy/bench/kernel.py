@@ -72,7 +72,9 @@ def open_firewall() -> Any:
 
 
 def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps: int, seed: int,
-               naive_objects: int, nftables: bool = True, process_start: tuple[str, ...] = ()) -> dict[str, Any]:
+               naive_objects: int, nftables: bool = True, process_start: tuple[str, ...] = (),
+               churn_rate: float = 0.0, churn_duration: float = 5.0, min_sync_period: float = 1.0,
+               resync: str = "full") -> dict[str, Any]:
     problem = kernel_problem()
     if problem:
         raise DataplaneError(problem)
@@ -103,6 +105,11 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
             note(f"kernel: churn, {churn_steps} changes")
             _take(acc)
             sc["churn"] = scenarios.churn(ctx, agent, churn_steps, seed)
+        if "churn" in selected and churn_rate > 0:  # through the Runner, as `run` syncs (--resync)
+            note(f"kernel: churn at {churn_rate:g}/s for {churn_duration:g} s, --resync {resync}")
+            _take(acc)
+            sc["churn_rate"] = scenarios.churn_rate(ctx, agent, churn_rate, churn_duration, min_sync_period,
+                                                    seed + 1, resync=resync)
     finally:
         dp.close()
         if nftables:

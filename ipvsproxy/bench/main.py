@@ -142,7 +142,9 @@ def run(opts: Options) -> dict[str, Any]:
             result |= run_kernel(ctx, set(opts.scenarios), reference=opts.reference, churn_steps=opts.churn_steps
                                  if "churn" in opts.scenarios else 0, seed=opts.seed,
                                  naive_objects=opts.naive_objects, nftables=opts.nftables,
-                                 process_start=opts.process_start)
+                                 process_start=opts.process_start, churn_rate=opts.churn_rate,
+                                 churn_duration=opts.churn_duration, min_sync_period=opts.min_sync_period,
+                                 resync=opts.resync)
         del ctx, cluster
         if want_rss and "cold" in opts.scenarios:
             progress.note(f"RSS probe (fresh process), {n} Services")
