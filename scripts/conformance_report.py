@@ -93,6 +93,13 @@ def logged_outcomes(log: str, source: str) -> dict[str, tuple[str, str, float]]:
     return out
 
 
+def ended_how(log: Path) -> str:
+    """How an earlier boot of a column ended: the watchdog keeps a freeze.bootN.txt next to the
+    e2e.bootN.log of a boot it stopped as frozen; a boot stopped from outside (--resume) has none."""
+    return "froze" if log.with_name(log.name.replace("e2e.", "freeze.").replace(".log", ".txt")).exists() \
+        else "was stopped"
+
+
 def column(out: Path) -> tuple[dict[str, tuple[str, str, float]] | None, bool, dict[str, str]]:
     """One proxy's results: (test -> outcome, or None when nothing ran; whether its last boot ran
     e2e.test to the end; the suite's skip messages). A column whose boot froze was resumed in a new
@@ -103,7 +110,7 @@ def column(out: Path) -> tuple[dict[str, tuple[str, str, float]] | None, bool, d
     frozen = sorted(out.glob("e2e.boot*.log"), key=lambda f: int(re.sub(r"\D", "", f.name) or 0))
     for f in frozen:
         text = f.read_text(errors="replace")
-        merged.update(logged_outcomes(text, f"from {f.name}: that boot froze"))
+        merged.update(logged_outcomes(text, f"from {f.name}: that boot {ended_how(f)}"))
         skipped.update(skip_messages(text))
     log = out / "e2e.log"
     last = log.read_text(errors="replace") if log.is_file() else ""
@@ -185,26 +192,28 @@ def main() -> int:
             complete.add(p)
         secs = args.out / p / "seconds"
         walls[p] = f"{int(secs.read_text()):d} s" if secs.is_file() else "-"
-        frozen = len(list((args.out / p).glob("e2e.boot*.log")))
-        if frozen:
-            walls[p] += f" in its last boot; {frozen} earlier boot(s) froze and the column was resumed"
+        earlier = list((args.out / p).glob("e2e.boot*.log"))
+        if earlier:
+            how = ", ".join(sorted({ended_how(f) for f in earlier}))
+            walls[p] += f" in its last boot; {len(earlier)} earlier boot(s) {how} and the column was resumed"
     lines = [f"| test | {' | '.join(proxies)} |", "|---|" + "---|" * len(proxies)]
     counts: dict[str, dict[str, int]] = {p: {"pass": 0, "fail": 0, "skip": 0, "not run": 0} for p in proxies}
     for n in names:
         cells = [cell(n, results[p], args.skip, skipped[p]) for p in proxies]
         for p, c in zip(proxies, cells, strict=True):
-            key = ("pass" if c.startswith("**pass") else "fail" if c.startswith("**FAIL")
-                   else "not run" if c.startswith("not run") else "skip")
-            counts[p][key] += 1
+            outcome = ("pass" if c.startswith("**pass") else "fail" if c.startswith("**FAIL")
+                       else "not run" if c.startswith("not run") else "skip")
+            counts[p][outcome] += 1
         lines.append(f"| {n.replace('|', '/')} | {' | '.join(cells)} |")
     summary = [f"Selection: `--ginkgo.focus='{args.focus}'`: {len(names)} tests in e2e.test v1.20.2.", ""]
     for p in proxies:
-        c = counts[p]
-        summary.append(f"- {p}: {c['pass']} pass, {c['fail']} fail, {c['skip']} skipped, {c['not run']} not run "
+        tally = counts[p]
+        summary.append(f"- {p}: {tally['pass']} pass, {tally['fail']} fail, {tally['skip']} skipped, "
+                       f"{tally['not run']} not run "
                        f"(e2e.test wall time {walls[p]})")
     ok = True
     if {"ipvsproxy", "kube-proxy"} <= complete:
-        ipv, kp = results["ipvsproxy"], results["kube-proxy"]
+        ipv, kp = results["ipvsproxy"] or {}, results["kube-proxy"] or {}
         missing = [n for n in names if kp.get(n, ("",))[0] == "pass" and ipv.get(n, ("",))[0] != "pass"]
         ok = not missing
         summary.append("")

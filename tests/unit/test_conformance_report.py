@@ -160,9 +160,12 @@ def test_a_column_resumed_after_a_frozen_boot_counts_both_boots(tmp_path: Path, 
     out = tmp_path / "conformance"
     (out / "ipvsproxy").mkdir(parents=True)
     (out / "ipvsproxy" / "e2e.boot1.log").write_text(FROZEN_LOG)
+    (out / "ipvsproxy" / "freeze.boot1.txt").write_text("vCPU 0: native_safe_halt\n")  # the watchdog's sample
     (out / "ipvsproxy" / "junit_01.xml").write_text(junit([(A, "unfocused"), (B, "unfocused"), (C, "pass")]))
+    # kube-proxy's first boot was stopped from outside (no freeze sample) after A passed: --resume
     (out / "kube-proxy").mkdir(parents=True)
-    (out / "kube-proxy" / "junit_01.xml").write_text(junit([(A, "pass"), (B, "pass"), (C, "pass")]))
+    (out / "kube-proxy" / "e2e.boot1.log").write_text(FROZEN_LOG.split(B)[0])
+    (out / "kube-proxy" / "junit_01.xml").write_text(junit([(A, "unfocused"), (B, "pass"), (C, "pass")]))
     monkeypatch.setattr(report, "selection", lambda focus: [A, B, C, D, E])
     monkeypatch.setattr(sys, "argv", ["conformance_report.py", "--out", str(out), "--skip", SKIP])
     rc = report.main()
@@ -170,8 +173,10 @@ def test_a_column_resumed_after_a_frozen_boot_counts_both_boots(tmp_path: Path, 
     assert row(table, A)[0] == "**pass** (from e2e.boot1.log: that boot froze)"
     assert row(table, B)[0] == "**FAIL** (from e2e.boot1.log: that boot froze)"
     assert row(table, C)[0] == "**pass** (12 s)"
+    assert row(table, A)[1] == "**pass** (from e2e.boot1.log: that boot was stopped)"
     assert rc == 1 and "Passed with kube-proxy but not with ipvsproxy: " + B in table
     assert "1 earlier boot(s) froze and the column was resumed" in table
+    assert "1 earlier boot(s) was stopped and the column was resumed" in table
 
 
 def test_the_focus_to_resume_with_is_every_selected_test_not_yet_ended(
