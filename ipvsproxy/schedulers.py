@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, NamedTuple
 
 from .model import F_SCHED1, F_SCHED2, SCHED_FLAGS
@@ -90,11 +89,13 @@ class Registry:
     def load_plugins(self) -> list[str]:
         """Add schedulers from the entry-point group; returns one warning per bad plug-in."""
         problems = []
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for name, loaded in _plugins():
             try:
-                self.add(_coerce(ep.load()))
+                if isinstance(loaded, BaseException):
+                    raise loaded
+                self.add(_coerce(loaded))
             except Exception as exc:  # a broken plug-in must not stop the agent
-                problems.append(f"scheduler plug-in {ep.name!r} ignored: {exc}")
+                problems.append(f"scheduler plug-in {name!r} ignored: {exc}")
         for p in problems:
             log.warning(p)
         return problems
@@ -155,6 +156,33 @@ def _coerce_any(obj: Any) -> Scheduler:
             builtin=False,
         )
     raise TypeError("entry point must give a Scheduler or a mapping with 'name'")
+
+
+def entry_points(*, group: str) -> Iterable[Any]:
+    """The installed entry points of a group (importlib.metadata imported on first use)."""
+    from importlib.metadata import entry_points as installed
+
+    return installed(group=group)
+
+
+# The plug-ins found by one scan of the installed packages: (entry point name, what it loaded or
+# why it could not). A process builds several registries (the flags' check, the dataplane, the
+# agent); the scan walks every installed distribution's metadata, ~0.5 s each in the emulated
+# test VM, so it runs once per process.
+_scanned: list[tuple[str, Any]] | None = None
+
+
+def _plugins() -> list[tuple[str, Any]]:
+    global _scanned
+    if _scanned is None:
+        found: list[tuple[str, Any]] = []
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                found.append((ep.name, ep.load()))
+            except Exception as exc:  # reported by each registry that loads the plug-ins
+                found.append((ep.name, exc))
+        _scanned = found
+    return _scanned
 
 
 def default_registry() -> Registry:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,19 +85,19 @@ def _load(text: str) -> list[Any]:
 
 def read_file(path: Path) -> tuple[dict[str, list[Any]] | None, list[str]]:
     """Objects in one file by kind (None when the file as a whole is unusable)."""
-    import yaml
-
     problems: list[str] = []
     try:
         docs = _load(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
         return None, [f"{path}: cannot read: {exc}; file skipped"]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        return None, [f"{path}{line}: invalid YAML ({reason}); file skipped"]
     except Exception as exc:  # PyYAML constructors raise plain errors too: `!!int ""`, `2001-02-30`, deep nesting
+        # PyYAML is imported by _load only for a file that is not JSON (~1 s of a start in the test VM)
+        yaml = sys.modules.get("yaml")
+        if yaml is not None and isinstance(exc, yaml.YAMLError):
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            return None, [f"{path}{line}: invalid YAML ({reason}); file skipped"]
         return None, [f"{path}: invalid YAML ({type(exc).__name__}: {exc}); file skipped"]
     if all(doc is None for doc in docs):  # zero bytes, blanks or comments: read mid-rewrite (`> file`)?
         return None, [f"{path}: empty (no YAML documents); file skipped"]

@@ -114,6 +114,7 @@ def _patch(monkeypatch: pytest.MonkeyPatch, eps: list[FakeEP]) -> list[str]:
         return eps
 
     monkeypatch.setattr(schedulers, "entry_points", fake_entry_points)
+    monkeypatch.setattr(schedulers, "_scanned", None)  # the process's one scan, redone on the fakes
     return groups
 
 
@@ -153,6 +154,14 @@ def test_broken_plugin_reported_not_raised(monkeypatch: pytest.MonkeyPatch, valu
     assert len(problems) == 1 and "'broken'" in problems[0]
     assert "good" in reg
     assert reg.names()[:13] == NAMES and len(reg.names()) == 14
+
+
+def test_the_installed_packages_are_scanned_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    groups = _patch(monkeypatch, [FakeEP("good", {"name": "good"}), FakeEP("broken", RuntimeError("boom"))])
+    regs = [default_registry() for _ in range(3)]
+    assert groups == [ENTRY_POINT_GROUP]  # one scan for three registries
+    assert all("good" in reg for reg in regs)
+    assert Registry().load_plugins() == ["scheduler plug-in 'broken' ignored: boom"]  # reported each time
 
 
 def test_no_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
