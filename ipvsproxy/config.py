@@ -103,9 +103,10 @@ class AgentConfig:
     scheduler: str = "rr"
     sync_period: float = 30.0
     min_sync_period: float = 1.0
-    # How the periodic drift check runs: "full" (one full sync every --sync-period) or "rolling"
-    # (a round begins every --sync-period and compares a few virtual servers per sync).
-    resync: str = "full"
+    # How the periodic drift check runs: "rolling" (a round begins every --sync-period and compares
+    # a few virtual servers per sync, so changes never wait behind it) or "full" (one full sync
+    # every --sync-period, as kube-proxy does).
+    resync: str = "rolling"
     exclude_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()
     service_proxy_name: str = ""  # "": the Services without a service-proxy-name label

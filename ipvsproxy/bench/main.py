@@ -45,7 +45,7 @@ class Options:
     churn_rate: float = 0.0
     churn_duration: float = 5.0
     min_sync_period: float = 1.0
-    resync: str = "full"  # the --churn-rate phase's drift check, as `run --resync`
+    resync: str = "rolling"  # the --churn-rate phase's drift check, as `run --resync`
     rss: bool | None = None  # None: on for the memory dataplane
     naive_objects: int = 2000
     nftables: bool = True  # kernel runs: the nftables companion with the real nft, as `run` ships

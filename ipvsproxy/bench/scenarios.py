@@ -322,7 +322,7 @@ def summarize_churn(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_period: float,
-               seed: int, resync: str = "full") -> dict[str, Any]:
+               seed: int, resync: str = "rolling") -> dict[str, Any]:
     """Changes at `rate` per second for `duration` s, synced by the real Runner (coalescing), with
     the periodic drift check of `ipvsproxy run` (--sync-period, 30 s by default; `resync` as
     --resync: one full sync, or a rolling round) in a phase that lasts longer than that."""

@@ -20,10 +20,10 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
 @click.command()
 @source_options
 @translate_options
-@opt("sync-period", default="30s", type=Duration(), help="Full resync that repairs drift, this often.")
-@opt("resync", default="full", type=click.Choice(["full", "rolling"]),
-     help="The drift check every --sync-period: one full sync (full), or a round that compares a few "
-          "virtual servers per sync, so changes never wait behind it (rolling).")
+@opt("sync-period", default="30s", type=Duration(), help="The drift check that repairs the kernel tables, this often.")
+@opt("resync", default="rolling", type=click.Choice(["rolling", "full"]),
+     help="The drift check every --sync-period: a round that compares a few virtual servers per sync, "
+          "so changes never wait behind it (rolling), or one full sync (full, as kube-proxy).")
 @opt("min-sync-period", default="1s", type=Duration(),
      help="At most one sync per interval; bursts of events coalesce (greater than 0, at most --sync-period).")
 @opt("once", is_flag=True, help="One full sync, then exit (non-zero if it failed).")

@@ -422,7 +422,7 @@ def test_command_and_default_args() -> None:
     c = agent()
     assert c["command"] == ["ipvsproxy", "--log-level=info", "run"]
     assert flag_values(c["args"]) == {
-        "--scheduler": "rr", "--sync-period": "30s", "--resync": "full", "--min-sync-period": "1s",
+        "--scheduler": "rr", "--sync-period": "30s", "--resync": "rolling", "--min-sync-period": "1s",
         "--interface": "ipvsproxy0",
         "--healthz-bind-address": "0.0.0.0:10256", "--metrics-bind-address": "127.0.0.1:10249",
         "--tcp-timeout": "0s", "--tcpfin-timeout": "0s", "--udp-timeout": "0s",

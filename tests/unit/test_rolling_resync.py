@@ -185,8 +185,8 @@ def test_a_slow_step_makes_the_next_one_smaller() -> None:
 def test_resync_is_checked() -> None:
     assert AgentConfig(node_name="n", resync="rolling").problems() == []
     assert any("--resync" in p for p in AgentConfig(node_name="n", resync="sometimes").problems())
-    assert NodeCore.build(AgentConfig(node_name="n", resync="rolling"), MemoryDataplane()).rolling
-    assert not NodeCore.build(AgentConfig(node_name="n"), MemoryDataplane()).rolling
+    assert NodeCore.build(AgentConfig(node_name="n"), MemoryDataplane()).rolling  # the default
+    assert not NodeCore.build(AgentConfig(node_name="n", resync="full"), MemoryDataplane()).rolling
 
 
 def test_the_sync_that_ends_a_round_refreezes_as_a_full_sync_does(monkeypatch: Any) -> None:

@@ -48,12 +48,12 @@ class Lab:
 
     def __init__(self, n: int = 3, *, min_period: float = 1.0, sync_period: float = 30.0,
                  dp: MemoryDataplane | None = None, listed: bool = True,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, resync: str = "rolling") -> None:
         self.clock = FakeClock()
         self.dp = dp or MemoryDataplane()
         self.reports: list[tuple[float, SyncReport | None]] = []
         self.core = NodeCore.build(
-            AgentConfig(node_name=NODE, sync_period=sync_period, min_sync_period=min_period), self.dp,
+            AgentConfig(node_name=NODE, sync_period=sync_period, min_sync_period=min_period, resync=resync), self.dp,
             registry=Registry(), clock=self.clock, rng=rng,
             on_report=lambda r, e: self.reports.append((self.clock(), r)))
         self.tracker, self.rec = self.core.tracker, self.core.reconciler
@@ -83,27 +83,33 @@ def test_backoff_doubles_is_capped_and_its_jitter_is_seeded() -> None:
         assert 0.5 * nominal <= d <= 1.5 * nominal
 
 
-def test_first_sync_is_full_at_once_then_nothing_until_the_period() -> None:
-    lab = Lab(sync_period=30)
+@pytest.mark.parametrize("resync", ["full", "rolling"])
+def test_first_sync_is_full_at_once_then_nothing_until_the_period(resync: str) -> None:
+    lab = Lab(sync_period=30, resync=resync)
     assert lab.runner.step() == 30.0  # ran at once; the next is the periodic one
     assert [r.full for r in lab.syncs()] == [True] and len(lab.dp.state.services) == 3
     run_until(lab.runner, lab.clock, 1029.9)
     assert len(lab.syncs()) == 1  # nothing changed: no sync before the period
     run_until(lab.runner, lab.clock, 1030.0)
-    assert [r.full for r in lab.syncs()] == [True, True]  # the periodic full resync
+    if resync == "full":
+        assert [r.full for r in lab.syncs()] == [True, True]  # the periodic full resync
+    else:  # the drift-check round's first step, after the (empty) sync of changes: no full sync
+        assert [(r.full, r.swept) for r in lab.syncs()] == [(True, 0), (False, 0), (False, 3)]
 
 
+@pytest.mark.parametrize("resync", ["full", "rolling"])
 def test_a_sync_that_changes_something_is_logged_a_periodic_noop_only_at_debug(
-        caplog: pytest.LogCaptureFixture) -> None:
-    lab = Lab(2, sync_period=30)
+        caplog: pytest.LogCaptureFixture, resync: str) -> None:
+    lab = Lab(2, sync_period=30, resync=resync)
     with caplog.at_level("DEBUG", logger="ipvsproxy.core"):
         lab.runner.step()  # the first sync programs 2 Services
-        run_until(lab.runner, lab.clock, 1030.0)  # the periodic full resync finds nothing to do
+        run_until(lab.runner, lab.clock, 1030.0)  # the periodic drift check finds nothing to do
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ipvsproxy.core"]
-    assert [lvl for lvl, _ in lines] == ["INFO", "DEBUG"], lines
+    assert lines[0][0] == "INFO", lines
     assert lines[0][1].startswith("sync: 2 services translated, ") and lines[0][1].endswith("(full)")
-    assert lines[1][1].startswith("sync: 0 services translated, nothing to change in ")
-    assert lines[1][1].endswith("(full)")
+    assert [lvl for lvl, _ in lines[1:]] == ["DEBUG"] * len(lines[1:]) and lines[1:], lines
+    assert all(msg.startswith("sync: 0 services translated, nothing to change in ") for _, msg in lines[1:])
+    assert lines[-1][1].endswith("(full)" if resync == "full" else "(drift check: 2)")
 
 
 def test_a_burst_of_changes_coalesces_into_few_syncs() -> None:
