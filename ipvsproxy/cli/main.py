@@ -6,6 +6,7 @@ errors exit 2, and no traceback is ever shown (unless --debug).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -15,9 +16,27 @@ import click
 from ..dataplane.base import DataplaneError, InterfaceRefused
 from ..logfmt import EscapingFormatter, escape
 
+# Each subcommand's module, imported when the command is looked up: `ipvsproxy run` does not
+# import what `bench`, `list` or `cleanup-kube-proxy` need (~1 s of a start in the emulated test VM).
+LAZY: dict[str, tuple[str, str]] = {
+    "run": ("run", "run"), "list": ("inspect", "list_cmd"), "diff": ("inspect", "diff"),
+    "schedulers": ("inspect", "schedulers"), "cleanup": ("cleanup", "cleanup"),
+    "cleanup-kube-proxy": ("kubeproxy", "cleanup_kube_proxy"), "bench": ("bench", "bench"),
+}
+
 
 class Group(click.Group):
-    """Turns expected failures into one-line errors with the right exit code."""
+    """Turns expected failures into one-line errors with the right exit code; loads each
+    subcommand's module when it is asked for (LAZY)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(LAZY))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in LAZY:
+            module, attr = LAZY[cmd_name]
+            self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), attr))
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -53,17 +72,11 @@ def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
 
 
 def register() -> None:
-    """Attach the subcommands (kept out of import time so `cli` stays light)."""
-    from .bench import bench
-    from .cleanup import cleanup
-    from .inspect import diff, list_cmd, schedulers
-    from .kubeproxy import cleanup_kube_proxy
-    from .run import run
-
-    for command in (run, list_cmd, diff, schedulers, cleanup, cleanup_kube_proxy, bench):
-        cli.add_command(command)
+    """Attach every subcommand now (the reference generator and tests walk `cli.commands`);
+    `main` leaves them to be loaded one by one as they are named."""
+    for name in LAZY:
+        cli.get_command(click.Context(cli), name)
 
 
 def main() -> None:
-    register()
     cli(prog_name="ipvsproxy")

@@ -248,3 +248,22 @@ def test_run_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = seen[0]
     assert [str(n) for n in cfg.cluster_cidrs] == ["10.244.0.0/16", "fd00:10:244::/56"]  # type: ignore[attr-defined]
     assert cfg.masquerade_all is True and cfg.nftables is False  # type: ignore[attr-defined]
+
+
+def test_a_subcommand_imports_only_its_own_module() -> None:
+    """`ipvsproxy run` loads run's module, not bench's, list's or cleanup-kube-proxy's (each
+    is imported when named: a second of a start in the emulated test VM); help lists them all."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom ipvsproxy.cli.main import cli\n"
+             "ctx = cli.make_context('ipvsproxy', ['run', '--help'], resilient_parsing=True)\n"
+             "assert cli.get_command(ctx, 'run') is not None\n"
+             "print(' '.join(sorted(m for m in sys.modules if m.startswith('ipvsproxy.cli.'))))\n"
+             "print(' '.join(cli.list_commands(ctx)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded, listed = out.splitlines()
+    assert "ipvsproxy.cli.run" in loaded.split()
+    assert not {"ipvsproxy.cli.bench", "ipvsproxy.cli.inspect", "ipvsproxy.cli.kubeproxy",
+                "ipvsproxy.cli.cleanup"} & set(loaded.split())
+    assert listed.split() == ["bench", "cleanup", "cleanup-kube-proxy", "diff", "list", "run", "schedulers"]
