@@ -321,6 +321,9 @@ def summarize_churn(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+RUNNER_STOP_S = 1800.0  # how long the churn phase waits for the runner's last sync to end
+
+
 def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_period: float,
                seed: int, resync: str = "rolling") -> dict[str, Any]:
     """Changes at `rate` per second for `duration` s, synced by the real Runner (coalescing), with
@@ -378,8 +381,12 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
         got.clear()
         got.wait(0.05)
     runner.stop()
-    thread.join(60)
+    # The runner ends after the sync under way, which in the test VM may be a full one of minutes:
+    # the dataplane must not be read (check below) or closed (the caller) while it still runs.
+    thread.join(RUNNER_STOP_S)
     gc.callbacks.remove(on_gc)
+    if thread.is_alive():
+        raise RuntimeError(f"churn: the agent's runner did not stop within {RUNNER_STOP_S:.0f} s of its last sync")
     elapsed = time.monotonic() - t0
     lat = [x for _, r in reports for x in r.latencies]
     result = {
