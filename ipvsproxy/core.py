@@ -16,6 +16,7 @@ and the benchmark (bench/), which drives it without them, run the same core.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -148,7 +149,10 @@ class NodeCore:
         # --resync rolling: every --sync-period a drift-check round begins, compared a few keys
         # per sync (SWEEP_SHARE) instead of one full sync that holds up the changes behind it.
         self.rolling = rolling
-        self.sweep_cost = 1e-3  # seconds per key compared, as the last drift-check step took
+        # seconds per key compared, as the last drift-check step took; unknown at first, so a round's
+        # first step compares SWEEP_MIN keys (at an assumed 1 ms a key it compared 200, which took
+        # ~10 s under emulation, and the changes behind that tick waited for it)
+        self.sweep_cost = math.inf
         self.sync_period, self.min_period, self.drain_check = sync_period, min_period, drain_check
         self.clock = clock
         self.rng = rng or random.Random()

@@ -138,8 +138,8 @@ def test_the_node_core_starts_a_round_every_sync_period_and_paces_its_steps() ->
     assert dp.full_dumps == 1 and nc.next_due() == nc.last_full + 30.0
     clock.advance(30.0)
     due = nc.tick()  # the period passed: a round begins, no dump
-    # the first step: SWEEP_SHARE of min_period at the initial 1 ms a key = 200 of the 500 keys
-    assert dp.full_dumps == 1 and len(nc.reconciler.sweep) == 300
+    # the first step: SWEEP_MIN keys, the cost per key not known yet
+    assert dp.full_dumps == 1 and len(nc.reconciler.sweep) == 500 - SWEEP_MIN
     assert due == clock() + 1.0  # the next step one min_period on, not at the next period
     clock.advance(1.0)
     nc.tick()  # the fake clock says that step took no time: the rest of the round at once
@@ -178,7 +178,7 @@ def test_a_slow_step_makes_the_next_one_smaller() -> None:
     clock.advance(1.0)
     nc.tick()
     second = 600 - len(nc.reconciler.sweep) - first
-    assert first == 200  # the first step: 0.2 s at the initial 1 ms a key
+    assert first == SWEEP_MIN  # the first step: the cost per key is not known yet
     assert second == 20  # then 0.2 s at 10 ms a key
 
 
