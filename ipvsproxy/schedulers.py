@@ -91,8 +91,9 @@ class Registry:
         problems = []
         for name, loaded in _plugins():
             try:
-                if isinstance(loaded, BaseException):
-                    raise loaded
+                if isinstance(loaded, Exception):  # its entry point did not load
+                    problems.append(f"scheduler plug-in {name!r} ignored: {loaded}")
+                    continue
                 self.add(_coerce(loaded))
             except Exception as exc:  # a broken plug-in must not stop the agent
                 problems.append(f"scheduler plug-in {name!r} ignored: {exc}")
