@@ -87,7 +87,8 @@ def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-RESYNC_MODES = ("full", "rolling")
+RESYNC_DEFAULT = "rolling"
+RESYNC_MODES = (RESYNC_DEFAULT, "full")
 
 
 @dataclass(slots=True)
@@ -106,7 +107,7 @@ class AgentConfig:
     # How the periodic drift check runs: "rolling" (a round begins every --sync-period and compares
     # a few virtual servers per sync, so changes never wait behind it) or "full" (one full sync
     # every --sync-period, as kube-proxy does).
-    resync: str = "rolling"
+    resync: str = RESYNC_DEFAULT
     exclude_cidrs: tuple[IPNetwork, ...] = ()
     nodeport_addresses: tuple[IPNetwork, ...] = ()
     service_proxy_name: str = ""  # "": the Services without a service-proxy-name label

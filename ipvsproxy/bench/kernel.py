@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from ..config import AgentConfig
+from ..config import RESYNC_DEFAULT, AgentConfig
 from ..dataplane.base import INTERFACE_MARK, DataplaneError
 from ..model import DesiredState
 from . import references, scenarios
@@ -74,7 +74,7 @@ def open_firewall() -> Any:
 def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps: int, seed: int,
                naive_objects: int, nftables: bool = True, process_start: tuple[str, ...] = (),
                churn_rate: float = 0.0, churn_duration: float = 5.0, min_sync_period: float = 1.0,
-               resync: str = "rolling") -> dict[str, Any]:
+               resync: str = RESYNC_DEFAULT) -> dict[str, Any]:
     problem = kernel_problem()
     if problem:
         raise DataplaneError(problem)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import RESYNC_DEFAULT
 from . import procstart, report, rss, scenarios
 from .cluster import ClusterSpec, SyntheticCluster
 from .progress import Progress
@@ -45,7 +46,7 @@ class Options:
     churn_rate: float = 0.0
     churn_duration: float = 5.0
     min_sync_period: float = 1.0
-    resync: str = "rolling"  # the --churn-rate phase's drift check, as `run --resync`
+    resync: str = RESYNC_DEFAULT  # the --churn-rate phase's drift check, as `run --resync`
     rss: bool | None = None  # None: on for the memory dataplane
     naive_objects: int = 2000
     nftables: bool = True  # kernel runs: the nftables companion with the real nft, as `run` ships

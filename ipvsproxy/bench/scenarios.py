@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .. import gcpause
-from ..config import AgentConfig
+from ..config import RESYNC_DEFAULT, AgentConfig
 from ..core import NodeCore, translation_config
 from ..core import sync as core_sync
 from ..dataplane.base import Dataplane
@@ -325,7 +325,7 @@ RUNNER_STOP_S = 1800.0  # how long the churn phase waits for the runner's last s
 
 
 def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_period: float,
-               seed: int, resync: str = "rolling") -> dict[str, Any]:
+               seed: int, resync: str = RESYNC_DEFAULT) -> dict[str, Any]:
     """Changes at `rate` per second for `duration` s, synced by the real Runner (coalescing), with
     the periodic drift check of `ipvsproxy run` (--sync-period, 30 s by default; `resync` as
     --resync: one full sync, or a rolling round) in a phase that lasts longer than that."""

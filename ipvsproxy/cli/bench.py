@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from ..config import RESYNC_DEFAULT, RESYNC_MODES
 from .options import Duration
 
 
@@ -89,7 +90,7 @@ def _scenarios(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
               help="How long the --churn-rate phase runs.")
 @click.option("--min-sync-period", default="1s", show_default=True, type=Duration(),
               help="The Runner's --min-sync-period during the --churn-rate phase.")
-@click.option("--resync", default="rolling", show_default=True, type=click.Choice(["rolling", "full"]),
+@click.option("--resync", default=RESYNC_DEFAULT, show_default=True, type=click.Choice(RESYNC_MODES),
               help="The drift check during the --churn-rate phase, as `run --resync`.")
 @click.option("--rss/--no-rss", default=None,
               help="Measure agent RSS in a fresh process after a cold start.  [default: on with memory]")

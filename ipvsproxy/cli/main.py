@@ -74,8 +74,9 @@ def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
 def register() -> None:
     """Attach every subcommand now (the reference generator and tests walk `cli.commands`);
     `main` leaves them to be loaded one by one as they are named."""
+    ctx = click.Context(cli)
     for name in LAZY:
-        cli.get_command(click.Context(cli), name)
+        cli.get_command(ctx, name)
 
 
 def main() -> None:

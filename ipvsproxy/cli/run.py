@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..agent import Agent
+from ..config import RESYNC_DEFAULT, RESYNC_MODES
 from ..logfmt import escape
 from ..reconcile import SyncReport
 from . import common
@@ -21,7 +22,7 @@ from .options import CIDRs, Duration, opt, source_options, translate_options
 @source_options
 @translate_options
 @opt("sync-period", default="30s", type=Duration(), help="The drift check that repairs the kernel tables, this often.")
-@opt("resync", default="rolling", type=click.Choice(["rolling", "full"]),
+@opt("resync", default=RESYNC_DEFAULT, type=click.Choice(RESYNC_MODES),
      help="The drift check every --sync-period: a round that compares a few virtual servers per sync, "
           "so changes never wait behind it (rolling), or one full sync (full, as kube-proxy).")
 @opt("min-sync-period", default="1s", type=Duration(),
