@@ -30,7 +30,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..model import Protocol, join_host_port
 from .netlink_wire import NLA as _NLA
@@ -335,6 +335,19 @@ def decode_service(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | Non
     Firewall-mark services have no address/port and are not representable as
     `Svc`: they are returned as None (and skipped by `IPVSWire.services`).
     """
+    v = _shaped(_svc_shapes, buf, off, end, _SVC_NESTS, _SVC_RAW, _SVC_KEYS)
+    if v is None:
+        return _decode_service_slow(buf, off, end)
+    (af, proto, addr, port, sched, fl, timeout, netmask, *st) = v
+    n = 16 if af == socket.AF_INET6 else 4
+    svc = Svc(af, proto, socket.inet_ntop(af, addr[:n]), socket.ntohs(port), sched.split(b"\0", 1)[0].decode(),
+              _U32.unpack_from(fl)[0] & ~IP_VS_SVC_F_HASHED, timeout,
+              netmask if af == socket.AF_INET6 else socket.ntohl(netmask))
+    return SvcEntry(svc, _ZERO_STATS if not any(st) else Stats(*st))
+
+
+def _decode_service_slow(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | None:
+    """decode_service attribute by attribute: any layout (missing, extra or reordered attributes)."""
     top = _attrs(buf, off, end).get(ATTR_SERVICE)
     if top is None:
         return None
@@ -354,22 +367,28 @@ def decode_service(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | Non
     return SvcEntry(svc, _stats(buf, a, SVC_STATS64, SVC_STATS))
 
 
-class _DestShape:
-    """A struct layout learnt from one kernel dest message, reused for the next ones.
+Path = tuple[int, ...]  # attribute types from the message's top level down
 
-    The kernel emits every dest reply with the same attributes in the same
-    order, so one ``unpack_from`` plus a check of all attribute headers
-    replaces a Python loop over ~35 attributes.  Any mismatch falls back to
-    the generic parser.
+
+class _Shape:
+    """A struct layout learnt from one kernel reply, reused for the next ones of its size.
+
+    The kernel emits every service (or dest) reply with the same attributes in
+    the same order, so one ``unpack_from`` plus a check of all attribute
+    headers replaces a Python loop over ~35 attributes.  ``_shaped`` reads the
+    values at ``keys`` (attribute paths; those in ``raw`` as bytes, the others
+    as host-order integers), or None when a message's headers differ: the
+    caller then falls back to the generic parser.
     """
 
-    def __init__(self, buf: bytes | bytearray, off: int, end: int) -> None:
+    def __init__(self, buf: bytes | bytearray, off: int, end: int, nests: frozenset[Path],
+                 raw: frozenset[Path], keys: Sequence[Path]) -> None:
         fmt: list[str] = ["="]
         hdrs: list[tuple[int, int]] = []
-        where: dict[tuple[int, ...], int] = {}
+        where: dict[Path, int] = {}
         pos = 0
 
-        def walk(o: int, e: int, path: tuple[int, ...]) -> None:
+        def walk(o: int, e: int, path: Path) -> None:
             nonlocal pos
             while o + 4 <= e:
                 ln, ty = _NLA.unpack_from(buf, o)
@@ -377,11 +396,11 @@ class _DestShape:
                 fmt.append("HH")
                 hdrs.extend(((pos, ln), (pos + 1, ty)))
                 pos += 2
-                if key in _DEST_NESTS:
+                if key in nests:
                     walk(o + 4, o + ln, key)
                 else:
                     num = {1: "B", 2: "H", 4: "I", 8: "Q"}.get(ln - 4, f"{ln - 4}s")
-                    fmt.append(f"{ln - 4}s" if key == (ATTR_DEST, DEST_ADDR) else num)
+                    fmt.append(f"{ln - 4}s" if key in raw else num)
                     where[key] = pos
                     pos += 1
                 fmt.append(f"{-ln % 4}x" if ln % 4 else "")
@@ -391,38 +410,54 @@ class _DestShape:
         self.st = struct.Struct("".join(fmt))
         self.hdr_get = operator.itemgetter(*(i for i, _ in hdrs))
         self.hdr_want = tuple(v for _, v in hdrs)
-        d, s64 = (ATTR_DEST,), (ATTR_DEST, DEST_STATS64)
-        keys: list[tuple[int, ...]] = [
-            (*d, k) for k in (DEST_ADDR, DEST_PORT, *_DEST_U32S, DEST_ADDR_FAMILY)]
-        keys += [(*s64, k) for k in range(1, 11)]
         if not all(k in where for k in keys) or self.st.size != end - off:
-            raise ValueError("unexpected dest layout")
+            raise ValueError("unexpected layout")
         self.get = operator.itemgetter(*(where[k] for k in keys))
 
 
-_DEST_NESTS = {(ATTR_DEST,), (ATTR_DEST, DEST_STATS), (ATTR_DEST, DEST_STATS64)}
-_dest_shapes: dict[int, _DestShape | None] = {}
+def _shaped(shapes: dict[int, _Shape | None], buf: bytes | bytearray, off: int, end: int,
+            nests: frozenset[Path], raw: frozenset[Path], keys: Sequence[Path]) -> tuple[Any, ...] | None:
+    """The values at `keys` of the message at buf[off:end] through the shape learnt for its
+    size (learnt now from this message if there is none yet); None: decode it generically.
+    (The hot path of every dump: one call, the shape's parts used inline.)"""
+    size = end - off
+    if size not in shapes:
+        try:
+            shapes[size] = _Shape(buf, off, end, nests, raw, keys)
+        except (ValueError, struct.error, KeyError):
+            shapes[size] = None
+    shape = shapes[size]
+    if shape is None:
+        return None
+    v = shape.st.unpack_from(buf, off)
+    return shape.get(v) if shape.hdr_get(v) == shape.hdr_want else None
+
+
+def _stats_paths(*path: int) -> list[Path]:
+    return [(*path, k) for k in range(1, 11)]
+
+
+_S, _D = ATTR_SERVICE, ATTR_DEST
+_SVC_NESTS = frozenset({(_S,), (_S, SVC_STATS), (_S, SVC_STATS64)})
+_SVC_RAW = frozenset({(_S, SVC_ADDR), (_S, SVC_SCHED_NAME), (_S, SVC_FLAGS)})
+_SVC_KEYS = [(_S, k) for k in (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS,
+                               SVC_TIMEOUT, SVC_NETMASK)] + _stats_paths(_S, SVC_STATS64)
+_svc_shapes: dict[int, _Shape | None] = {}
+_DEST_NESTS = frozenset({(_D,), (_D, DEST_STATS), (_D, DEST_STATS64)})
+_DEST_RAW = frozenset({(_D, DEST_ADDR)})
+_dest_shapes: dict[int, _Shape | None] = {}
 
 
 def _dest_decoder(svc_family: int) -> Callable[[bytes | bytearray, int, int], DestEntry | None]:
     def decode(buf: bytes | bytearray, off: int, end: int) -> DestEntry | None:
-        size = end - off
-        if size not in _dest_shapes:
-            try:
-                _dest_shapes[size] = _DestShape(buf, off, end)
-            except (ValueError, struct.error, KeyError):
-                _dest_shapes[size] = None
-        shape = _dest_shapes[size]
-        if shape is not None:
-            v = shape.st.unpack_from(buf, off)
-            if shape.hdr_get(v) == shape.hdr_want:
-                (addr, port, fwd, weight, u_th, l_th, act, inact, pers, af, *st) = shape.get(v)
-                n = 16 if af == socket.AF_INET6 else 4
-                dest = Dest(socket.inet_ntop(af, addr[:n]), socket.ntohs(port), weight,
-                            fwd & FWD_MASK, 0 if af == svc_family else af, u_th, l_th)
-                stats = _ZERO_STATS if not any(st) else Stats(*st)
-                return DestEntry(dest, act, inact, pers, stats)
-        return _decode_dest_slow(buf, off, end, svc_family)
+        v = _shaped(_dest_shapes, buf, off, end, _DEST_NESTS, _DEST_RAW, _DEST_KEYS)
+        if v is None:
+            return _decode_dest_slow(buf, off, end, svc_family)
+        (addr, port, fwd, weight, u_th, l_th, act, inact, pers, af, *st) = v
+        n = 16 if af == socket.AF_INET6 else 4
+        dest = Dest(socket.inet_ntop(af, addr[:n]), socket.ntohs(port), weight,
+                    fwd & FWD_MASK, 0 if af == svc_family else af, u_th, l_th)
+        return DestEntry(dest, act, inact, pers, _ZERO_STATS if not any(st) else Stats(*st))
     return decode
 
 
@@ -443,6 +478,7 @@ def _decode_dest_slow(buf: bytes | bytearray, off: int, end: int,
 
 _DEST_U32S = (DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH, DEST_ACTIVE_CONNS,
               DEST_INACT_CONNS, DEST_PERSIST_CONNS)
+_DEST_KEYS = [(_D, k) for k in (DEST_ADDR, DEST_PORT, *_DEST_U32S, DEST_ADDR_FAMILY)] + _stats_paths(_D, DEST_STATS64)
 
 
 # --- the socket ----------------------------------------------------------------------------
@@ -566,21 +602,20 @@ class IPVSWire(NetlinkWire):
         out = self._dump(CMD_GET_SERVICE, b"", decode_service, "dump IPVS services")
         return [e for e in out if e is not None]
 
-    def service(self, svc: Svc) -> SvcEntry | None:
-        """One service as the kernel has it (None when it does not exist)."""
-        payload = _svc_id(svc)
-        try:
-            hit = self.transact(lambda seq: _HDR.pack(20 + len(payload), self._family, NLM_F_REQUEST, seq, 0,
-                                                      CMD_GET_SERVICE, IPVS_GENL_VERSION, 0) + payload,
-                                f"get service {_svc_str(svc)}")
-        except IPVSError as exc:
-            if exc.errno in (_errno.ESRCH, _errno.ENOENT):
-                return None
-            raise
-        if hit is None or hit[0] != self._family:
-            return None
-        _, off, ln = hit
-        return decode_service(self._buf, off + 20, off + ln)
+    def services_of(self, svcs: Sequence[Svc]) -> list[SvcEntry | None]:
+        """`service` for many at once, pipelined (one round trip per batch, not per service)."""
+        fam = self._family
+
+        def encode(svc: Svc, seq: int) -> bytes:
+            payload = _svc_id(svc)
+            return _HDR.pack(20 + len(payload), fam, NLM_F_REQUEST, seq, 0, CMD_GET_SERVICE,
+                             IPVS_GENL_VERSION, 0) + payload
+
+        def decode(ty: int, off: int, ln: int) -> SvcEntry | None:
+            return decode_service(self._buf, off + 20, off + ln) if ty == fam else None
+
+        return self.gets(svcs, encode, decode, (_errno.ESRCH, _errno.ENOENT),
+                         lambda svc: f"get service {_svc_str(svc)}")
 
     def dests(self, svc: Svc) -> list[DestEntry]:
         """Destinations of one service, newest first ([] if the service does not exist)."""

@@ -402,11 +402,10 @@ class NetlinkDataplane:
         return state
 
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
-        out: dict[VSKey, ObservedVS | None] = {}
-        for key in keys:
-            entry = self.wire.service(svc_of(key))
-            out[key] = None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
-        return out
+        keys = list(keys)
+        entries = self.wire.services_of([svc_of(key) for key in keys])  # pipelined; dumps go one at a time
+        return {key: None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
+                for key, entry in zip(keys, entries, strict=True)}
 
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         """One services-only IPVS dump: no real servers, no addresses (what /metrics needs)."""

@@ -24,7 +24,7 @@ import errno as _errno
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -50,6 +50,7 @@ I32 = struct.Struct("=i")
 RECV_BUF = 1 << 20
 SOCK_BUF = 8 << 20
 ACK_TRUESIZE = 2048  # generous per-ack receive-buffer charge, to bound outstanding acks
+REPLY_SHARE = 4  # a reply (one skb of about a page) charges the buffer some times an ack: fewer per batch
 # What encoding a request may raise: it becomes that request's error, never the batch's.
 ENCODE_ERRORS = (ValueError, OSError, TypeError, struct.error, UnicodeError)
 
@@ -277,6 +278,68 @@ class NetlinkWire:
                 return out
             self._drain()
         raise self.error(what, _errno.EBUSY, "netlink dump kept failing (EBUSY/ENOBUFS)")
+
+    def gets(self, requests: Sequence[Req], encode: Callable[[Req, int], bytes],
+             decode: Callable[[int, int, int], T | None], absent: Collection[int],
+             what: Callable[[Req], str]) -> list[T | None]:
+        """Requests that each get one reply message (a GET without NLM_F_DUMP), many per
+        ``send``: ``encode(request, seq)`` packs one whole message, ``decode(type, offset,
+        length)`` reads its reply in place. Result i is request i's decoded reply, or None
+        when the kernel answered with an errno in ``absent`` (e.g. "no such service"); any
+        other kernel error raises ``self.error`` once the batch is read. One round trip per
+        batch instead of one per request; a receive-buffer overrun (ENOBUFS: replies lost)
+        reads the batch again, in smaller batches."""
+        results: list[T | None] = [None] * len(requests)
+        i = 0
+        attempts = 0
+        while i < len(requests):
+            end = min(len(requests), i + max(1, self._batch // REPLY_SHARE))
+            if self._gets_once(requests, i, end, encode, decode, absent, what, results):
+                i, attempts = end, 0
+                continue
+            attempts += 1
+            if attempts >= 5:
+                raise self.error(what(requests[i]), _errno.ENOBUFS, "replies kept being lost (receive buffer overrun)")
+            self._drain()
+            self._batch = max(REPLY_SHARE, self._batch // 2)
+        return results
+
+    def _gets_once(self, requests: Sequence[Req], start: int, end: int, encode: Callable[[Req, int], bytes],
+                   decode: Callable[[int, int, int], T | None], absent: Collection[int],
+                   what: Callable[[Req], str], results: list[T | None]) -> bool:
+        """One batch of `gets` (requests[start:end]) and a barrier; False when replies were lost."""
+        seq0 = self._next_seq(end - start)
+        parts = [encode(requests[j], (seq0 + j - start) & 0xFFFFFFFF) for j in range(start, end)]
+        last = self._next_seq()
+        parts.append(NLMSG.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, last, 0))
+        self._send(b"".join(parts), len(parts))
+        buf = self._buf
+        failure: Exception | None = None
+        while True:
+            try:
+                n = self._recv()
+            except OSError as exc:
+                if exc.errno != _errno.ENOBUFS:
+                    raise
+                return False
+            off = 0
+            while off + 16 <= n:
+                ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
+                if ln < 16:
+                    break
+                if mseq == last:
+                    if failure is not None:
+                        raise failure
+                    return True
+                k = (mseq - seq0) & 0xFFFFFFFF
+                if k < end - start:
+                    if ty != NLMSG_ERROR:
+                        results[start + k] = decode(ty, off, ln)
+                    else:
+                        err = -I32.unpack_from(buf, off + 16)[0]
+                        if err and err not in absent and failure is None:
+                            failure = self.error(what(requests[start + k]), err, error_text(buf, off, ln, fl))
+                off += (ln + 3) & ~3
 
     # -- batched requests -----------------------------------------------------------------
     def batch(self, requests: Sequence[Req], encode: Callable[[Req, int, int], bytes],

@@ -168,7 +168,7 @@ def stats_attrs(base: int) -> list[Any]:
     return [[f"IPVS_STATS_ATTR_{n}", base + i] for i, n in enumerate(names)]
 
 
-def svc_reply(seq: int, svc: Svc, with64: bool = True, fwmark: int = 0) -> bytes:
+def svc_reply(seq: int, svc: Svc, with64: bool = True, fwmark: int = 0, flags: int = 2) -> bytes:
     if fwmark:
         ident: list[Any] = [["IPVS_SVC_ATTR_AF", svc.family], ["IPVS_SVC_ATTR_FWMARK", fwmark]]
     else:
@@ -185,7 +185,7 @@ def svc_reply(seq: int, svc: Svc, with64: bool = True, fwmark: int = 0) -> bytes
     ]
     if with64:
         attrs.append(["IPVS_SVC_ATTR_STATS64", {"attrs": stats_attrs(1000)}])
-    return pyroute2_msg(1, [["IPVS_CMD_ATTR_SERVICE", {"attrs": attrs}]], seq)
+    return pyroute2_msg(1, [["IPVS_CMD_ATTR_SERVICE", {"attrs": attrs}]], seq, flags)
 
 
 def dest_reply(seq: int, d: Dest, fam: int, with64: bool = True) -> bytes:
@@ -254,9 +254,10 @@ class FakeKernel:
                 self.received.append(msg)
                 cmd = msg[16] if ty == FAM else 0
                 verdict = self.policy(index, cmd, fl, msg) if ty == FAM else 0
-                if isinstance(verdict, list):
+                if isinstance(verdict, list):  # replies; a dump's end with NLMSG_DONE
                     out.extend(verdict)
-                    out.append(NLMSG.pack(20, 3, 2, seq, 0) + struct.pack("=i", 0))
+                    if fl & 0x300:
+                        out.append(NLMSG.pack(20, 3, 2, seq, 0) + struct.pack("=i", 0))
                 elif fl & 4 or verdict:
                     out.append(NLMSG.pack(36, 2, 0x100, seq, 0) + struct.pack("=i", -verdict)
                                + msg[:16])
@@ -443,3 +444,55 @@ def test_observed_counters_are_a_view_of_the_wire_record() -> None:
     assert obs.stats["conns"] == 1 and obs.stats.get("outbps") == 10 and obs.stats.get("nope", 0) == 0
     with pytest.raises(KeyError):
         obs.stats["svc"]
+
+
+def test_service_fast_path_matches_generic_parser() -> None:
+    for svc in (SVC4, SVC6, Svc(V4, 17, "10.0.0.9", 53, "sed", 1, 300, 0xFFFFFF00),
+                Svc(V4, 6, "10.0.0.10", 80, "mh", 0x30)):
+        for with64 in (True, False):
+            data = svc_reply(1, svc, with64)
+            for _ in range(2):  # learns the shape, then uses it
+                fast = w.decode_service(data, 20, len(data))
+                assert fast == w._decode_service_slow(data, 20, len(data))
+                assert fast is not None and fast.svc == svc
+    # a firewall-mark service of some learnt size still decodes (generically) as None
+    data = svc_reply(1, SVC4, fwmark=7)
+    assert w.decode_service(data, 20, len(data)) is None
+
+
+@pytest.mark.parametrize("dgram_per_reply", [True, False])
+def test_services_of_pipelines_gets_and_maps_replies_by_sequence(dgram_per_reply: bool) -> None:
+    svcs = [Svc(V4, 6, f"10.1.{i // 250}.{i % 250 + 1}", 80) for i in range(300)]
+    missing = {3, 64, 299}
+
+    def policy(i: int, cmd: int, fl: int, m: bytes) -> int | list[bytes]:
+        assert cmd == w.CMD_GET_SERVICE and not fl & 0x300  # a GET, not a dump
+        return errno.ESRCH if i in missing else [svc_reply(NLMSG.unpack_from(m)[3], svcs[i], flags=0)]
+
+    kernel = FakeKernel(policy, dgram_per_reply)
+    try:
+        wire = wire_for(kernel, batch=64)
+        got = wire.services_of(svcs)
+        assert [e is None for e in got] == [i in missing for i in range(300)]
+        assert [e.svc for e in got if e is not None] == [s for i, s in enumerate(svcs) if i not in missing]
+        assert kernel.sends < 30  # batches, not one send per service
+    finally:
+        kernel.close()
+
+
+def test_services_of_raises_other_kernel_errors_after_reading_the_batch() -> None:
+    svcs = [Svc(V4, 6, f"10.1.0.{i + 1}", 80) for i in range(5)]
+
+    def policy(i: int, cmd: int, fl: int, m: bytes) -> int | list[bytes]:
+        return errno.EPERM if i == 2 else [svc_reply(NLMSG.unpack_from(m)[3], svcs[i % 5], flags=0)]
+
+    kernel = FakeKernel(policy)
+    try:
+        wire = wire_for(kernel)
+        with pytest.raises(IPVSError) as info:
+            wire.services_of(svcs)
+        assert info.value.errno == errno.EPERM and "10.1.0.3:80" in str(info.value)
+        # the socket is in step afterwards: the next request gets its own answer
+        assert [e.svc for e in wire.services_of(svcs[:2]) if e is not None] == svcs[:2]
+    finally:
+        kernel.close()
