@@ -73,7 +73,7 @@ def measure(elements: int, changes: int = 20) -> dict[str, Any]:
         fw.sync(delta)
         return time.perf_counter() - t0
 
-    reads, listings, tx = fw.reads, fw.listings, fw.transactions
+    reads, listings, tx, nl = fw.reads, fw.listings, fw.transactions, fw.netlink_transactions
     endpoint, removed, service = [], [], []
     for c in range(changes):
         old = current[_server(c * 7 % n).key]
@@ -90,6 +90,7 @@ def measure(elements: int, changes: int = 20) -> dict[str, Any]:
     out["change_reads"] = fw.reads - reads
     out["change_listings"] = fw.listings - listings
     out["change_transactions"] = fw.transactions - tx
+    out["change_netlink_transactions"] = fw.netlink_transactions - nl  # of them, without starting nft
     checks = []
     for _ in range(3):
         t = time.perf_counter()

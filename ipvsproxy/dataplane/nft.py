@@ -62,7 +62,7 @@ from ..model import (
 )
 
 if TYPE_CHECKING:
-    from .nft_wire import NftWire
+    from .nft_wire import ElementChange, NftWire
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,13 @@ class _Elements:
 
     def json(self) -> dict[str, Any]:
         return {self.verb: {"element": {**self._head(), "elem": [_to_json(e) for e in self._sorted()]}}}
+
+    def change(self) -> ElementChange:
+        """The command for nft_wire.write_elements (elements in no particular order)."""
+        base, proto = kernel_set(self.name)
+        elems = (_kernel_elem(e) for e in self.elems) if proto is None else \
+            (_hairpin_elem(proto, r) for r in self.elems)
+        return self.verb == "add", base, _SPECS[base].type, elems
 
     def write(self, out: TextIO) -> None:
         """The same command as json(), written as JSON text one element at a time."""
@@ -350,6 +357,7 @@ def _rule_specs() -> list[RuleSpec]:
 SETS = tuple(_set_specs())
 RULES = tuple(_rule_specs())
 SET_NAMES = tuple(s.name for s in SETS)
+_SPECS = {s.name: s for s in SETS}
 
 # ---- hairpin elements, counted by real server ----------------------------------
 # Set hairpin4/6 holds one element (endpoint . proto . port . endpoint) per real server and
@@ -376,15 +384,15 @@ KEYED_SETS = frozenset(s.name for s in SETS if len(s.type) == 3)
 VIP_SETS = frozenset(("vips4", "vips6"))
 
 
-def _kernel_elem(elem: Elem) -> Elem:
+def _kernel_elem(elem: Elem) -> KernelElem:
     """A counted element -> the kernel's: a VSKey as (address, proto, port), a VIP's address as
     (address,); others as they are."""
     if type(elem) is VSKey:
         return (elem.address, elem.protocol, elem.port)
-    return (elem,) if type(elem) is str else elem
+    return (elem,) if isinstance(elem, str) else elem
 
 
-def _hairpin_elem(proto: int, real: Elem) -> Elem:
+def _hairpin_elem(proto: int, real: Elem) -> KernelElem:
     """A Real (address, port, weight) counted in a hairpin count set -> the kernel's element."""
     return (real[0], proto, real[1], real[0])
 
@@ -540,6 +548,7 @@ class NftFirewall:
         self._wire: NftWire | None = None
         self._use_wire = nft is None and elements is None
         self.transactions = 0
+        self.netlink_transactions = 0  # of them, sent over netlink without nft (element changes alone)
         self.reads = 0  # whole-table reads (start-up, full syncs, one after a refusal)
         self.listings = 0  # `nft list` documents sent (reads, cleanup): none on the change path
         self._warned: set[str] = set()
@@ -647,8 +656,13 @@ class NftFirewall:
         for change in delta.values():
             if change.old is change.new:
                 continue
-            bump(self._contribution(change.old), -1)
-            bump(self._contribution(change.new), +1)
+            old, new = self._contribution(change.old), self._contribution(change.new)
+            if old and new:  # one endpoint more or less: count only the pairs that differ
+                o, n = set(old), set(new)
+                if len(o) == len(old) and len(n) == len(new):
+                    old, new = [p for p in old if p not in n], [p for p in new if p not in o]
+            bump(old, -1)
+            bump(new, +1)
 
     # ---- kernel ---------------------------------------------------------------
     def _run_terse(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -718,18 +732,25 @@ class NftFirewall:
                      len(redo | bad_chains | extra_chains), len(bad_sets | extra_sets | fresh))
         return cmds, len(rules), fresh
 
-    def _element_reader(self) -> ElementReader | None:
-        """The netlink reader (opened on first use); None: read elements from nft's listing."""
-        if self._reader is None and self._use_wire:
+    def _netlink(self) -> NftWire | None:
+        """The netfilter netlink socket (opened on first use); None: this companion goes
+        through its `nft` runner for everything (a custom runner, or no netlink)."""
+        if self._wire is None and self._use_wire:
             from .nft_wire import NftWire
 
             try:
                 self._wire = NftWire()
             except OSError as exc:
-                log.warning("nftables: cannot read sets over netlink (%s); using nft listings", exc)
+                log.warning("nftables: cannot use netlink (%s); reading and writing through nft", exc)
                 self._use_wire = False
+        return self._wire
+
+    def _element_reader(self) -> ElementReader | None:
+        """The netlink reader (opened on first use); None: read elements from nft's listing."""
+        if self._reader is None:
+            wire = self._netlink()
+            if wire is None:
                 return None
-            wire: NftWire = self._wire
 
             def read(spec: SetSpec) -> set[KernelElem]:
                 try:
@@ -838,11 +859,21 @@ class NftFirewall:
         return _Elements(verb, name, elems)
 
     def _send(self, cmds: list[dict[str, Any] | _Elements]) -> None:
-        """One transaction. To a runner that takes a file, element commands are written as
+        """One transaction. Element changes alone (no structure, no interval set) go over
+        netlink as one nf_tables batch (nft_wire.write_elements), without starting nft.
+        To a runner that takes a file, element commands are written as
         text one element at a time into an in-memory file that becomes nft's stdin: a first
         transaction's elements as a tree of dicts and lists were the agent's memory peak
         (~4x their JSON text: 34 MiB at 5,000 Services), and the whole text in the heap
         (built, then encoded for the pipe) ~3x."""
+        elems = [c for c in cmds if isinstance(c, _Elements) and not _SPECS[kernel_set(c.name)[0]].interval]
+        if len(elems) == len(cmds) and (wire := self._netlink()) is not None:
+            try:
+                wire.write_elements(FAMILY, TABLE, [c.change() for c in elems])
+            except OSError as exc:
+                raise NftError(f"nftables: {exc}", timed_out=isinstance(exc, TimeoutError)) from None
+            self.netlink_transactions += 1
+            return
         meta: dict[str, Any] = {"metainfo": {"json_schema_version": 1}}
         if not getattr(self.nft, "takes_file", False):
             self.nft({"nftables": [meta, *(c.json() if isinstance(c, _Elements) else c for c in cmds)]})

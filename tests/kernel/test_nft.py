@@ -261,10 +261,31 @@ def test_non_service_port_on_a_vip_is_refused(clean: None) -> None:
 
 def test_load_balancer_source_ranges(clean: None) -> None:
     assert fetch("c2", LB4, 80) == "pod"  # no filter yet
-    firewall().sync_state(desired())
+    fw = firewall()
+    fw.sync_state(desired())
     assert fetch("c1", LB4, 80) == "pod"  # 198.18.1.0/24 is allowed
     assert fetch("c2", LB4, 80) == "timeout"  # 198.18.2.2 is not: dropped
     assert fetch("c2", VIP4, 80) == "pod"  # the ClusterIP has no ranges
+    # Incremental changes: ranges (an interval set) go through nft, the rest as one netlink batch
+    lb = VSKey(AF_INET, 6, LB4, 80)
+    wider = desired()
+    wider.services[lb] = vs(LB4, 80, "LoadBalancer", [(POD4, 8080)], ranges=("198.18.1.0/24", "198.18.2.0/24"))
+    netlink, tx = fw.netlink_transactions, fw.transactions
+    assert fw.sync_state(wider, scope={lb}) > 0
+    assert (fw.transactions, fw.netlink_transactions) == (tx + 1, netlink)
+    assert fetch("c2", LB4, 80) == "pod"  # 198.18.2.2 allowed now
+    open_lb = desired()
+    open_lb.services[lb] = vs(LB4, 80, "LoadBalancer", [(POD4, 8080)])
+    assert fw.sync_state(open_lb, scope={lb}) > 0  # no ranges: fw4 and fw_allow4 elements go
+    back = desired()
+    assert fw.sync_state(back, scope={lb}) > 0  # ranges again, narrow
+    assert fetch("c2", LB4, 80) == "timeout"
+    assert fw.elements() == fw.desired_elements(back)
+    noranges = desired()
+    del noranges.services[VSKey(AF_INET, 6, VIP4, 80)]  # a ClusterIP goes: no interval set touched
+    assert fw.sync_state(noranges, scope={VSKey(AF_INET, 6, VIP4, 80)}) > 0
+    assert fw.netlink_transactions == netlink + 1
+    assert fw.elements() == fw.desired_elements(noranges)
 
 
 def test_foreign_table_survives_sync_and_cleanup_and_restart_adopts(clean: None) -> None:
@@ -332,8 +353,10 @@ def test_sets_read_over_netlink_equal_the_nft_listing_and_full_syncs_repair_drif
     sh("nft", "delete", "element", "inet", TABLE, "services4", "{", f"{VIP4} . tcp . 80", "}")
     less = desired()
     del less.services[VSKey(AF_INET, 6, VIP4, 80)]
-    assert fw.sync_state(less, scope={VSKey(AF_INET, 6, VIP4, 80)}) > 0  # add + delete: nft accepts it
+    netlink = fw.netlink_transactions
+    assert fw.sync_state(less, scope={VSKey(AF_INET, 6, VIP4, 80)}) > 0  # add + delete: accepted
     assert fw.reads == reads + 1
+    assert fw.netlink_transactions == netlink + 1  # element changes alone: one batch over netlink
     assert fw.elements() == fw.desired_elements(less)
     subprocess.run(["nft", "delete", "table", FAMILY, TABLE], capture_output=True, check=True)
     with pytest.raises(NftError):  # the table went behind our back: an incremental change is refused ...
@@ -358,4 +381,5 @@ def test_companion_cost_with_the_real_nft_reads_nothing_on_the_change_path() -> 
     assert one["elements"] >= 950 and one["table_matches_desired"]
     assert one["change_reads"] == 0 and one["change_listings"] == 0
     assert one["change_transactions"] == 9  # one per change (3 x endpoint added, removed, Service added)
+    assert one["change_netlink_transactions"] == 9  # each one nf_tables batch over netlink: nft not started
     assert one["drift_check_changes"] == 0 and one["adoption_changes"] == 0

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from ipvsproxy.dataplane.nft import SETS, _elem_from_json
-from ipvsproxy.dataplane.nft_wire import NftWire, decode_key
+from ipvsproxy.dataplane.nft_wire import NftWire, decode_key, encode_key
 
 NLMSG = struct.Struct("=IHHII")
 NEWSETELEM = (10 << 8) | 12
@@ -150,3 +150,105 @@ def test_the_companion_reads_elements_through_its_reader_on_full_syncs_only() ->
     after = sum(1 for d in kernel.docs if any("list" in c and "table" in c["list"] for c in d["nftables"]))
     assert after == listings  # the periodic drift check lists no table: the reader is enough
     assert fw.elements()["vips4"] == {("10.96.0.10",)}
+
+
+def test_keys_encode_as_they_decode_for_every_set_without_ranges() -> None:
+    samples = {"ipv4_addr": "10.96.0.10", "ipv6_addr": "fd00::a", "inet_proto": 17, "inet_service": 53}
+    for spec in SETS:
+        if spec.interval:
+            continue
+        value = tuple(samples[t] for t in spec.type)
+        assert decode_key(spec.type, encode_key(spec.type, value)) == value, spec.name
+    assert encode_key(HAIRPIN, ("10.0.0.5", 6, 8080, "10.0.0.5")) == (
+        v4("10.0.0.5") + bytes([6, 0, 0, 0]) + b"\x1f\x90\0\0" + v4("10.0.0.5"))
+    with pytest.raises(ValueError):
+        encode_key(HAIRPIN, ("10.0.0.5", 6, 8080))
+
+
+def walk(data: bytes, off: int, end: int) -> Iterator[tuple[int, bytes]]:
+    while off + 4 <= end:
+        ln, ty = struct.unpack_from("=HH", data, off)
+        yield ty & 0x3FFF, data[off + 4:off + ln]
+        off += (ln + 3) & ~3
+
+
+class FakeTables:
+    """A netfilter peer that takes nf_tables batches of element changes as the kernel does:
+    all or nothing, an error for a delete of a missing element, every message acknowledged."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sets: dict[str, set[bytes]] = {}
+        self.batches: list[list[int]] = []  # message types of each batch received
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                data = self.theirs.recv(1 << 20)
+            except OSError:
+                return
+            if not data:
+                return
+            msgs = []
+            off = 0
+            while off + 16 <= len(data):
+                ln, ty, fl, seq, _ = NLMSG.unpack_from(data, off)
+                msgs.append((ty, fl, seq, data[off + 20:off + ln]))
+                off += (ln + 3) & ~3
+            self.batches.append([m[0] for m in msgs])
+            assert msgs[0][0] == 0x10 and msgs[-1][0] == 0x11  # BATCH_BEGIN ... BATCH_END
+            assert data[16:20] == struct.pack("=BBH", 0, 0, socket.htons(10))  # res_id NFNL_SUBSYS_NFTABLES
+            after = {k: set(v) for k, v in self.sets.items()}
+            errs = []
+            for ty, fl, seq, body in msgs[1:-1]:
+                assert fl & 0x4  # NLM_F_ACK: every message is answered
+                a = dict(walk(body, 0, len(body)))
+                name = a[2].rstrip(b"\0").decode()
+                keys = []
+                for _, e in walk(a[3], 0, len(a[3])):  # LIST_ELEM { KEY { DATA_VALUE } }
+                    key = dict(walk(e, 0, len(e)))[1]
+                    keys.append(dict(walk(key, 0, len(key)))[1])
+                err = 0
+                have = after.setdefault(name, set())
+                if ty == NEWSETELEM:
+                    have.update(keys)
+                elif any(k not in have for k in keys):
+                    err = errno.ENOENT
+                else:
+                    have.difference_update(keys)
+                errs.append((seq, err))
+            if not any(e for _, e in errs):
+                self.sets = after
+            self.theirs.send(b"".join(NLMSG.pack(36, 2, 0x100, seq, 0) + struct.pack("=i", -e) + bytes(16)
+                                      for seq, e in errs))
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+def test_element_changes_go_as_one_all_or_nothing_batch() -> None:
+    peer = FakeTables()
+    try:
+        wire = NftWire.for_socket(peer.ours)
+        hairpins = [(f"10.1.{i // 250}.{i % 250}", 6, 80, f"10.1.{i // 250}.{i % 250}") for i in range(1000)]
+        assert wire.write_elements("inet", "ipvsproxy", [
+            (True, "hairpin4", HAIRPIN, hairpins), (True, "vips4", ("ipv4_addr",), [("10.96.0.1",)])]) == 1001
+        assert peer.batches[0] == [0x10, NEWSETELEM, NEWSETELEM, NEWSETELEM, 0x11]  # 512 a message
+        assert {decode_key(HAIRPIN, k) for k in peer.sets["hairpin4"]} == set(hairpins)
+        # a delete of an element that is not there refuses the batch: the add before it is undone too
+        with pytest.raises(OSError, match="delete element inet ipvsproxy vips4") as info:
+            wire.write_elements("inet", "ipvsproxy", [(True, "vips4", ("ipv4_addr",), [("10.96.0.2",)]),
+                                                      (False, "vips4", ("ipv4_addr",), [("10.96.0.3",)])])
+        assert info.value.errno == errno.ENOENT
+        assert peer.sets["vips4"] == {v4("10.96.0.1")}
+        # add, then delete: accepted whether or not the element is there
+        wire.write_elements("inet", "ipvsproxy", [(True, "vips4", ("ipv4_addr",), [("10.96.0.3",)]),
+                                                  (False, "vips4", ("ipv4_addr",), [("10.96.0.3",), ("10.96.0.1",)])])
+        assert peer.sets["vips4"] == set()
+        assert wire.write_elements("inet", "ipvsproxy", [(True, "vips4", ("ipv4_addr",), [])]) == 0
+        assert len(peer.batches) == 3  # nothing to send: no batch
+    finally:
+        peer.close()
