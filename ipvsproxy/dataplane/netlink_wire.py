@@ -287,8 +287,9 @@ class NetlinkWire:
         length)`` reads its reply in place. Result i is request i's decoded reply, or None
         when the kernel answered with an errno in ``absent`` (e.g. "no such service"); any
         other kernel error raises ``self.error`` once the batch is read. One round trip per
-        batch instead of one per request; a receive-buffer overrun (ENOBUFS: replies lost)
-        reads the batch again, in smaller batches."""
+        batch instead of one per request, and no message more (one GET: one request, as
+        `transact`); a receive-buffer overrun (ENOBUFS: replies lost) reads the batch
+        again, in smaller batches."""
         results: list[T | None] = [None] * len(requests)
         i = 0
         attempts = 0
@@ -307,15 +308,17 @@ class NetlinkWire:
     def _gets_once(self, requests: Sequence[Req], start: int, end: int, encode: Callable[[Req, int], bytes],
                    decode: Callable[[int, int, int], T | None], absent: Collection[int],
                    what: Callable[[Req], str], results: list[T | None]) -> bool:
-        """One batch of `gets` (requests[start:end]) and a barrier; False when replies were lost."""
-        seq0 = self._next_seq(end - start)
-        parts = [encode(requests[j], (seq0 + j - start) & 0xFFFFFFFF) for j in range(start, end)]
-        last = self._next_seq()
-        parts.append(NLMSG.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, last, 0))
-        self._send(b"".join(parts), len(parts))
+        """One batch of `gets` (requests[start:end]); False when replies were lost. Each
+        request is answered by exactly one message (its reply, or an error): no barrier."""
+        count = end - start
+        seq0 = self._next_seq(count)
+        self._send(b"".join(encode(requests[j], (seq0 + j - start) & 0xFFFFFFFF) for j in range(start, end)),
+                   count)
         buf = self._buf
         failure: Exception | None = None
-        while True:
+        answered = bytearray(count)
+        left = count
+        while left:
             try:
                 n = self._recv()
             except OSError as exc:
@@ -327,12 +330,10 @@ class NetlinkWire:
                 ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
                 if ln < 16:
                     break
-                if mseq == last:
-                    if failure is not None:
-                        raise failure
-                    return True
                 k = (mseq - seq0) & 0xFFFFFFFF
-                if k < end - start:
+                if k < count and not answered[k]:
+                    answered[k] = 1
+                    left -= 1
                     if ty != NLMSG_ERROR:
                         results[start + k] = decode(ty, off, ln)
                     else:
@@ -340,6 +341,9 @@ class NetlinkWire:
                         if err and err not in absent and failure is None:
                             failure = self.error(what(requests[start + k]), err, error_text(buf, off, ln, fl))
                 off += (ln + 3) & ~3
+        if failure is not None:
+            raise failure
+        return True
 
     # -- batched requests -----------------------------------------------------------------
     def batch(self, requests: Sequence[Req], encode: Callable[[Req, int, int], bytes],

@@ -476,6 +476,8 @@ def test_services_of_pipelines_gets_and_maps_replies_by_sequence(dgram_per_reply
         assert [e is None for e in got] == [i in missing for i in range(300)]
         assert [e.svc for e in got if e is not None] == [s for i, s in enumerate(svcs) if i not in missing]
         assert kernel.sends < 30  # batches, not one send per service
+        assert len(kernel.received) == 300  # one message per service: no barrier, no ack asked for
+        assert not any(NLMSG.unpack_from(m)[2] & 0x4 for m in kernel.received)
     finally:
         kernel.close()
 
