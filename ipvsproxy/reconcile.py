@@ -288,11 +288,11 @@ class Reconciler:
     # ---- syncing ----------------------------------------------------------
     def start_sweep(self) -> None:
         """Begin a round of the rolling drift check: every virtual server desired or in the
-        kernel (one services-only dump, no real servers), compared a few per sync (compute's
+        kernel (one services-only dump, keys only), compared a few per sync (compute's
         `sweep`) against a fresh read of just those, as an incremental sync reads its scope.
         The node's own addresses are re-read now, as a full sync does."""
         self._read_local_addresses()
-        keys = set(self.index.state.services) | set(self.dp.service_stats())
+        keys = set(self.index.state.services) | self.dp.service_keys()
         self.sweep = sorted(keys, reverse=True)
 
     def compute(self, full: bool = False, sweep: int = 0) -> Computed:

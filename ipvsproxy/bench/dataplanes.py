@@ -128,6 +128,9 @@ class Sink:
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         return dict.fromkeys(keys)
 
+    def service_keys(self) -> set[VSKey]:
+        return set()
+
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         return {}
 

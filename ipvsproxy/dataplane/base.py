@@ -101,6 +101,10 @@ class Dataplane(Protocol):
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         """Every virtual server's (owned, kernel counters), without real servers: what /metrics reads."""
 
+    def service_keys(self) -> set[VSKey]:
+        """Every virtual server's key (ours and foreign) and nothing else: one services-only
+        dump, the cheapest whole-table read (the rolling drift check's round start)."""
+
     def bound_addresses(self) -> set[str]:
         """The addresses on our dummy interface (what observe() reports, without the table)."""
 

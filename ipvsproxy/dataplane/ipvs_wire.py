@@ -346,6 +346,17 @@ def decode_service(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | Non
     return SvcEntry(svc, _ZERO_STATS if not any(st) else Stats(*st))
 
 
+def decode_service_key(buf: bytes | bytearray, off: int, end: int) -> tuple[int, int, str, int] | None:
+    """Only the identity (family, protocol, address, port) of one GET_SERVICE reply: what the
+    drift check's round start needs of every virtual server, without settings or counters."""
+    v = _shaped(_svc_key_shapes, buf, off, end, _SVC_NESTS, _SVC_RAW, _SVC_ID_KEYS)
+    if v is None:
+        e = _decode_service_slow(buf, off, end)
+        return None if e is None else (e.svc.family, e.svc.protocol, e.svc.address, e.svc.port)
+    af, proto, addr, port = v
+    return af, proto, socket.inet_ntop(af, addr[:16 if af == socket.AF_INET6 else 4]), socket.ntohs(port)
+
+
 def _decode_service_slow(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | None:
     """decode_service attribute by attribute: any layout (missing, extra or reordered attributes)."""
     top = _attrs(buf, off, end).get(ATTR_SERVICE)
@@ -443,6 +454,8 @@ _SVC_RAW = frozenset({(_S, SVC_ADDR), (_S, SVC_SCHED_NAME), (_S, SVC_FLAGS)})
 _SVC_KEYS = [(_S, k) for k in (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS,
                                SVC_TIMEOUT, SVC_NETMASK)] + _stats_paths(_S, SVC_STATS64)
 _svc_shapes: dict[int, _Shape | None] = {}
+_SVC_ID_KEYS = _SVC_KEYS[:4]  # AF, PROTOCOL, ADDR, PORT
+_svc_key_shapes: dict[int, _Shape | None] = {}
 _DEST_NESTS = frozenset({(_D,), (_D, DEST_STATS), (_D, DEST_STATS64)})
 _DEST_RAW = frozenset({(_D, DEST_ADDR)})
 _dest_shapes: dict[int, _Shape | None] = {}
@@ -601,6 +614,11 @@ class IPVSWire(NetlinkWire):
         """Every (non-fwmark) virtual service with its counters."""
         out = self._dump(CMD_GET_SERVICE, b"", decode_service, "dump IPVS services")
         return [e for e in out if e is not None]
+
+    def service_keys(self) -> list[tuple[int, int, str, int]]:
+        """Every (non-fwmark) virtual service's identity: a services dump decoded no further."""
+        out = self._dump(CMD_GET_SERVICE, b"", decode_service_key, "dump IPVS services")
+        return [k for k in out if k is not None]
 
     def services_of(self, svcs: Sequence[Svc]) -> list[SvcEntry | None]:
         """`service` for many at once, pipelined (one round trip per batch, not per service)."""

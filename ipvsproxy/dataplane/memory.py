@@ -54,6 +54,10 @@ class MemoryDataplane:
             out[key] = copy.deepcopy(vs) if vs is not None else None
         return out
 
+    def service_keys(self) -> set[VSKey]:
+        self.counters.dumps += 1
+        return set(self.state.services)
+
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         self.counters.dumps += 1
         return {k: (vs.owned, dict(vs.stats)) for k, vs in self.state.services.items()}

@@ -407,6 +407,10 @@ class NetlinkDataplane:
         return {key: None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
                 for key, entry in zip(keys, entries, strict=True)}
 
+    def service_keys(self) -> set[VSKey]:
+        self.counters.dumps += 1
+        return {VSKey(*k) for k in self.wire.service_keys()}
+
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         """One services-only IPVS dump: no real servers, no addresses (what /metrics needs)."""
         self.counters.dumps += 1

@@ -105,6 +105,7 @@ def test_added_virtual_servers_are_observed_with_their_settings(dp: Dataplane) -
     assert got[VSKey(AF_INET, 6, "198.18.250.9", 80)] is None
     owned = dp.service_stats()
     assert owned[A][0] and owned[C6][0]
+    assert dp.service_keys() == set(owned) == {A, B, C6}
     assert dp.counters.ops["add-vs"] == 3 and dp.counters.ops["add-rs"] == 4
 
 

@@ -498,3 +498,13 @@ def test_services_of_raises_other_kernel_errors_after_reading_the_batch() -> Non
         assert [e.svc for e in wire.services_of(svcs[:2]) if e is not None] == svcs[:2]
     finally:
         kernel.close()
+
+
+def test_service_keys_decode_the_identity_only() -> None:
+    for svc in (SVC4, SVC6, Svc(V4, 17, "10.0.0.9", 53, "sed", 1, 300, 0xFFFFFF00)):
+        for with64 in (True, False):
+            data = svc_reply(1, svc, with64)
+            for _ in range(2):  # learns the shape, then uses it
+                assert w.decode_service_key(data, 20, len(data)) == (svc.family, svc.protocol, svc.address, svc.port)
+    data = svc_reply(1, SVC4, fwmark=7)
+    assert w.decode_service_key(data, 20, len(data)) is None
