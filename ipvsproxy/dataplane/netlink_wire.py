@@ -24,7 +24,7 @@ import errno as _errno
 import os
 import socket
 import struct
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -183,6 +183,17 @@ class NetlinkWire:
         self.counters.recv_calls += 1
         return n
 
+    def _messages(self, n: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """The messages of one receive of `n` bytes in ``self._buf``: (offset, length, type,
+        flags, sequence number) each, up to a malformed length."""
+        buf, off = self._buf, 0
+        while off + 16 <= n:
+            ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
+            if ln < 16:
+                return
+            yield off, ln, ty, fl, mseq
+            off += (ln + 3) & ~3
+
     def _drain(self) -> None:
         """Read and drop whatever is queued (e.g. the rest of an abandoned dump)."""
         while True:
@@ -211,12 +222,7 @@ class NetlinkWire:
         self._send(request(seq), 1)
         buf = self._buf
         while True:
-            n = self._recv()
-            off = 0
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
+            for off, ln, ty, fl, mseq in self._messages(self._recv()):
                 if mseq == seq:
                     if ty != NLMSG_ERROR:
                         return ty, off, ln
@@ -224,7 +230,6 @@ class NetlinkWire:
                     if err:
                         raise self.error(what, err, error_text(buf, off, ln, fl))
                     return None
-                off += (ln + 3) & ~3
 
     def dump(self, request: Callable[[int], bytes], decode: Callable[[int, int, int], T | None],
              what: str) -> list[T]:
@@ -255,11 +260,8 @@ class NetlinkWire:
                         raise
                     restart = True
                     break
-                buf, off = self._buf, 0
-                while off + 16 <= n:
-                    ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
-                    if ln < 16:
-                        break
+                buf = self._buf
+                for off, ln, ty, fl, mseq in self._messages(n):
                     if mseq == seq:
                         if ty in (NLMSG_DONE, NLMSG_ERROR):
                             err = -I32.unpack_from(buf, off + 16)[0] if ln >= 20 else 0
@@ -273,7 +275,6 @@ class NetlinkWire:
                             item = decode(ty, off, ln)
                             if item is not None:
                                 out.append(item)
-                    off += (ln + 3) & ~3
             if done:
                 return out
             self._drain()
@@ -325,11 +326,7 @@ class NetlinkWire:
                 if exc.errno != _errno.ENOBUFS:
                     raise
                 return False
-            off = 0
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
+            for off, ln, ty, fl, mseq in self._messages(n):
                 k = (mseq - seq0) & 0xFFFFFFFF
                 if k < count and not answered[k]:
                     answered[k] = 1
@@ -340,7 +337,6 @@ class NetlinkWire:
                         err = -I32.unpack_from(buf, off + 16)[0]
                         if err and err not in absent and failure is None:
                             failure = self.error(what(requests[start + k]), err, error_text(buf, off, ln, fl))
-                off += (ln + 3) & ~3
         if failure is not None:
             raise failure
         return True
@@ -409,12 +405,8 @@ class NetlinkWire:
                 last = self._next_seq()
                 self._send(NLMSG.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, last, 0), 1)
                 continue
-            off = 0
             done = False
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
+            for off, ln, ty, fl, mseq in self._messages(n):
                 if ty == NLMSG_ERROR:
                     k = (mseq - seq0) & 0xFFFFFFFF
                     if k < len(index):
@@ -425,7 +417,6 @@ class NetlinkWire:
                             results[j] = error(requests[j], err, error_text(buf, off, ln, fl))
                     if mseq == last:
                         done = True
-                off += (ln + 3) & ~3
             if done:
                 break
         if lost:

@@ -264,12 +264,7 @@ class NftWire(NetlinkWire):
         failure: Exception | None = None
         buf = self._buf
         while answered < len(what):  # every element message is acknowledged, committed or not
-            n = self._recv()
-            off = 0
-            while off + 16 <= n:
-                ln, ty, fl, mseq, _ = NLMSG.unpack_from(buf, off)
-                if ln < 16:
-                    break
+            for off, ln, ty, fl, mseq in self._messages(self._recv()):
                 k = (mseq - seq0 - 1) & 0xFFFFFFFF
                 if ty == NLMSG_ERROR and k < len(what):
                     answered += 1
@@ -281,7 +276,6 @@ class NftWire(NetlinkWire):
                     if err:
                         raise self.error(f"nf_tables transaction on {family} {table}", err,
                                          error_text(buf, off, ln, fl))
-                off += (ln + 3) & ~3
         if failure is not None:
             raise failure
         return sent
