@@ -84,6 +84,9 @@ ElementReader = Callable[["SetSpec"], set[KernelElem]]  # one set's elements, as
 # image (debian:bookworm-slim, no netbase) lacks ("Error: Could not resolve protocol name", seen
 # in the chart's DaemonSet on a real node). Listings may still print names: both are read.
 _TCP, _ICMP, _ICMPV6 = 6, 1, 58
+# Element changes up to this many go as a netlink batch of our own (a change path's few, or a
+# restart's): ~60 bytes each in one send. More (a table refilled whole) go through nft's memfd.
+NETLINK_MAX_ELEMENTS = 20_000
 
 
 class NftError(RuntimeError):
@@ -867,13 +870,19 @@ class NftFirewall:
         (~4x their JSON text: 34 MiB at 5,000 Services), and the whole text in the heap
         (built, then encoded for the pipe) ~3x."""
         elems = [c for c in cmds if isinstance(c, _Elements) and not _SPECS[kernel_set(c.name)[0]].interval]
-        if len(elems) == len(cmds) and (wire := self._netlink()) is not None:
+        if (len(elems) == len(cmds) and sum(len(c.elems) for c in elems) <= NETLINK_MAX_ELEMENTS
+                and (wire := self._netlink()) is not None):
+            from .nft_wire import Unsent
+
             try:
                 wire.write_elements(FAMILY, TABLE, [c.change() for c in elems])
+            except Unsent as exc:
+                log.info("nftables: %s; sending it through nft", exc)
             except OSError as exc:
                 raise NftError(f"nftables: {exc}", timed_out=isinstance(exc, TimeoutError)) from None
-            self.netlink_transactions += 1
-            return
+            else:
+                self.netlink_transactions += 1
+                return
         meta: dict[str, Any] = {"metainfo": {"json_schema_version": 1}}
         if not getattr(self.nft, "takes_file", False):
             self.nft({"nftables": [meta, *(c.json() if isinstance(c, _Elements) else c for c in cmds)]})

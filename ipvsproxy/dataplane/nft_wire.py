@@ -31,6 +31,7 @@ the field that holds a CIDR as ``"a.b.c.d/n"``.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -52,7 +53,7 @@ from .netlink_wire import (
     nla,
 )
 
-__all__ = ["NftWire", "decode_key", "encode_key", "ElementChange", "FIELD_SIZES"]
+__all__ = ["NftWire", "Unsent", "decode_key", "encode_key", "ElementChange", "FIELD_SIZES"]
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETSETELEM = 13
@@ -102,6 +103,10 @@ def _fields(types: Sequence[str], data: bytes) -> list[bytes]:
         out.append(data[off:off + size])
         off += (size + 3) & ~3
     return out
+
+
+class Unsent(OSError):
+    """A batch that did not reach the kernel (larger than the socket takes): nothing applied."""
 
 
 def _raw(kind: str, value: Any) -> bytes:
@@ -237,7 +242,8 @@ class NftWire(NetlinkWire):
         the number of elements sent. An add of an element that is there is no error (no
         NLM_F_EXCL, as `nft add element`); a delete of one that is not is, and as any
         refusal it cancels the whole transaction (nothing applied) and raises OSError with
-        the kernel's errno and words. No answer raises TimeoutError (the outcome unknown)."""
+        the kernel's errno and words. A batch too large for the socket raises Unsent
+        (nothing applied); no answer raises TimeoutError (the outcome unknown)."""
         nfproto = NFPROTO[family]
         seq0 = seq = self._next_seq(0)
         parts = [NLMSG.pack(16 + NFGEN.size, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0)
@@ -259,12 +265,22 @@ class NftWire(NetlinkWire):
         parts.append(NLMSG.pack(16 + NFGEN.size, NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0)
                      + NFGEN.pack(0, 0, socket.htons(NFNL_SUBSYS_NFTABLES)))
         self._seq = (seq + 1) & 0xFFFFFFFF
-        self._send(b"".join(parts), len(parts))
+        try:
+            self._send(b"".join(parts), len(parts))
+        except OSError as exc:  # a netlink send is whole or nothing: EMSGSIZE above the send buffer
+            raise Unsent(exc.errno, f"nf_tables batch of {sent} elements not sent: {exc.strerror}") from None
         answered = 0
         failure: Exception | None = None
         buf = self._buf
         while answered < len(what):  # every element message is acknowledged, committed or not
-            for off, ln, ty, fl, mseq in self._messages(self._recv()):
+            try:
+                n = self._recv()
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                raise TimeoutError(errno.ETIMEDOUT, "nf_tables batch: acknowledgements lost (receive "
+                                   "buffer overrun); whether it was applied is unknown") from None
+            for off, ln, ty, fl, mseq in self._messages(n):
                 k = (mseq - seq0 - 1) & 0xFFFFFFFF
                 if ty == NLMSG_ERROR and k < len(what):
                     answered += 1

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from ipvsproxy.dataplane.nft import SETS, _elem_from_json
-from ipvsproxy.dataplane.nft_wire import NftWire, decode_key, encode_key
+from ipvsproxy.dataplane.nft_wire import NftWire, Unsent, decode_key, encode_key
 
 NLMSG = struct.Struct("=IHHII")
 NEWSETELEM = (10 << 8) | 12
@@ -250,5 +250,49 @@ def test_element_changes_go_as_one_all_or_nothing_batch() -> None:
         assert peer.sets["vips4"] == set()
         assert wire.write_elements("inet", "ipvsproxy", [(True, "vips4", ("ipv4_addr",), [])]) == 0
         assert len(peer.batches) == 3  # nothing to send: no batch
+    finally:
+        peer.close()
+
+
+def test_a_batch_larger_than_the_socket_takes_is_unsent_and_nothing_is_applied() -> None:
+    peer = FakeTables()
+    try:
+        peer.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        wire = NftWire.for_socket(peer.ours)
+        many = [(f"10.2.{i // 250}.{i % 250}",) for i in range(5000)]
+        with pytest.raises(Unsent):
+            wire.write_elements("inet", "ipvsproxy", [(True, "vips4", ("ipv4_addr",), many)])
+        assert peer.batches == [] and peer.sets == {}
+        wire.write_elements("inet", "ipvsproxy", [(True, "vips4", ("ipv4_addr",), many[:10])])  # in step after
+        assert len(peer.sets["vips4"]) == 10
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("sndbuf", [None, 4096])
+def test_the_companion_sends_element_changes_over_netlink_and_falls_back_to_nft(sndbuf: int | None) -> None:
+    from ipvsproxy.dataplane.nft import NftFirewall
+    from tests.nftdriver import Firewall
+    from tests.unit.test_nft import BASE, FakeNft, cfg, state, svc
+
+    peer = FakeTables()
+    try:
+        nft = FakeNft()
+        fw = Firewall(cfg(), nft=nft)
+        fw.sync_state(state(*BASE))  # a new table: structure, through nft
+        assert isinstance(fw, NftFirewall) and fw.netlink_transactions == 0 and len(nft.transactions) == 1
+        if sndbuf:
+            peer.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        fw._wire, fw._use_wire = NftWire.for_socket(peer.ours), True  # a netlink socket to the fake
+        more = [svc(f"10.97.{i // 250}.{i % 250 + 1}", 443, reals=((f"10.244.3.{i % 250}", 8443),))
+                for i in range(1 if not sndbuf else 400)]
+        assert fw.sync_state(state(*BASE, *more), scope={v.key for v in more}) > 0
+        if not sndbuf:  # one batch over netlink, nft not started
+            assert fw.netlink_transactions == 1 and len(nft.transactions) == 1
+            assert {decode_key(("ipv4_addr",), k) for k in peer.sets["vips4"]} == {("10.97.0.1",)}
+        else:  # too large for the socket: the same transaction through nft
+            assert fw.netlink_transactions == 0 and len(nft.transactions) == 2 and peer.batches == []
+            sent = {c["add"]["element"]["name"]: len(c["add"]["element"]["elem"]) for c in nft.transactions[1]}
+            assert sent["vips4"] == 400 and sent["services4"] == 400
     finally:
         peer.close()
