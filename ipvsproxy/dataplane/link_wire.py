@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno as _errno
 import socket
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .addr_wire import IFA_ADDRESS, IFA_LOCAL, RTM_NEWADDR
@@ -158,8 +159,11 @@ class LinkWire(NetlinkWire):
     def delete(self, index: int) -> None:
         self._change(_link_message(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, index), f"cannot delete interface {index}")
 
-    def addresses(self, family: int, index: int | None = None) -> list[AddrInfo]:
-        """Every address of `family` (on interface `index` only, when given)."""
+    def addresses(self, family: int, index: int | None = None,
+                  other_than: Collection[int | None] = ()) -> list[AddrInfo]:
+        """Every address of `family` (on interface `index` only, when given; on none of
+        `other_than`: those are passed over before their attributes are read, as the
+        node's addresses are looked for past the 10,000 on our own interface)."""
         request = NLMSG.pack(16 + IFADDR.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 0, 0) + \
             IFADDR.pack(family, 0, 0, 0, 0)
         buf = self._buf
@@ -168,7 +172,7 @@ class LinkWire(NetlinkWire):
             if ty != RTM_NEWADDR:
                 return None
             fam, _, flags, _, idx = IFADDR.unpack_from(buf, off + 16)
-            if fam != family or (index is not None and idx != index):
+            if fam != family or (index is not None and idx != index) or idx in other_than:
                 return None
             a = attrs(buf, off + 16 + IFADDR.size, off + ln)
             full = a.get(IFA_FLAGS)

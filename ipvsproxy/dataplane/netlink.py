@@ -19,7 +19,7 @@ import re
 import socket
 import subprocess
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..config import AgentConfig
@@ -261,7 +261,8 @@ class Links(typing.Protocol):
     def set_alias(self, index: int, alias: str) -> None: ...
     def set_up(self, index: int) -> None: ...
     def delete(self, index: int) -> None: ...
-    def addresses(self, family: int, index: int | None = None) -> list[AddrInfo]: ...
+    def addresses(self, family: int, index: int | None = None,
+                  other_than: Collection[int | None] = ()) -> list[AddrInfo]: ...
     def close(self) -> None: ...
 
 
@@ -386,9 +387,9 @@ class NetlinkDataplane:
         skip = {self.ifindex(), kube_ipvs0.index if kube_ipvs0 is not None else None}
         out = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            for a in self.links.addresses(family):
+            for a in self.links.addresses(family, other_than=skip):
                 addr = a.local or a.address  # LOCAL: not a peer's
-                if addr and a.index not in skip and "%" not in addr:
+                if addr and "%" not in addr:
                     out.add(str(ipaddress.ip_address(addr)))  # spelled as Service IPs are
         return out
 

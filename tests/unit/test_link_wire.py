@@ -172,10 +172,11 @@ def test_address_dumps_read_every_message_of_one_family_and_filter_by_interface(
         (1, "127.0.0.1", "127.0.0.1"), (3, "198.18.0.1", "198.18.0.1"), (4, "10.9.9.11", "10.9.9.10"),
         (3, "198.18.0.2", "198.18.0.2")]
     assert [a.address for a in wire.addresses(socket.AF_INET, 3)] == ["198.18.0.1", "198.18.0.2"]
+    assert [a.address for a in wire.addresses(socket.AF_INET, other_than={3, None})] == ["127.0.0.1", "10.9.9.11"]
     assert wire.addresses(socket.AF_INET6, 3) == [AddrInfo(3, socket.AF_INET6, "fd00::9", None, 0x82),
                                                   AddrInfo(3, socket.AF_INET6, "fe80::1", None, 0x80),
                                                   AddrInfo(3, socket.AF_INET6, "fd00::a", None, 0x02)]
-    assert kernel.requests == [("dump", 2), ("dump", 2), ("dump", 10)]
+    assert kernel.requests == [("dump", 2), ("dump", 2), ("dump", 2), ("dump", 10)]
 
 
 def test_the_agent_never_imports_pyroute2() -> None:

@@ -7,6 +7,7 @@ decisions: what is written, created, marked, refused, and in which order."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ class FakeLinks:
         self._get(index, "delete")
         del self.links[index]
 
-    def addresses(self, family: int, index: int | None = None) -> list[AddrInfo]:
+    def addresses(self, family: int, index: int | None = None,
+                  other_than: Collection[int | None] = ()) -> list[AddrInfo]:
         return []
 
     def close(self) -> None:
