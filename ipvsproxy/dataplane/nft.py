@@ -176,18 +176,20 @@ class _Elements:
             ordered = sorted(self.elems)
         except TypeError:
             ordered = sorted(self.elems, key=repr)
+        return self._kernel(ordered)
+
+    def _kernel(self, elems: Iterable[Elem]) -> Iterator[KernelElem]:
+        """Counted elements as the kernel's set spells them (one at a time)."""
         proto = kernel_set(self.name)[1]
-        return (_kernel_elem(e) for e in ordered) if proto is None else (_hairpin_elem(proto, r) for r in ordered)
+        return (_kernel_elem(e) for e in elems) if proto is None else (_hairpin_elem(proto, r) for r in elems)
 
     def json(self) -> dict[str, Any]:
         return {self.verb: {"element": {**self._head(), "elem": [_to_json(e) for e in self._sorted()]}}}
 
     def change(self) -> ElementChange:
         """The command for nft_wire.write_elements (elements in no particular order)."""
-        base, proto = kernel_set(self.name)
-        elems = (_kernel_elem(e) for e in self.elems) if proto is None else \
-            (_hairpin_elem(proto, r) for r in self.elems)
-        return self.verb == "add", base, _SPECS[base].type, elems
+        base = kernel_set(self.name)[0]
+        return self.verb == "add", base, _SPECS[base].type, self._kernel(self.elems)
 
     def write(self, out: TextIO) -> None:
         """The same command as json(), written as JSON text one element at a time."""
