@@ -320,8 +320,12 @@ def _u32(buf: bytes | bytearray, a: dict[int, tuple[int, int]], k: int) -> int:
 
 
 def _addr(buf: bytes | bytearray, family: int, where: tuple[int, int]) -> str:
-    n = 16 if family == socket.AF_INET6 else 4
-    return socket.inet_ntop(family, bytes(buf[where[0]:where[0] + n]))
+    return _ntop(family, bytes(buf[where[0]:where[0] + 16]))
+
+
+def _ntop(family: int, raw: bytes) -> str:
+    """A 16-byte `union nf_inet_addr` as text (IPv4 in its first 4 bytes)."""
+    return socket.inet_ntop(family, raw[:16] if family == socket.AF_INET6 else raw[:4])
 
 
 def _port(buf: bytes | bytearray, a: dict[int, tuple[int, int]], k: int) -> int:
@@ -339,8 +343,7 @@ def decode_service(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | Non
     if v is None:
         return _decode_service_slow(buf, off, end)
     (af, proto, addr, port, sched, fl, timeout, netmask, *st) = v
-    n = 16 if af == socket.AF_INET6 else 4
-    svc = Svc(af, proto, socket.inet_ntop(af, addr[:n]), socket.ntohs(port), sched.split(b"\0", 1)[0].decode(),
+    svc = Svc(af, proto, _ntop(af, addr), socket.ntohs(port), sched.split(b"\0", 1)[0].decode(),
               _U32.unpack_from(fl)[0] & ~IP_VS_SVC_F_HASHED, timeout,
               netmask if af == socket.AF_INET6 else socket.ntohl(netmask))
     return SvcEntry(svc, _ZERO_STATS if not any(st) else Stats(*st))
@@ -354,7 +357,7 @@ def decode_service_key(buf: bytes | bytearray, off: int, end: int) -> tuple[int,
         e = _decode_service_slow(buf, off, end)
         return None if e is None else (e.svc.family, e.svc.protocol, e.svc.address, e.svc.port)
     af, proto, addr, port = v
-    return af, proto, socket.inet_ntop(af, addr[:16 if af == socket.AF_INET6 else 4]), socket.ntohs(port)
+    return af, proto, _ntop(af, addr), socket.ntohs(port)
 
 
 def _decode_service_slow(buf: bytes | bytearray, off: int, end: int) -> SvcEntry | None:
@@ -467,8 +470,7 @@ def _dest_decoder(svc_family: int) -> Callable[[bytes | bytearray, int, int], De
         if v is None:
             return _decode_dest_slow(buf, off, end, svc_family)
         (addr, port, fwd, weight, u_th, l_th, act, inact, pers, af, *st) = v
-        n = 16 if af == socket.AF_INET6 else 4
-        dest = Dest(socket.inet_ntop(af, addr[:n]), socket.ntohs(port), weight,
+        dest = Dest(_ntop(af, addr), socket.ntohs(port), weight,
                     fwd & FWD_MASK, 0 if af == svc_family else af, u_th, l_th)
         return DestEntry(dest, act, inact, pers, _ZERO_STATS if not any(st) else Stats(*st))
     return decode
@@ -621,7 +623,8 @@ class IPVSWire(NetlinkWire):
         return [k for k in out if k is not None]
 
     def services_of(self, svcs: Sequence[Svc]) -> list[SvcEntry | None]:
-        """`service` for many at once, pipelined (one round trip per batch, not per service)."""
+        """Each service as the kernel has it (None: it does not exist), pipelined: one round
+        trip per batch of GET_SERVICE requests, not one per service."""
         fam = self._family
 
         def encode(svc: Svc, seq: int) -> bytes:
