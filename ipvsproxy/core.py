@@ -215,9 +215,9 @@ class NodeCore:
         sweep = 0
         if self.rolling:  # full only at start-up, on SIGHUP or after a failed sync
             full = self.full_requested or self.reconciler.need_full
-            if not full and (due or self.reconciler.sweep):
+            if not full and (due or self.reconciler.sweeping):
                 sweep = max(SWEEP_MIN, int(SWEEP_SHARE * self.min_period / self.sweep_cost))
-            if full or (due and not self.reconciler.sweep):  # a round begins (or a full sync did it all)
+            if full or (due and not self.reconciler.sweeping):  # a round begins (or a full sync did it all)
                 self.last_full = now
         else:
             full = self.full_requested or due
@@ -239,5 +239,5 @@ class NodeCore:
             drain_check=self.drain_check if self.reconciler.draining else None,
             backoff=self.backoff if self.failures else None,
             retry=self.reconciler.next_retry(),
-            sweep=self.min_period if self.reconciler.sweep else None,
+            sweep=self.min_period if self.reconciler.sweeping else None,
         )

@@ -14,7 +14,7 @@ with its netlink exchanges timed (`run --timings`, the kernel benchmark).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..config import AgentConfig
@@ -104,6 +104,13 @@ class TimedFirewall:
         finally:
             self.seconds += time.perf_counter() - t
 
+    def check_step(self, budget: int) -> int:
+        t = time.perf_counter()
+        try:
+            return self.inner.check_step(budget)
+        finally:
+            self.seconds += time.perf_counter() - t
+
     @property
     def behind(self) -> bool:
         return self.inner.behind
@@ -128,8 +135,8 @@ class Sink:
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         return dict.fromkeys(keys)
 
-    def service_keys(self) -> set[VSKey]:
-        return set()
+    def service_key_pages(self) -> Generator[list[VSKey] | None, None, None]:
+        yield from ()
 
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         return {}

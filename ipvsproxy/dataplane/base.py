@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -101,9 +101,11 @@ class Dataplane(Protocol):
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         """Every virtual server's (owned, kernel counters), without real servers: what /metrics reads."""
 
-    def service_keys(self) -> set[VSKey]:
-        """Every virtual server's key (ours and foreign) and nothing else: one services-only
-        dump, the cheapest whole-table read (the rolling drift check's round start)."""
+    def service_key_pages(self) -> Generator[list[VSKey] | None, None, None]:
+        """Every virtual server's key (ours and foreign) and nothing else, a page at a time as
+        the kernel fills its dump: the cheapest whole-table read, which the rolling drift check
+        reads a few pages per step beside the other requests. None: the dump restarted, and
+        keys already given come again. Closing the iterator ends the dump."""
 
     def bound_addresses(self) -> set[str]:
         """The addresses on our dummy interface (what observe() reports, without the table)."""

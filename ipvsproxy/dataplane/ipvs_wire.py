@@ -27,7 +27,7 @@ import operator
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeVar
@@ -524,6 +524,16 @@ class IPVSWire(NetlinkWire):
         self._family = family_id
         return self
 
+    def twin(self) -> IPVSWire:
+        """A socket of its own to the same family (its id known: no lookup), for a dump read a
+        few pages at a time between this socket's requests (`service_key_pages`)."""
+        sock = open_socket(NETLINK_GENERIC)
+        try:
+            return IPVSWire.for_socket(sock, self._family, self._batch, self._ack_all)
+        except BaseException:
+            sock.close()
+            raise
+
     def __enter__(self) -> IPVSWire:
         return self
 
@@ -614,13 +624,14 @@ class IPVSWire(NetlinkWire):
     # -- dumps ----------------------------------------------------------------------------
     def services(self) -> list[SvcEntry]:
         """Every (non-fwmark) virtual service with its counters."""
-        out = self._dump(CMD_GET_SERVICE, b"", decode_service, "dump IPVS services")
-        return [e for e in out if e is not None]
+        return self._dump(CMD_GET_SERVICE, b"", decode_service, "dump IPVS services")
 
-    def service_keys(self) -> list[tuple[int, int, str, int]]:
-        """Every (non-fwmark) virtual service's identity: a services dump decoded no further."""
-        out = self._dump(CMD_GET_SERVICE, b"", decode_service_key, "dump IPVS services")
-        return [k for k in out if k is not None]
+    def service_key_pages(self) -> Iterator[list[tuple[int, int, str, int]] | None]:
+        """Every (non-fwmark) virtual service's identity, a page per receive as the kernel fills
+        the dump (a services dump decoded no further); None: the dump restarted, the keys come
+        again (`NetlinkWire.pages`). Read it on a `twin`: nothing else can be read on this
+        socket until the dump has ended."""
+        return self.pages(*self._dump_parts(CMD_GET_SERVICE, b"", decode_service_key), "dump IPVS services")
 
     def services_of(self, svcs: Sequence[Svc]) -> list[SvcEntry | None]:
         """Each service as the kernel has it (None: it does not exist), pipelined: one round
@@ -640,21 +651,24 @@ class IPVSWire(NetlinkWire):
 
     def dests(self, svc: Svc) -> list[DestEntry]:
         """Destinations of one service, newest first ([] if the service does not exist)."""
-        out = self._dump(CMD_GET_DEST, _svc_id(svc), _dest_decoder(svc.family),
-                         "dump IPVS destinations")
-        return [e for e in out if e is not None]
+        return self._dump(CMD_GET_DEST, _svc_id(svc), _dest_decoder(svc.family), "dump IPVS destinations")
 
     def table(self) -> list[tuple[SvcEntry, list[DestEntry]]]:
         """The whole table: each service with its destinations."""
         return [(e, self.dests(e.svc)) for e in self.services()]
 
     def _dump(self, cmd: int, payload: bytes,
-              decode: Callable[[bytes | bytearray, int, int], T], what: str) -> list[T]:
+              decode: Callable[[bytes | bytearray, int, int], T | None], what: str) -> list[T]:
         """One NLM_F_DUMP request of the IPVS family, read to its NLMSG_DONE.
 
         IPVS dumps always span two kernel callbacks (data, then DONE), so a
         second request in the same send would get EBUSY: one at a time.
         """
+        return self.dump(*self._dump_parts(cmd, payload, decode), what)
+
+    def _dump_parts(self, cmd: int, payload: bytes, decode: Callable[[bytes | bytearray, int, int], T | None],
+                    ) -> tuple[Callable[[int], bytes], Callable[[int, int, int], T | None]]:
+        """The request and the per-message decoder of one dump of `cmd` (`NetlinkWire.dump`)."""
         fam, buf = self._family, self._buf
 
         def request(seq: int) -> bytes:
@@ -664,4 +678,4 @@ class IPVSWire(NetlinkWire):
         def one(ty: int, off: int, ln: int) -> T | None:  # None (e.g. a firewall-mark service): skipped
             return decode(buf, off + 20, off + ln) if ty == fam else None
 
-        return self.dump(request, one, what)
+        return request, one

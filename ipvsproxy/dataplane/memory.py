@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import copy
 import errno
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 
 from ..model import ObservedState, ObservedVS, VSKey
 from ..plan import Op, OpKind, apply_op
 from .base import Counters, Failure, describe_failure, harmless
+
+# Keys per page of service_key_pages: about what one receive of the kernel's services dump
+# holds (a reply skb of up to 32 KiB, ~300 bytes per service with its counters).
+KEYS_PER_PAGE = 100
 
 
 class MemoryDataplane:
@@ -54,9 +58,11 @@ class MemoryDataplane:
             out[key] = copy.deepcopy(vs) if vs is not None else None
         return out
 
-    def service_keys(self) -> set[VSKey]:
+    def service_key_pages(self) -> Generator[list[VSKey] | None, None, None]:
         self.counters.dumps += 1
-        return set(self.state.services)
+        keys = list(self.state.services)
+        for i in range(0, len(keys), KEYS_PER_PAGE):
+            yield keys[i:i + KEYS_PER_PAGE]
 
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         self.counters.dumps += 1

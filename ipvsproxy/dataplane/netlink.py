@@ -19,7 +19,7 @@ import re
 import socket
 import subprocess
 import typing
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..config import AgentConfig
@@ -408,9 +408,11 @@ class NetlinkDataplane:
         return {key: None if entry is None else observed_vs(entry, self.wire.dests(entry.svc))
                 for key, entry in zip(keys, entries, strict=True)}
 
-    def service_keys(self) -> set[VSKey]:
+    def service_key_pages(self) -> Generator[list[VSKey] | None, None, None]:
         self.counters.dumps += 1
-        return {VSKey(*k) for k in self.wire.service_keys()}
+        with self.wire.twin() as wire:  # a socket of its own: this one serves the syncs meanwhile
+            for page in wire.service_key_pages():
+                yield None if page is None else [VSKey(*k) for k in page]
 
     def service_stats(self) -> dict[VSKey, tuple[bool, Mapping[str, int]]]:
         """One services-only IPVS dump: no real servers, no addresses (what /metrics needs)."""

@@ -236,21 +236,34 @@ class NetlinkWire:
         """Send one dump request (``request(seq)`` packs the whole message, with
         NLM_F_DUMP) and decode every reply message until NLMSG_DONE:
         ``decode(type, offset, length)`` reads the message from ``self._buf``
-        and returns an item for the result (None: nothing).
+        and returns an item for the result (None: nothing). `pages` says how
+        it is read; a restarted dump's items are counted once."""
+        out: list[T] = []
+        for page in self.pages(request, decode, what):
+            if page is None:
+                out.clear()
+            else:
+                out.extend(page)
+        return out
 
-        Dumps cannot be pipelined: netlink runs one dump per socket, so each
-        costs one send and as many receives as the replies fill. A kernel
-        error ends the dump with ``self.error``. Replies dropped by a
-        receive-buffer overrun (ENOBUFS), or EBUSY (a stale dump of an
-        interrupted call still running), restart the dump from the beginning
-        (what was decoded is thrown away), up to five times; ENOBUFS in the
-        final message means the dump started but could not queue yet, and it
-        goes on.
+    def pages(self, request: Callable[[int], bytes], decode: Callable[[int, int, int], T | None],
+              what: str) -> Iterator[list[T] | None]:
+        """One dump, read as the kernel fills it: a list of decoded items per receive, so a
+        caller can read a few pages, do other work, and come back (on a socket of its own:
+        netlink runs one dump per socket, and nothing else can be read on it meanwhile).
+
+        Dumps cannot be pipelined, so each costs one send and as many receives as the
+        replies fill. A kernel error ends the dump with ``self.error``. Replies dropped by
+        a receive-buffer overrun (ENOBUFS), or EBUSY (a stale dump of an interrupted call
+        still running), restart the dump from the beginning, up to five times: None is
+        yielded first, and the items already yielded come again. ENOBUFS in the final
+        message means the dump started but could not queue yet, and it goes on.
         """
-        for _attempt in range(5):
+        for attempt in range(5):
+            if attempt:
+                yield None
             seq = self._next_seq()
             self._send(request(seq), 1)
-            out: list[T] = []
             restart = done = False
             while not (done or restart):
                 try:
@@ -261,6 +274,7 @@ class NetlinkWire:
                     restart = True
                     break
                 buf = self._buf
+                page: list[T] = []
                 for off, ln, ty, fl, mseq in self._messages(n):
                     if mseq == seq:
                         if ty in (NLMSG_DONE, NLMSG_ERROR):
@@ -274,9 +288,11 @@ class NetlinkWire:
                         else:
                             item = decode(ty, off, ln)
                             if item is not None:
-                                out.append(item)
+                                page.append(item)
+                if page:
+                    yield page
             if done:
-                return out
+                return
             self._drain()
         raise self.error(what, _errno.EBUSY, "netlink dump kept failing (EBUSY/ENOBUFS)")
 

@@ -43,8 +43,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from ..config import AgentConfig
@@ -521,6 +521,26 @@ def parse_listing(doc: dict[str, Any]) -> Listing:
 # ---- the firewall ----------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Check:
+    """The rolling drift check under way (`NftFirewall.check_step`): one set read at a time,
+    a few pages per step, then compared with the counts."""
+
+    left: list[SetSpec]  # the sets still to read, taken from the end
+    spec: SetSpec | None = None  # the set being read
+    pages: Generator[list[KernelElem] | None, None, None] | None = None  # its elements, not yet all read
+    names: frozenset[str] = frozenset()  # its count sets (hairpin4: one per protocol, and itself)
+    have: set[KernelElem] = field(default_factory=set)  # what the kernel holds, as read so far
+    # Elements of the set being read that this companion added or deleted since its read
+    # began: the read may have seen them before or after; the counts know them anyway.
+    touched: set[tuple[str, Elem]] = field(default_factory=set)
+
+    def close(self) -> None:
+        if self.pages is not None:
+            self.pages.close()
+        self.pages = None
+
+
 class NftFirewall:
     """Keeps table ``inet ipvsproxy`` in step with the desired state.
 
@@ -574,6 +594,8 @@ class NftFirewall:
         self._pending: dict[str, dict[Elem, bool | None]] = {}
         self._verified = False  # the table's structure is ours and its elements are counts + pending
         self._repair = False  # nft refused a transaction: read the table at the next sync
+        self._check: _Check | None = None  # the rolling drift check under way (check_step)
+        self.checks = 0  # rolling drift checks completed
 
     @property
     def behind(self) -> bool:
@@ -646,6 +668,8 @@ class NftFirewall:
         """Bring the counts in step with a change delta; with `track`, every element
         whose presence changes joins the pending ones (with what the kernel held)."""
         pending = self._pending
+        chk = self._check
+        reading = chk.names if chk is not None and chk.pages is not None else frozenset()
 
         def bump(pairs: Iterable[tuple[str, Elem]], step: int) -> None:
             for name, elem in pairs:
@@ -655,8 +679,11 @@ class NftFirewall:
                     counts[elem] = n + step
                 else:
                     counts.pop(elem, None)
-                if track and (n > 0) != (n + step > 0):
-                    pending.setdefault(name, {}).setdefault(elem, n > 0)
+                if (n > 0) != (n + step > 0):
+                    if track:
+                        pending.setdefault(name, {}).setdefault(elem, n > 0)
+                    if name in reading:
+                        chk.touched.add((name, elem))  # type: ignore[union-attr]
 
         for change in delta.values():
             if change.old is change.new:
@@ -793,6 +820,122 @@ class NftFirewall:
         self.reads += 1
         return cmds, nrules, _by_count_set(known)
 
+    def check_step(self, budget: int) -> int:
+        """One step of the rolling drift check (`--resync rolling`): read about `budget` more
+        of the kernel's set elements, one set at a time (the structure first, tersely), and
+        repair what a set read whole holds against the counts, in one transaction. Elements
+        this companion added or deleted while their set was being read are left out of the
+        comparison (the read may have seen them either way; the counts know them), as are
+        those still pending. Returns the number of elements repaired. A full sync
+        (`sync(full=True)`) reads everything at once and ends a check under way; a set that
+        cannot be read, or a structure that is not ours, makes the next sync a full read."""
+        if not self._verified or self._repair:
+            return 0  # the next sync reads the whole table anyway
+        chk = self._check
+        try:
+            if chk is None:
+                cmds, _, _ = self._structure(self._structure_listing())
+                if len(cmds) > 1:
+                    log.warning("nftables: table %s %s is not as this version makes it; the next sync "
+                                "reads and repairs it whole", FAMILY, TABLE)
+                    self._repair = True
+                    return 0
+                chk = self._check = _Check(list(reversed(SETS)))
+            dels: list[tuple[str, Collection[Elem]]] = []
+            adds: list[tuple[str, Collection[Elem]]] = []
+            while budget > 0:
+                if chk.pages is None:
+                    if not chk.left:
+                        self._check = None
+                        self.checks += 1
+                        break
+                    spec = chk.spec = chk.left.pop()
+                    chk.names = frozenset(n for n in COUNT_NAMES if kernel_set(n)[0] == spec.name)
+                    chk.pages = self._set_pages(spec)
+                try:
+                    page = next(chk.pages)
+                except StopIteration:
+                    chk.pages = None
+                    self._compare(chk, dels, adds)
+                    continue
+                if page is None:  # the dump restarted
+                    chk.have.clear()
+                else:
+                    chk.have.update(page)
+                    budget -= max(1, len(page))
+        except NftError as exc:
+            self._end_check()
+            self._repair = True
+            log.warning("nftables: drift check: %s; the next sync reads the table whole", exc)
+            return 0
+        changes = sum(len(e) for _, e in dels) + sum(len(e) for _, e in adds)
+        if changes:
+            log.info("nftables: drift check: repairing %d elements changed behind the agent's back", changes)
+            try:  # a delete goes as add + delete: it stays harmless if the element went meanwhile
+                self._send([*(self._elements_cmd("add", n, e) for n, e in dels),
+                            *(self._elements_cmd("delete", n, e) for n, e in dels),
+                            *(self._elements_cmd("add", n, e) for n, e in adds)])
+            except Exception:
+                self._repair = True
+                raise
+            self.transactions += 1
+        return changes
+
+    def _compare(self, chk: _Check, dels: list[tuple[str, Collection[Elem]]],
+                 adds: list[tuple[str, Collection[Elem]]]) -> None:
+        """A set read whole by the drift check against the counts: what to delete and add."""
+        spec = chk.spec
+        assert spec is not None
+        counted = _by_count_set({spec.name: chk.have})
+        touched = chk.touched
+        for name in chk.names:
+            want, got, pending = self._counts[name], counted[name], self._pending.get(name, {})
+            gone = {e for e in got if e not in want and e not in pending and (name, e) not in touched}
+            new = {e for e in want if e not in got and e not in pending and (name, e) not in touched}
+            if new and touched and (wire := self._netlink()) is not None and not spec.interval:
+                # The set changed while it was read, and the kernel resumes a dump by count: an
+                # element may have been passed over. Ask for the ones that seem missing.
+                ordered = list(new)
+                try:
+                    there = wire.present(FAMILY, TABLE, spec.name, spec.type,
+                                         list(_Elements("add", name, ordered)._kernel(ordered)))
+                except OSError as exc:
+                    raise NftError(str(exc)) from None
+                new = {e for e, found in zip(ordered, there, strict=True) if not found}
+            if gone:
+                dels.append((name, gone))
+            if new:
+                adds.append((name, new))
+        chk.have, chk.touched = set(), set()
+
+    def _set_pages(self, spec: SetSpec) -> Generator[list[KernelElem] | None, None, None]:
+        """One set's elements for the drift check: a page per receive over a netlink socket of
+        its own (this one sends transactions between the pages), or, for an interval set (its
+        start and end elements pair up across the dump) and without netlink, whole."""
+        if not spec.interval and self._use_wire and self._netlink() is not None:
+            from .nft_wire import NftWire
+
+            try:
+                with NftWire() as wire:
+                    yield from wire.element_pages(FAMILY, TABLE, spec.name, spec.type, cidr=spec.cidr)
+            except OSError as exc:
+                raise NftError(str(exc)) from None
+            return
+        reader = self._element_reader()
+        if reader is not None:
+            yield list(reader(spec))
+            return
+        self.listings += 1
+        listed = parse_listing(self.nft({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}))
+        if spec.name not in listed.sets:
+            raise NftError(f"set {spec.name} is missing")
+        yield [_elem_from_json(e, spec) for e in listed.sets[spec.name].get("elem", [])]
+
+    def _end_check(self) -> None:
+        if self._check is not None:
+            self._check.close()
+            self._check = None
+
     def sync(self, delta: Delta, full: bool = False) -> int:
         """Apply a change delta to the table in one transaction; with `full`
         (or at start-up, or after a refusal) read the table and repair drift
@@ -808,6 +951,7 @@ class NftFirewall:
         adds: list[tuple[str, Collection[Elem]]] = []
         read = full or not self._verified or self._repair
         if read:
+            self._end_check()  # the whole table is read now: a rolling check under way has nothing left
             self._repair = False  # one attempt: a read that fails is not retried on the change path
             try:
                 structure, changes, known = self._read()
@@ -906,7 +1050,8 @@ class NftFirewall:
             runner(raw)
 
     def close(self) -> None:
-        """Close the netlink socket (reopened when a read needs it)."""
+        """Close the netlink socket (reopened when a read needs it) and a drift check's."""
+        self._end_check()
         if self._wire is not None:
             self._wire.close()
             self._wire, self._reader = None, None

@@ -35,7 +35,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .netlink_wire import (
@@ -199,6 +199,32 @@ class NftWire(NetlinkWire):
 
         Raises OSError (ENOENT when the table or set does not exist).
         """
+        request, decode, what = self._element_dump(family, table, name)
+        if interval and len(types) == 1:  # start and end flags pair up across the whole dump
+            raw = [e for batch in self.dump(request, decode, what) for e in batch]
+            return _intervals(types[0], [(key, bool(flags & NFT_SET_ELEM_INTERVAL_END)) for key, _, flags in raw])
+        out: set[Elem] = set()
+        for page in self.element_pages(family, table, name, types, cidr=cidr):
+            if page is None:
+                out.clear()
+            else:
+                out.update(page)
+        return out
+
+    def element_pages(self, family: str, table: str, name: str, types: Sequence[str], *,
+                      cidr: int | None = None) -> Iterator[list[Elem] | None]:
+        """The elements of a set that is not a plain interval set, a page per receive as the
+        kernel fills the dump (None: it restarted, elements come again; `NetlinkWire.pages`).
+        Read on a socket of its own: nothing else can be read on it meanwhile."""
+        request, decode, what = self._element_dump(family, table, name)
+        for page in self.pages(request, decode, what):
+            yield None if page is None else [decode_key(types, key, key_end, cidr)
+                                             for batch in page for key, key_end, _ in batch]
+
+    def _element_dump(self, family: str, table: str, name: str) -> tuple[
+            Callable[[int], bytes], Callable[[int, int, int], list[tuple[bytes, bytes | None, int]] | None], str]:
+        """The request, the per-message decoder (raw key, key end, flags of each element) and
+        the words of one set's element dump."""
         body = (nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                 + nla(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
         nfproto = NFPROTO[family]
@@ -207,7 +233,6 @@ class NftWire(NetlinkWire):
             return nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, nfproto,
                                 body)
 
-        plain_interval = interval and len(types) == 1
         buf = self._buf
 
         def decode(ty: int, off: int, ln: int) -> list[tuple[bytes, bytes | None, int]] | None:
@@ -232,10 +257,25 @@ class NftWire(NetlinkWire):
                 o += (eln + 3) & ~3
             return found
 
-        raw = [e for batch in self.dump(request, decode, f"list set {family} {table} {name}") for e in batch]
-        if plain_interval:
-            return _intervals(types[0], [(key, bool(flags & NFT_SET_ELEM_INTERVAL_END)) for key, _, flags in raw])
-        return {decode_key(types, key, key_end, cidr) for key, key_end, _ in raw}
+        return request, decode, f"list set {family} {table} {name}"
+
+    def present(self, family: str, table: str, name: str, types: Sequence[str], elems: Sequence[Elem]) -> list[bool]:
+        """Whether each element is in set ``family table name`` (of a set that is not an
+        interval set): one GETSETELEM request each, many per send (`NetlinkWire.gets`). A set's
+        dump read while it changes may pass over an element (the kernel resumes it by count);
+        this asks for exactly those elements."""
+        nfproto = NFPROTO[family]
+        reply = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_GETSETELEM - 1)  # NFT_MSG_NEWSETELEM
+
+        def encode(elem: Elem, seq: int) -> bytes:
+            return nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETSETELEM, NLM_F_REQUEST, seq, nfproto,
+                                _elements_body(table, name, [encode_key(types, elem)]))
+
+        def decode(ty: int, off: int, ln: int) -> bool | None:
+            return True if ty == reply else None
+
+        found = self.gets(elems, encode, decode, (errno.ENOENT,), lambda e: f"get element {e} of set {name}")
+        return [f is not None for f in found]
 
     def write_elements(self, family: str, table: str, changes: Sequence[ElementChange]) -> int:
         """Apply element adds and deletes as one nf_tables transaction, in order; returns

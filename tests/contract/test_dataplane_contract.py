@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
@@ -105,8 +105,36 @@ def test_added_virtual_servers_are_observed_with_their_settings(dp: Dataplane) -
     assert got[VSKey(AF_INET, 6, "198.18.250.9", 80)] is None
     owned = dp.service_stats()
     assert owned[A][0] and owned[C6][0]
-    assert dp.service_keys() == set(owned) == {A, B, C6}
+    assert keys_of(dp.service_key_pages()) == set(owned) == {A, B, C6}
     assert dp.counters.ops["add-vs"] == 3 and dp.counters.ops["add-rs"] == 4
+
+
+def keys_of(pages: Iterable[list[VSKey] | None]) -> set[VSKey]:
+    out: set[VSKey] = set()
+    for page in pages:
+        out.update(page or ())
+    return out
+
+
+def test_the_key_dump_is_read_a_page_at_a_time_beside_other_requests(dp: Dataplane) -> None:
+    many = [VSKey(AF_INET, 6, f"198.18.252.{i // 200}", 1000 + i % 200) for i in range(450)]
+    try:
+        assert dp.apply([op for k in many for op in add(vs(k))]) == []
+        pages = dp.service_key_pages()
+        first = next(pages)
+        assert first and len(first) < len(many)  # a page, not the whole table
+        # meanwhile the dataplane serves the syncs: a write, a read
+        assert dp.apply(add(vs(A, R1))) == []
+        assert dp.observe_keys([A])[A] is not None
+        seen = set(first) | keys_of(pages)
+        assert set(many) <= seen
+        abandoned = dp.service_key_pages()
+        assert next(abandoned)
+        abandoned.close()  # a dump given up half-way leaves nothing behind
+        assert keys_of(dp.service_key_pages()) >= set(many) | {A}
+        assert dp.observe_keys([B])[B] is None
+    finally:
+        dp.apply([Op(OpKind.DEL_VS, k) for k in many])
 
 
 def test_adding_an_existing_virtual_server_or_real_server_is_refused_eexist(dp: Dataplane) -> None:

@@ -367,6 +367,46 @@ def test_sets_read_over_netlink_equal_the_nft_listing_and_full_syncs_repair_drif
     assert fw.elements() == fw.desired_elements(desired())
 
 
+def test_the_rolling_check_reads_a_few_pages_a_step_over_netlink_and_repairs_only_drift(clean: None) -> None:
+    """--resync rolling: the companion's drift check reads one set at a time, a few netlink pages a
+    step (on a socket of its own, while changes go out as usual), and repairs what changed behind
+    its back, not what it changed itself while a set was being read."""
+    def many(n: int, start: int = 0) -> list[VirtualServer]:
+        return [vs(f"10.97.{i // 250}.{i % 250 + 1}", 80, "ClusterIP",
+                   [(f"198.18.3.{i % 200 + 1}", 8000 + k) for k in range(3)]) for i in range(start, start + n)]
+
+    solo = vs("10.97.9.1", 80, "ClusterIP", [("198.18.4.100", 6000)])  # its hairpin element its own
+    servers = [solo, *many(600)]
+    want = DesiredState.of(servers, {v.key.address for v in servers})
+    fw = firewall()
+    assert fw.sync_state(want) > 0
+    reads = fw.reads
+    sh("nft", "delete", "element", "inet", TABLE, "services4", "{", "10.97.1.7 . tcp . 80", "}")
+    sh("nft", "add", "element", "inet", TABLE, "hairpin4", "{", "198.18.3.9 . tcp . 9999 . 198.18.3.9", "}")
+    sh("nft", "delete", "element", "inet", TABLE, "vips4", "{", "10.97.2.1", "}")
+    steps, repaired, changed = 0, 0, False
+    checks = fw.checks
+    while fw.checks == checks:
+        repaired += fw.check_step(200)
+        steps += 1
+        chk = fw._check
+        if not changed and chk is not None and chk.spec is not None and chk.spec.name == "hairpin4" and chk.have:
+            # a change while hairpin4 is half read: one Service more, one less, each with hairpin
+            # elements of its own
+            extra = vs("10.97.9.2", 80, "ClusterIP", [("198.18.4.1", 7000), ("198.18.4.2", 7000)])
+            servers = [*servers, extra]
+            fw.sync_state(DesiredState.of(servers, {v.key.address for v in servers}), scope={extra.key})
+            servers.remove(solo)
+            fw.sync_state(DesiredState.of(servers, {v.key.address for v in servers}), scope={solo.key})
+            changed = True
+        assert steps < 200
+    want = DesiredState.of(servers, {v.key.address for v in servers})
+    assert changed and repaired == 3  # the drift, and nothing of what it changed itself meanwhile
+    assert steps > 10  # 600 + 600 + 1,800 elements and more, 200 a step: never the whole table at once
+    assert fw.reads == reads  # no whole-table read
+    assert fw.elements() == fw.desired_elements(want)
+
+
 def test_companion_cost_with_the_real_nft_reads_nothing_on_the_change_path() -> None:
     """`ipvsproxy bench --nft-cost`: the companion alone, real nft, in its own network
     namespace: every change is one transaction and no read, and the table ends as wanted."""

@@ -500,6 +500,33 @@ def test_services_of_raises_other_kernel_errors_after_reading_the_batch() -> Non
         kernel.close()
 
 
+def test_the_key_dump_comes_a_receive_at_a_time_and_a_restart_says_so() -> None:
+    svcs = [Svc(V4, 6, f"10.2.0.{i + 1}", 80) for i in range(3)]
+    dumps: list[int] = []
+
+    def policy(i: int, cmd: int, fl: int, m: bytes) -> int | list[bytes]:
+        assert cmd == w.CMD_GET_SERVICE and fl & 0x300 == 0x300
+        seq = NLMSG.unpack_from(m)[3]
+        dumps.append(i)
+        if len(dumps) % 2:  # two pages, then a stale dump in the way: EBUSY, start again
+            busy = NLMSG.pack(36, 2, 0x100, seq, 0) + struct.pack("=i", -errno.EBUSY) + m[:16]
+            return [svc_reply(seq, svcs[0]), svc_reply(seq, svcs[1]), busy]
+        return [svc_reply(seq, s) for s in svcs] + [svc_reply(seq, SVC4, fwmark=7)]
+
+    kernel = FakeKernel(policy)  # a datagram per reply: one message a receive
+    try:
+        wire = wire_for(kernel)
+        key = [(s.family, s.protocol, s.address, s.port) for s in svcs]
+        assert list(wire.service_key_pages()) == [[key[0]], [key[1]], None, [key[0]], [key[1]], [key[2]]]
+        assert [e.svc for e in wire.services()] == svcs  # the whole dump: a restarted one counted once
+        pages = wire.service_key_pages()
+        assert next(pages) == [key[0]]
+        pages.close()  # given up half-way: what the kernel still sends of it is passed over
+        assert [e.svc for e in wire.services()] == svcs and len(dumps) == 6
+    finally:
+        kernel.close()
+
+
 def test_service_keys_decode_the_identity_only() -> None:
     for svc in (SVC4, SVC6, Svc(V4, 17, "10.0.0.9", 53, "sed", 1, 300, 0xFFFFFF00)):
         for with64 in (True, False):

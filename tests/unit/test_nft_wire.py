@@ -197,6 +197,19 @@ class FakeTables:
                 ln, ty, fl, seq, _ = NLMSG.unpack_from(data, off)
                 msgs.append((ty, fl, seq, data[off + 20:off + ln]))
                 off += (ln + 3) & ~3
+            if msgs[0][0] == (10 << 8) | 13:  # GETSETELEM, one element each (NftWire.present)
+                out = b""
+                for _ty, fl, seq, body in msgs:
+                    assert not fl & 0x300  # a GET, not a dump
+                    a = dict(walk(body, 0, len(body)))
+                    (_, e), = walk(a[3], 0, len(a[3]))
+                    key = dict(walk(e, 0, len(e)))[1]
+                    if dict(walk(key, 0, len(key)))[1] in self.sets.get(a[2].rstrip(b"\0").decode(), ()):
+                        out += NLMSG.pack(20, (10 << 8) | 12, 0, seq, 0) + bytes(4)  # NEWSETELEM
+                    else:
+                        out += NLMSG.pack(36, 2, 0x100, seq, 0) + struct.pack("=i", -errno.ENOENT) + bytes(16)
+                self.theirs.send(out)
+                continue
             self.batches.append([m[0] for m in msgs])
             assert msgs[0][0] == 0x10 and msgs[-1][0] == 0x11  # BATCH_BEGIN ... BATCH_END
             assert data[16:20] == struct.pack("=BBH", 0, 0, socket.htons(10))  # res_id NFNL_SUBSYS_NFTABLES
@@ -252,6 +265,20 @@ def test_element_changes_go_as_one_all_or_nothing_batch() -> None:
         assert len(peer.batches) == 3  # nothing to send: no batch
     finally:
         peer.close()
+
+
+def test_present_asks_for_each_element_and_tells_which_are_there() -> None:
+    tables = FakeTables()
+    try:
+        wire = NftWire.for_socket(tables.ours)
+        types = ("ipv4_addr", "inet_proto", "inet_service")
+        there = [("10.96.0.1", 6, 80), ("10.96.0.2", 17, 53)]
+        wire.write_elements("inet", "ipvsproxy", [(True, "services4", types, there)])
+        asked = [there[0], ("10.96.0.3", 6, 443), there[1]]
+        assert wire.present("inet", "ipvsproxy", "services4", types, asked) == [True, False, True]
+        assert len(tables.batches) == 1  # the questions were no transaction
+    finally:
+        tables.close()
 
 
 def test_a_batch_larger_than_the_socket_takes_is_unsent_and_nothing_is_applied() -> None:

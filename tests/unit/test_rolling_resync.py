@@ -7,15 +7,15 @@ behind a whole-table dump."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from ipvsproxy.config import AgentConfig
 from ipvsproxy.core import SWEEP_MIN, NodeCore
-from ipvsproxy.dataplane.memory import MemoryDataplane
+from ipvsproxy.dataplane.memory import KEYS_PER_PAGE, MemoryDataplane
 from ipvsproxy.model import AF_INET, F_OWNED, Delta, ObservedReal, ObservedState, ObservedVS, VSKey
 from ipvsproxy.plan import OpKind
-from ipvsproxy.reconcile import Reconciler
+from ipvsproxy.reconcile import FIREWALL_READ_PER_KEY, KEYS_READ_PER_COMPARED, Reconciler
 from ipvsproxy.schedulers import Registry
 from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
@@ -24,12 +24,14 @@ from tests.unit.test_reconcile import NODE, eps, key, setup, svc
 
 
 class CountingDataplane(MemoryDataplane):
-    """The in-memory dataplane, counting whole-table dumps and per-key reads."""
+    """The in-memory dataplane, counting whole-table dumps, per-key reads and key-dump pages."""
 
     def __init__(self) -> None:
         super().__init__()
         self.full_dumps = 0
         self.keys_read = 0
+        self.pages_read = 0  # of the last key dump
+        self.dump_open = False
 
     def observe(self) -> ObservedState:
         self.full_dumps += 1
@@ -40,15 +42,31 @@ class CountingDataplane(MemoryDataplane):
         self.keys_read += len(keys)
         return super().observe_keys(keys)
 
+    def service_key_pages(self) -> Generator[list[VSKey] | None, None, None]:
+        self.pages_read = 0
+        self.dump_open = True
+        try:
+            for page in super().service_key_pages():
+                self.pages_read += 1
+                yield page
+        finally:
+            self.dump_open = False
+
 
 class RecordingFirewall:
-    """The reconciler's Firewall protocol: records whether each sync asked for a full check."""
+    """The reconciler's Firewall protocol: records whether each sync asked for a full check,
+    and the budget of each step of its own drift check."""
 
     def __init__(self) -> None:
         self.calls: list[bool] = []
+        self.steps: list[int] = []
 
     def sync(self, delta: Delta, full: bool = False) -> int:
         self.calls.append(full)
+        return 0
+
+    def check_step(self, budget: int) -> int:
+        self.steps.append(budget)
         return 0
 
     @property
@@ -79,7 +97,7 @@ def test_a_round_repairs_drift_a_few_keys_at_a_time_without_a_dump() -> None:
         steps += 1
         assert not report.full and 0 < report.swept <= 6
         repaired += [(op.kind, op.real.address if op.real else op.key if op.key else op.address) for op in report.ops]
-        if not rec.sweep:
+        if not rec.sweeping:
             break
     assert steps == 4  # 21 keys (20 desired and the stray), 6 a step
     assert sorted(repaired, key=str) == sorted([(OpKind.ADD_RS, "198.18.1.4"), (OpKind.DEL_VS, stray),
@@ -90,17 +108,54 @@ def test_a_round_repairs_drift_a_few_keys_at_a_time_without_a_dump() -> None:
     assert rec.sweeps == 1
 
 
-def test_the_address_check_and_the_firewall_check_wait_for_the_rounds_last_step() -> None:
+def test_the_kernels_keys_are_read_a_few_pages_a_step_and_its_strays_compared_as_they_come() -> None:
+    tracker, dp, rec = programmed(20)
+    strays = [VSKey(AF_INET, 6, f"198.19.{8 + i // 200}.{i % 200 + 1}", 81) for i in range(4 * KEYS_PER_PAGE)]
+    for k in strays:
+        dp.state.services[k] = ObservedVS(k, "rr", F_OWNED, 0, {})
+    step = 2
+    pages_a_step = -(-step * KEYS_READ_PER_COMPARED // KEYS_PER_PAGE)
+    first = rec.sync(sweep=step)
+    assert dp.pages_read == pages_a_step  # not the whole dump: a step reads a few pages
+    assert rec.sweeping and len(first.ops) == step  # the strays of the page read are compared first
+    deleted = {op.key for op in first.ops if op.kind is OpKind.DEL_VS}
+    steps = 1
+    while rec.sweeping:
+        report = rec.sync(sweep=step)
+        assert 0 < report.swept <= step
+        deleted |= {op.key for op in report.ops if op.kind is OpKind.DEL_VS}
+        steps += 1
+    assert deleted == set(strays) and not set(strays) & set(dp.state.services)
+    assert dp.pages_read == 5 and not dp.dump_open  # 420 keys: every page once, and the dump is over
+    assert steps == (20 + len(strays)) // step and rec.sweeps == 1 and dp.full_dumps == 1
+
+
+def test_a_full_sync_during_a_round_ends_the_kernels_dump() -> None:
+    tracker, dp, rec = programmed(10)
+    for i in range(3 * KEYS_PER_PAGE):
+        k = VSKey(AF_INET, 17, f"198.19.9.{i % 250 + 1}", 1000 + i)
+        dp.state.services[k] = ObservedVS(k, "rr", 0, 0, {})  # foreign: read, never touched
+    rec.sync(sweep=1)
+    assert dp.dump_open and dp.pages_read == 1
+    assert rec.sync(full=True).full
+    assert not dp.dump_open and not rec.sweeping
+
+
+def test_the_address_check_waits_for_the_rounds_last_step_and_the_firewall_checks_a_bit_each_step() -> None:
     fw = RecordingFirewall()
     tracker, dp, rec = programmed(10, firewall=fw)
     fw.calls.clear()
     dp.state.addresses.discard("198.19.0.2")
     first = rec.sync(sweep=4)
-    assert first.ops == [] and fw.calls == []  # nothing changed, the firewall not asked
+    assert first.ops == [] and fw.calls == []  # nothing changed: no transaction asked for
     rec.sync(sweep=4)
     last = rec.sync(sweep=4)
-    assert not rec.sweep and [(op.kind, op.address) for op in last.ops] == [(OpKind.BIND, "198.19.0.2")]
-    assert fw.calls == [True]  # the round's end reads the firewall's table, as a full sync does
+    assert not rec.sweeping and [(op.kind, op.address) for op in last.ops] == [(OpKind.BIND, "198.19.0.2")]
+    # never the whole firewall table at once: a step of its own check beside each of ours
+    assert True not in fw.calls
+    assert fw.steps == [4 * FIREWALL_READ_PER_KEY, 4 * FIREWALL_READ_PER_KEY, 2 * FIREWALL_READ_PER_KEY]
+    rec.sync()  # not a drift-check step: the firewall's check does not move
+    assert len(fw.steps) == 3
 
 
 def test_a_change_during_a_round_goes_in_the_next_step_and_the_round_goes_on() -> None:
@@ -116,9 +171,9 @@ def test_a_change_during_a_round_goes_in_the_next_step_and_the_round_goes_on() -
 def test_a_full_sync_ends_a_round_under_way() -> None:
     tracker, dp, rec = programmed(10)
     rec.sync(sweep=3)
-    assert rec.sweep
+    assert rec.sweeping
     assert rec.sync(full=True).full
-    assert rec.sweep == [] and rec.sweeps == 0
+    assert rec.sweep == [] and not rec.sweeping and rec.sweeps == 0
 
 
 def core(n: int, clock: FakeClock, **kw: Any) -> tuple[NodeCore, CountingDataplane]:
@@ -143,7 +198,7 @@ def test_the_node_core_starts_a_round_every_sync_period_and_paces_its_steps() ->
     assert due == clock() + 1.0  # the next step one min_period on, not at the next period
     clock.advance(1.0)
     nc.tick()  # the fake clock says that step took no time: the rest of the round at once
-    assert not nc.reconciler.sweep and nc.reconciler.sweeps == 1 and dp.full_dumps == 1
+    assert not nc.reconciler.sweeping and nc.reconciler.sweeps == 1 and dp.full_dumps == 1
     assert dp.keys_read >= 500 > SWEEP_MIN
     assert nc.next_due() == nc.last_full + 30.0  # idle until the next round
     clock.advance(30.0)
@@ -157,7 +212,7 @@ def test_in_full_mode_the_node_core_does_a_full_sync_every_period() -> None:
     nc.tick()
     clock.advance(30.0)
     nc.tick()
-    assert dp.full_dumps == 2 and not nc.reconciler.sweep
+    assert dp.full_dumps == 2 and not nc.reconciler.sweeping
 
 
 def test_a_slow_step_makes_the_next_one_smaller() -> None:
@@ -211,4 +266,4 @@ def test_a_round_over_an_empty_table_still_checks_the_addresses() -> None:
     dp.state.addresses.add("198.19.5.5")  # bound by hand on our interface, no virtual server anywhere
     report = rec.sync(sweep=8)
     assert [(op.kind, op.address) for op in report.ops] == [(OpKind.UNBIND, "198.19.5.5")]
-    assert rec.sweeps == 1 and not rec.sweep
+    assert rec.sweeps == 1 and not rec.sweeping

@@ -208,6 +208,9 @@ class Firewall:
         self.syncs.append((sum(1 for change in delta.values() if change.new is not None), full))
         return 0
 
+    def check_step(self, budget: int) -> int:
+        return 0
+
     @property
     def behind(self) -> bool:
         return False
