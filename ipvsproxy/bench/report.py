@@ -14,6 +14,7 @@ from typing import Any
 
 RSS_LIMIT_MIB = 150.0
 CHURN_SIZES = (1000, 5000, 10_000, 20_000)
+DEFAULT_SYNC_PERIOD = 30.0  # `ipvsproxy run --sync-period`'s default: one full resync this often
 
 
 def write_json(doc: dict[str, Any], path: str) -> None:
@@ -97,10 +98,82 @@ def targets(doc: dict[str, Any], n: int = 10_000) -> list[dict[str, Any]]:
                              "judged_on": None if agent is None else ("paged" if agent is paged else "full")},
                 "criterion": "RSS after the cold start with lists read the way the agent reads them (paged)",
                 "met": None if agent is None else agent["rss_mib"] <= RSS_LIMIT_MIB})
+    return out + end_to_end_targets(doc)
+
+
+# Issue 18's yardstick for one change: kube-proxy v1.20.2 (IPVS mode, built from Debian's source) took
+# a median 8.8 s to put one added endpoint in the kernel at 1,000 Services in the test VM.
+KUBE_PROXY_ONE_CHANGE_S = 8.8
+ONE_CHANGE_MAX_S = 2.0  # ... and no change slower than this
+PYTHON_SHARE_MAX = 0.5  # of the process start at 10,000 (JSON)
+DUMP_RATIO_MAX = 2.0  # restart adoption and the periodic full resync against the kernel dump
+PEAK_RATIO_MAX = 1.25  # agent RSS peak against its steady figure
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 3)
+
+
+def end_to_end_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 18's targets, what a user meets end to end (in the VM: the kernel runs), judged from
+    whatever this document measured at each size (None: not measured)."""
+    mem, ker = _runs(doc, "memory"), _runs(doc, "kernel")
+    out: list[dict[str, Any]] = []
+
+    one = {r["services"]: _get(r, "scenarios", "churn", "single_endpoint", "sync_ms") for r in ker}
+    one = {n: {"median_ms": v["median"], "max_ms": v["max"]} for n, v in sorted(one.items()) if v}
+    out.append({"id": "e2e-one-change", "target": "one endpoint change, event -> IPVS and nftables done: median <= "
+                f"0.1x kube-proxy v1.20 ({KUBE_PROXY_ONE_CHANGE_S:g} s), none slower than {ONE_CHANGE_MAX_S:g} s",
+                "measured": one or None,
+                "met": None if not one else all(v["median_ms"] <= 100 * KUBE_PROXY_ONE_CHANGE_S
+                                                and v["max_ms"] <= 1000 * ONE_CHANGE_MAX_S for v in one.values())})
+
+    start: dict[int, dict[str, float | None]] = {}
+    for r in ker:
+        for fmt in r.get("process_start") or {}:
+            start.setdefault(r["services"], {})[fmt] = _get(r, "ratios", f"process_start_{fmt}_to_ipvsadm")
+    ratios = [v for by in start.values() for v in by.values() if v is not None]
+    out.append({"id": "e2e-process-start", "target": "process start -> complete kernel table <= 1.0x "
+                "`ipvsadm -R` of the same table (1k, 5k, 10k, 20k; files and API)",
+                "measured": dict(sorted(start.items())) or None,
+                "met": all(v <= 1.0 for v in ratios) if ratios else None})
+
+    ten = _at(ker, 10_000)
+    share = _get(ten, "process_start", "json", "python_share")
+    out.append({"id": "e2e-python-share", "target": f"Python share <= {PYTHON_SHARE_MAX:.0%} of the process start at "
+                "10,000 (JSON)", "measured": share, "met": None if share is None else share <= PYTHON_SHARE_MAX})
+
+    dumps: dict[int, dict[str, float | None]] = {}
+    for r in ker:
+        full, rs = _get(r, "scenarios", "steady", "full_resync"), _get(r, "scenarios", "restart")
+        row = {"full_resync": _ratio(_get(full, "sync_s"), _get(full, "dataplane_split_s", "observe")),
+               "restart": _ratio(_get(rs, "wall_s"), _get(rs, "dataplane_split_s", "observe")),
+               "resync_cpu_share": _ratio(_get(full, "cpu_s"), DEFAULT_SYNC_PERIOD)}
+        if row["full_resync"] is not None or row["restart"] is not None:
+            dumps[r["services"]] = row
+    judged = [v for row in dumps.values() for k, v in row.items() if k != "resync_cpu_share" and v is not None]
+    out.append({"id": "e2e-resync-restart", "target": f"restart adoption and the periodic full resync <= "
+                f"{DUMP_RATIO_MAX:g}x the kernel dump", "measured": dict(sorted(dumps.items())) or None,
+                "met": all(v <= DUMP_RATIO_MAX for v in judged) if judged else None})
+
+    big = _at(mem, 20_000)
+    rss = _get(big, "rss", "paged") or _get(big, "rss", "full")
+    peak = _ratio(_get(rss, "peak_mib"), _get(rss, "rss_mib"))
+    out.append({"id": "e2e-rss-20k", "target": f"agent RSS at 20,000 Services x 10 <= {RSS_LIMIT_MIB:g} MiB, peak <= "
+                f"{PEAK_RATIO_MAX:g}x steady", "measured": None if rss is None else {
+                    "rss_mib": rss["rss_mib"], "peak_mib": rss["peak_mib"], "peak_ratio": peak},
+                "met": None if rss is None or peak is None
+                else rss["rss_mib"] <= RSS_LIMIT_MIB and peak <= PEAK_RATIO_MAX})
+
+    cr = _get(ten, "scenarios", "churn_rate")
+    busy = cr if cr and cr.get("rate_per_s", 0) >= 100 else None
+    limit = None if busy is None else 1000 * busy["min_sync_period_s"] + 10
+    out.append({"id": "e2e-churn-p99", "target": "event -> kernel p99 <= the coalescing window + 10 ms at 10,000 "
+                "under 100 changes/s", "measured": None if busy is None else {
+                    "p99_ms": busy["latency_ms"]["p99"], "limit_ms": limit, "rate_per_s": busy["rate_per_s"]},
+                "met": None if busy is None or limit is None else busy["latency_ms"]["p99"] <= limit})
     return out
 
-
-DEFAULT_SYNC_PERIOD = 30.0  # `ipvsproxy run --sync-period`'s default: one full resync this often
 
 
 def text_summary(doc: dict[str, Any]) -> str:

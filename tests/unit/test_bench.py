@@ -247,6 +247,36 @@ def test_targets_are_judged_met_or_not() -> None:
     assert t["agent-rss"]["met"] is True and t["agent-rss"]["measured"]["judged_on"] == "paged"
 
 
+def test_the_end_to_end_targets_are_judged_per_size_from_the_kernel_runs() -> None:
+    def kernel(n: int, *, one_max: float, start: float, share: float, restart: float, rate: float = 0.0,
+               p99: float = 0.0) -> dict[str, Any]:
+        sc = {"churn": {"single_endpoint": {"sync_ms": {"median": 10.0, "max": one_max}}},
+              "steady": {"full_resync": {"sync_s": 16.0, "cpu_s": 15.0, "dataplane_split_s": {"observe": 10.0}}},
+              "restart": {"wall_s": restart, "dataplane_split_s": {"observe": 10.0}}}
+        if rate:
+            sc["churn_rate"] = {"rate_per_s": rate, "min_sync_period_s": 1.0, "latency_ms": {"p99": p99}}
+        return {**_run(n, "kernel", **sc), "process_start": {"json": {"python_share": share}},
+                "ratios": {"process_start_json_to_ipvsadm": start}}
+
+    doc = {"runs": [kernel(1000, one_max=30.0, start=1.9, share=0.7, restart=27.0),
+                    kernel(10_000, one_max=40.0, start=0.7, share=0.49, restart=19.0, rate=100, p99=1005.0),
+                    {**_run(20_000, "memory"), "rss": {"paged": {"rss_mib": 143.5, "peak_mib": 177.1}}}]}
+    t = {x["id"]: x for x in report.end_to_end_targets(doc)}
+    assert t["e2e-one-change"]["met"] is True and t["e2e-one-change"]["measured"][1000]["max_ms"] == 30.0
+    assert t["e2e-process-start"]["met"] is False  # 1.9x at 1,000; 0.7x at 10,000
+    assert t["e2e-process-start"]["measured"] == {1000: {"json": 1.9}, 10_000: {"json": 0.7}}
+    assert t["e2e-python-share"]["met"] is True and t["e2e-python-share"]["measured"] == 0.49
+    assert t["e2e-resync-restart"]["met"] is False  # restart 2.7x the dump at 1,000
+    assert t["e2e-resync-restart"]["measured"][10_000] == {"full_resync": 1.6, "restart": 1.9, "resync_cpu_share": 0.5}
+    assert t["e2e-rss-20k"]["met"] is True and t["e2e-rss-20k"]["measured"]["peak_ratio"] == 1.234
+    assert t["e2e-churn-p99"]["met"] is True and t["e2e-churn-p99"]["measured"]["limit_ms"] == 1010.0
+    doc["runs"][1]["scenarios"]["churn"]["single_endpoint"]["sync_ms"]["max"] = 3100.0
+    doc["runs"][1]["scenarios"]["churn_rate"]["latency_ms"]["p99"] = 18000.0
+    t = {x["id"]: x for x in report.targets(doc)}  # judged with the others
+    assert t["e2e-one-change"]["met"] is False and t["e2e-churn-p99"]["met"] is False
+    assert all(x["met"] is None for x in report.end_to_end_targets({"runs": []}))
+
+
 def test_progress_bar_and_statistics() -> None:
     out = io.StringIO()
     p = Progress(True, out)
