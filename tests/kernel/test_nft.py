@@ -405,6 +405,11 @@ def test_the_rolling_check_reads_a_few_pages_a_step_over_netlink_and_repairs_onl
     assert steps >= 8  # sets of 600 to 1,200 elements, 50 a step: a netlink page a step, never a whole set
     assert fw.reads == reads  # no whole-table read
     assert fw.elements() == fw.desired_elements(want)
+    wire = fw._netlink()  # what the check asks when a set changed under its read: is this element there?
+    assert wire is not None and wire.present(FAMILY, TABLE, "hairpin4", ("ipv4_addr", "inet_proto", "inet_service",
+                                                                         "ipv4_addr"),
+                                             [("198.18.4.1", 6, 7000, "198.18.4.1"),
+                                              ("198.18.4.100", 6, 6000, "198.18.4.100")]) == [True, False]
 
 
 def test_companion_cost_with_the_real_nft_reads_nothing_on_the_change_path() -> None:
