@@ -185,7 +185,6 @@ class Computed(NamedTuple):
     seen: dict[str, float]  # Service id -> when its change was first seen
     translated: int  # Services re-translated
     swept: int = 0  # keys of the drift-check round compared
-    round_end: bool = False  # the round's last keys: the bound addresses checked too
 
 
 @dataclass(slots=True)
@@ -404,7 +403,7 @@ class Reconciler:
         self.cache.services = {}  # planned: only the addresses are kept (see __init__)
         if round_end:
             self.sweeps += 1
-        return Computed(ops, full, dict(self.pending_seen), len(dirty), len(swept), round_end)
+        return Computed(ops, full, dict(self.pending_seen), len(dirty), len(swept))
 
     def _read_local_addresses(self) -> None:
         """Re-read the node's own addresses; when they changed, every Service
@@ -492,7 +491,7 @@ class Reconciler:
         start = self.clock()
         self.syncs += 1
         try:
-            ops, full, seen, translated, swept, _ = self.compute(full, sweep)
+            ops, full, seen, translated, swept = self.compute(full, sweep)
         except Exception:
             self.need_full = True
             raise
@@ -514,18 +513,16 @@ class Reconciler:
                 apply_op(self.cache, op)  # the bound addresses stay current between full dumps
             self._track_drain(op, now)
         self._account(report, now)
-        if self.firewall is not None and (self.unsent or full or self.firewall.behind):
+        if self.firewall is not None:
             # The firewall owns the delta from here: a failure is retried (and
             # repaired) by the firewall itself, so it does not make the next
             # sync a full one for IPVS too.
-            delta, self.unsent = self.unsent, {}
             try:
-                report.firewall_changes = self.firewall.sync(delta, full)
-            except Exception as exc:
-                raise SyncError(f"nftables: {exc}") from exc
-        if self.firewall is not None and sweep and not full:  # a drift-check step: the firewall's too
-            try:
-                report.firewall_changes += self.firewall.check_step(max(1, swept) * FIREWALL_READ_PER_KEY)
+                if self.unsent or full or self.firewall.behind:
+                    delta, self.unsent = self.unsent, {}
+                    report.firewall_changes = self.firewall.sync(delta, full)
+                if sweep and not full:  # a drift-check step: the firewall's too
+                    report.firewall_changes += self.firewall.check_step(max(1, swept) * FIREWALL_READ_PER_KEY)
             except Exception as exc:
                 raise SyncError(f"nftables: {exc}") from exc
         done = self.clock()

@@ -175,7 +175,6 @@ def end_to_end_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-
 def text_summary(doc: dict[str, Any]) -> str:
     lines = []
     for r in doc.get("runs", []):

@@ -251,13 +251,9 @@ class NftWire(NetlinkWire):
         request, decode, what = self._element_dump(family, table, name)
         fast = key_decoder(tuple(types)) if cidr is None else None
         for page in self.pages(request, decode, what):
-            if page is None:
-                yield None
-            elif fast is not None:
-                yield [fast(key) if key_end is None else decode_key(types, key, key_end, cidr)
-                       for batch in page for key, key_end, _ in batch]
-            else:
-                yield [decode_key(types, key, key_end, cidr) for batch in page for key, key_end, _ in batch]
+            yield None if page is None else [
+                fast(key) if fast is not None and key_end is None else decode_key(types, key, key_end, cidr)
+                for batch in page for key, key_end, _ in batch]
 
     def _element_dump(self, family: str, table: str, name: str) -> tuple[
             Callable[[int], bytes], Callable[[int, int, int], list[tuple[bytes, bytes | None, int]] | None], str]:
