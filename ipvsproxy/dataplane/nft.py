@@ -521,24 +521,32 @@ def parse_listing(doc: dict[str, Any]) -> Listing:
 # ---- the firewall ----------------------------------------------------------------
 
 
+# The rolling check's cost of comparing: looking a counted element up among those read costs
+# about an eighth of reading one, so a step compares this many per element of its budget.
+COMPARED_PER_READ = 8
+COMPARE_CHUNK = 2048  # counted elements looked up per piece of the comparison (a step's at the least)
+
+
 @dataclass(slots=True)
 class _Check:
-    """The rolling drift check under way (`NftFirewall.check_step`): one set read at a time,
-    a few pages per step, then compared with the counts."""
+    """The rolling drift check under way (`NftFirewall.check_step`): one set at a time, read a
+    few pages per step, then its counts looked up among what was read a piece per step
+    (`NftFirewall._check_set`); no step walks a whole set."""
 
-    left: list[SetSpec]  # the sets still to read, taken from the end
-    spec: SetSpec | None = None  # the set being read
-    pages: Generator[list[KernelElem] | None, None, None] | None = None  # its elements, not yet all read
-    names: frozenset[str] = frozenset()  # its count sets (hairpin4: one per protocol, and itself)
-    have: set[KernelElem] = field(default_factory=set)  # what the kernel holds, as read so far
-    # Elements of the set being read that this companion added or deleted since its read
+    left: list[SetSpec]  # the sets still to check, taken from the end
+    names: frozenset[str] = frozenset()  # the count sets of the set under check (hairpin4: one per protocol)
+    steps: Generator[int, None, _Drift] | None = None  # its check: yields the cost of each piece
+    # Elements of the set under check that this companion added or deleted since its read
     # began: the read may have seen them before or after; the counts know them anyway.
     touched: set[tuple[str, Elem]] = field(default_factory=set)
 
     def close(self) -> None:
-        if self.pages is not None:
-            self.pages.close()
-        self.pages = None
+        if self.steps is not None:
+            self.steps.close()
+        self.steps = None
+
+
+_Drift = tuple[list[tuple[str, Collection[Elem]]], list[tuple[str, Collection[Elem]]]]  # (deletes, adds)
 
 
 class NftFirewall:
@@ -669,7 +677,7 @@ class NftFirewall:
         whose presence changes joins the pending ones (with what the kernel held)."""
         pending = self._pending
         chk = self._check
-        reading = chk.names if chk is not None and chk.pages is not None else frozenset()
+        reading = chk.names if chk is not None and chk.steps is not None else frozenset()
 
         def bump(pairs: Iterable[tuple[str, Elem]], step: int) -> None:
             for name, elem in pairs:
@@ -821,17 +829,20 @@ class NftFirewall:
         return cmds, nrules, _by_count_set(known)
 
     def check_step(self, budget: int) -> int:
-        """One step of the rolling drift check (`--resync rolling`): read about `budget` more
-        of the kernel's set elements, one set at a time (the structure first, tersely), and
-        repair what a set read whole holds against the counts, in one transaction. Elements
-        this companion added or deleted while their set was being read are left out of the
-        comparison (the read may have seen them either way; the counts know them), as are
-        those still pending. Returns the number of elements repaired. A full sync
-        (`sync(full=True)`) reads everything at once and ends a check under way; a set that
-        cannot be read, or a structure that is not ours, makes the next sync a full read."""
+        """One step of the rolling drift check (`--resync rolling`): about `budget` elements'
+        worth of it, one set at a time (the structure first, tersely): a set's elements read a
+        page at a time, then its counts looked up among them a piece at a time, then what
+        differs repaired in one transaction. Elements this companion added or deleted while
+        their set was under check are left out (the read may have seen them either way; the
+        counts know them), as are those still pending. Returns the number of elements
+        repaired. A full sync (`sync(full=True)`) reads everything at once and ends a check
+        under way; a set that cannot be read, or a structure that is not ours, makes the next
+        sync a full read."""
         if not self._verified or self._repair:
             return 0  # the next sync reads the whole table anyway
         chk = self._check
+        dels: list[tuple[str, Collection[Elem]]] = []
+        adds: list[tuple[str, Collection[Elem]]] = []
         try:
             if chk is None:
                 cmds, _, _ = self._structure(self._structure_listing())
@@ -841,28 +852,21 @@ class NftFirewall:
                     self._repair = True
                     return 0
                 chk = self._check = _Check(list(reversed(SETS)))
-            dels: list[tuple[str, Collection[Elem]]] = []
-            adds: list[tuple[str, Collection[Elem]]] = []
             while budget > 0:
-                if chk.pages is None:
+                if chk.steps is None:
                     if not chk.left:
                         self._check = None
                         self.checks += 1
                         break
-                    spec = chk.spec = chk.left.pop()
+                    spec = chk.left.pop()
                     chk.names = frozenset(n for n in COUNT_NAMES if kernel_set(n)[0] == spec.name)
-                    chk.pages = self._set_pages(spec)
+                    chk.steps = self._check_set(spec, chk)
                 try:
-                    page = next(chk.pages)
-                except StopIteration:
-                    chk.pages = None
-                    self._compare(chk, dels, adds)
-                    continue
-                if page is None:  # the dump restarted
-                    chk.have.clear()
-                else:
-                    chk.have.update(page)
-                    budget -= max(1, len(page))
+                    budget -= next(chk.steps)
+                except StopIteration as done:
+                    chk.steps, chk.touched = None, set()
+                    dels += done.value[0]
+                    adds += done.value[1]
         except NftError as exc:
             self._end_check()
             self._repair = True
@@ -881,17 +885,44 @@ class NftFirewall:
             self.transactions += 1
         return changes
 
-    def _compare(self, chk: _Check, dels: list[tuple[str, Collection[Elem]]],
-                 adds: list[tuple[str, Collection[Elem]]]) -> None:
-        """A set read whole by the drift check against the counts: what to delete and add."""
-        spec = chk.spec
-        assert spec is not None
-        counted = _by_count_set({spec.name: chk.have})
+    def _check_set(self, spec: SetSpec, chk: _Check) -> Generator[int, None, _Drift]:
+        """One set's drift check, a piece per `next` (each yields its cost in elements read):
+        its elements read a page at a time, each page spelled as the counts are and what it
+        holds that is not counted kept aside; then the counts, as they stand when the read
+        ends, looked up among what was read, COMPARE_CHUNK at a time. Returns what to delete
+        and add, left out what changed meanwhile (`chk.touched`) or is pending."""
+        have: dict[str, set[Elem]] = {name: set() for name in chk.names}
+        extra: dict[str, set[Elem]] = {name: set() for name in chk.names}  # read, and not counted then
+        pages = self._set_pages(spec)
+        try:
+            for page in pages:
+                if page is None:  # the dump restarted
+                    for name in chk.names:
+                        have[name].clear()
+                        extra[name].clear()
+                    continue
+                counted = _by_count_set({spec.name: page})  # type: ignore[dict-item]
+                for name in chk.names:
+                    got, want = counted[name], self._counts[name]
+                    have[name].update(got)
+                    extra[name].update(e for e in got if e not in want)
+                yield max(1, len(page))
+        finally:
+            pages.close()  # its socket, when the check ends early
+        missing: dict[str, set[Elem]] = {name: set() for name in chk.names}  # counted, and not read
+        for name in chk.names:
+            seen, counted_now = have[name], list(self._counts[name])  # what changes later is touched
+            for i in range(0, len(counted_now), COMPARE_CHUNK):
+                part = counted_now[i:i + COMPARE_CHUNK]
+                missing[name].update(e for e in part if e not in seen)
+                yield max(1, len(part) // COMPARED_PER_READ)
+        dels: list[tuple[str, Collection[Elem]]] = []
+        adds: list[tuple[str, Collection[Elem]]] = []
         touched = chk.touched
         for name in chk.names:
-            want, got, pending = self._counts[name], counted[name], self._pending.get(name, {})
-            gone = {e for e in got if e not in want and e not in pending and (name, e) not in touched}
-            new = {e for e in want if e not in got and e not in pending and (name, e) not in touched}
+            want, pending = self._counts[name], self._pending.get(name, {})
+            gone = {e for e in extra[name] if e not in want and e not in pending and (name, e) not in touched}
+            new = {e for e in missing[name] if e in want and e not in pending and (name, e) not in touched}
             if new and touched and (wire := self._netlink()) is not None and not spec.interval:
                 # The set changed while it was read, and the kernel resumes a dump by count: an
                 # element may have been passed over. Ask for the ones that seem missing.
@@ -906,7 +937,7 @@ class NftFirewall:
                 dels.append((name, gone))
             if new:
                 adds.append((name, new))
-        chk.have, chk.touched = set(), set()
+        return dels, adds
 
     def _set_pages(self, spec: SetSpec) -> Generator[list[KernelElem] | None, None, None]:
         """One set's elements for the drift check: a page per receive over a netlink socket of
