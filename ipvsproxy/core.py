@@ -41,6 +41,7 @@ MAX_BACKOFF = 60.0  # seconds between attempts after consecutive failed syncs, a
 # start of a tick, so a change arriving during a step waits no longer than it would anyway.
 SWEEP_SHARE = 0.2
 SWEEP_MIN = 8  # keys per sync at least, however slow the last ones were
+SLOW_SYNC_S = 1.0  # a sync this long is logged with where its time went (SyncReport's split)
 
 
 def backoff_delay(failures: int, base: float, rng: random.Random) -> float:
@@ -194,7 +195,10 @@ class NodeCore:
         self.last_error = None
         nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
         kind = " (full)" if report.full else f" (drift check: {report.swept})" if report.swept else ""
-        if report.ops or report.firewall_changes:
+        if report.duration >= SLOW_SYNC_S:  # where a slow sync's time went
+            kind += (f"; translate and plan {report.compute_s:.3f}s, IPVS {report.apply_s:.3f}s,"
+                     f" nftables {report.firewall_s:.3f}s, its drift check {report.check_s:.3f}s")
+        if report.ops or report.firewall_changes or report.duration >= SLOW_SYNC_S:
             log.info("sync: %d services translated, %d operations%s in %.3fs%s",
                      report.services_translated, len(report.ops), nft, report.duration, kind)
         else:  # the periodic full resync, every --sync-period: said only at debug level

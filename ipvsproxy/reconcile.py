@@ -94,6 +94,12 @@ class SyncReport:
     service_failures: dict[str, str] = field(default_factory=dict)  # Service id (or object) -> why
     recovered: list[str] = field(default_factory=list)  # Services that went through after failing
     swept: int = 0  # virtual servers the rolling drift check compared in this sync (--resync rolling)
+    # Where the time went, seconds: translate + plan (with the drift check's reads), IPVS and
+    # addresses, the nftables companion's change, its drift-check step. A slow sync says which.
+    compute_s: float = 0.0
+    apply_s: float = 0.0
+    firewall_s: float = 0.0
+    check_s: float = 0.0
 
 
 class DesiredIndex:
@@ -496,14 +502,16 @@ class Reconciler:
             self.need_full = True
             raise
         report = SyncReport(full, translated, ops, swept=swept)
+        report.compute_s = self.clock() - start
         if self.dry_run:
-            report.duration = self.clock() - start
+            report.duration = report.compute_s
             return report
         try:
             report.failures = self.dp.apply(ops)
         except Exception:
             self.need_full = True
             raise
+        report.apply_s = self.clock() - start - report.compute_s
         failed = {id(f.op) for f in report.failures}
         now = self.clock()
         for op in ops:
@@ -518,11 +526,14 @@ class Reconciler:
             # repaired) by the firewall itself, so it does not make the next
             # sync a full one for IPVS too.
             try:
+                t = self.clock()
                 if self.unsent or full or self.firewall.behind:
                     delta, self.unsent = self.unsent, {}
                     report.firewall_changes = self.firewall.sync(delta, full)
+                report.firewall_s = self.clock() - t
                 if sweep and not full:  # a drift-check step: the firewall's too
                     report.firewall_changes += self.firewall.check_step(max(1, swept) * FIREWALL_READ_PER_KEY)
+                    report.check_s = self.clock() - t - report.firewall_s
             except Exception as exc:
                 raise SyncError(f"nftables: {exc}") from exc
         done = self.clock()

@@ -217,6 +217,11 @@ def text_summary(doc: dict[str, Any]) -> str:
             lines.append(f"        churn at {cr['rate_per_s']}/s ({cr.get('resync', 'full')} resync): {cr['syncs']}"
                          f" syncs, {cr.get('full_syncs', 0)} full, latency median"
                          f" {cr['latency_ms']['median']} ms p99 {cr['latency_ms']['p99']} ms")
+            if cr.get("slowest_syncs"):
+                w = cr["slowest_syncs"][0]
+                lines.append(f"          slowest sync {w['ms']} ms: compute {w['compute_ms']}, IPVS {w['apply_ms']},"
+                             f" nftables {w['firewall_ms']}, its drift check {w['check_ms']} ms"
+                             f" ({w['swept']} keys compared, {w['services_translated']} Services translated)")
         for fmt, ps in (r.get("process_start") or {}).items():
             if ps.get("error"):
                 lines.append(f"        process start ({fmt}): failed: {ps['error']}")

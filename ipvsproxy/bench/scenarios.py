@@ -400,9 +400,24 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
         "cpu_fraction": round((time.process_time() - cpu0) / elapsed, 4) if elapsed else None,
         "gc_full_collections": {"count": len(pauses), "max_ms": round(max(pauses, default=0.0) * 1000, 1),
                                 "total_ms": round(sum(pauses) * 1000, 1)},
+        "slowest_syncs": [sync_split(r) for _, r in sorted(reports, key=lambda x: -x[1].duration)[:SLOWEST]],
     }
     check(ctx, agent, result, agent.dp.inner.observe)
     return result
+
+
+SLOWEST = 5  # syncs of the --churn-rate phase whose split the result keeps
+
+
+def sync_split(r: SyncReport) -> dict[str, Any]:
+    """One sync's time and where it went (SyncReport's split), in ms, with what it carried."""
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000, 1)
+
+    return {"ms": ms(r.duration), "compute_ms": ms(r.compute_s), "apply_ms": ms(r.apply_s),
+            "firewall_ms": ms(r.firewall_s), "check_ms": ms(r.check_s),
+            "services_translated": r.services_translated, "swept": r.swept, "write_ops": len(r.ops),
+            "firewall_changes": r.firewall_changes, "full": r.full}
 
 
 def restart(ctx: Context, dp: Dataplane, firewall: Firewall | None = None) -> dict[str, Any]:

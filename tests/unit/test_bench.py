@@ -150,6 +150,12 @@ def test_churn_at_a_rate_coalesces_through_the_runner() -> None:
     assert res["errors"] == 0 and res["table_matches_desired"]
     assert 1 <= res["syncs"] <= res["changes"] == 40
     assert res["latency_ms"]["count"] >= 1
+    slow = res["slowest_syncs"]  # where the slowest syncs' time went
+    ms = [s["ms"] for s in slow]
+    assert 1 <= len(slow) <= scenarios.SLOWEST and ms == sorted(ms, reverse=True)
+    assert abs(ms[0] - res["sync_ms"]["max"]) < 0.1
+    for s in slow:
+        assert s["compute_ms"] + s["apply_ms"] + s["firewall_ms"] + s["check_ms"] <= s["ms"] + 0.4  # rounding
 
 
 def test_timed_splits_and_sink_keeps_nothing() -> None:

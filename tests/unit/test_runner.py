@@ -252,3 +252,26 @@ def test_the_agent_and_the_benchmark_run_the_same_core() -> None:
     assert (bench.sync_period, bench.min_period, bench.drain_check) == \
         (agent.sync_period, agent.min_period, agent.drain_check)
     assert (bench.reconciler.cfg, bench.reconciler.grace) == (agent.reconciler.cfg, agent.reconciler.grace)
+
+
+def test_a_slow_sync_is_logged_with_where_its_time_went(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+
+    class SlowCheck(Firewall):
+        def check_step(self, budget: int) -> int:
+            clock.advance(2.5)  # a drift-check step that reads for 2.5 s
+            return 0
+
+    core = NodeCore.build(AgentConfig(node_name=NODE, resync="rolling"), MemoryDataplane(), registry=Registry(),
+                          firewall=SlowCheck(), clock=clock)
+    core.tracker.replace("Service", [svc("s0", "198.19.0.1")])
+    core.tracker.replace("EndpointSlice", [eps("s0", ["198.18.1.1"])])
+    core.tracker.replace("Node", [])
+    assert core.sync_now(True) is not None
+    with caplog.at_level("INFO", logger="ipvsproxy.core"):
+        report = core.sync_now(False, 8)  # a drift-check step: nothing to change, but slow
+    assert report is not None and report.swept == 1
+    assert (report.duration, report.check_s, report.compute_s, report.apply_s) == (2.5, 2.5, 0.0, 0.0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "ipvsproxy.core"]
+    assert line.endswith("in 2.500s (drift check: 1); translate and plan 0.000s, IPVS 0.000s, nftables 0.000s,"
+                         " its drift check 2.500s"), line
