@@ -583,7 +583,10 @@ class FakeApiServer:
             if limit > 0 and limit < len(items):
                 meta.update({"continue": _encode_continue(snapshot, page[-1][0]),
                              "remainingItemCount": len(items) - limit})
-            out = [{k: copy.deepcopy(v) for k, v in o.items() if k not in ("kind", "apiVersion")} for _, o in page]
+            # Shared, not copied: a stored object is never changed in place (every write stores a
+            # new one, _commit), so the page is encoded after the lock is released as it stands now.
+            # A deep copy per item was most of a list's time (1,000 Services x 10: ~0.4 s on the host).
+            out = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for _, o in page]
             return {"kind": f"{kind}List", "apiVersion": api_version, "metadata": meta, "items": out}
 
     def _watch(self, h: _Handler, kind: str, api_version: str, ns: str | None, q: dict[str, str]) -> None:
