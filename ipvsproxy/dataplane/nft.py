@@ -534,7 +534,8 @@ class _Check:
     (`NftFirewall._check_set`); no step walks a whole set."""
 
     left: list[SetSpec]  # the sets still to check, taken from the end
-    names: frozenset[str] = frozenset()  # the count sets of the set under check (hairpin4: one per protocol)
+    name: str = ""  # the kernel's set under check
+    names: frozenset[str] = frozenset()  # its count sets (hairpin4: one per protocol)
     steps: Generator[int, None, _Drift] | None = None  # its check: yields the cost of each piece
     # Elements of the set under check that this companion added or deleted since its read
     # began: the read may have seen them before or after; the counts know them anyway.
@@ -859,6 +860,7 @@ class NftFirewall:
                         self.checks += 1
                         break
                     spec = chk.left.pop()
+                    chk.name = spec.name
                     chk.names = frozenset(n for n in COUNT_NAMES if kernel_set(n)[0] == spec.name)
                     chk.steps = self._check_set(spec, chk)
                 try:
@@ -884,6 +886,12 @@ class NftFirewall:
                 raise
             self.transactions += 1
         return changes
+
+    @property
+    def checking(self) -> str | None:
+        """The set the rolling drift check is reading or comparing (None: none under way)."""
+        chk = self._check
+        return chk.name if chk is not None and chk.steps is not None else None
 
     def _check_set(self, spec: SetSpec, chk: _Check) -> Generator[int, None, _Drift]:
         """One set's drift check, a piece per `next` (each yields its cost in elements read):
