@@ -411,12 +411,13 @@ def _by_count_set(kernel: dict[str, set[KernelElem]]) -> dict[str, set[Elem]]:
         out[name] = {VSKey(family_of(e[0]), e[1], e[0], e[2]) if len(e) == 3 else e for e in kernel[name]}
     for name in VIP_SETS & kernel.keys():
         out[name] = {e[0] if len(e) == 1 else e for e in kernel[name]}
-    for base in HAIRPIN_COUNTS:
+    for base, names in HAIRPIN_COUNTS.items():
         stray: set[Elem] = set()
+        by_proto = {kernel_set(name)[1]: out[name] for name in names}  # a hairpin count set per protocol
         for elem in kernel.get(base, set()):
-            name = f"{base}/{elem[1]}" if len(elem) == 4 and elem[0] == elem[3] else base
-            if name in out and name != base:
-                out[name].add(Real(elem[0], elem[2]))
+            counted = by_proto.get(elem[1]) if len(elem) == 4 and elem[0] == elem[3] else None
+            if counted is not None:
+                counted.add(Real(elem[0], elem[2]))
             else:
                 stray.add(elem)
         out[base] = stray
