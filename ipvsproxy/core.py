@@ -195,10 +195,11 @@ class NodeCore:
         self.last_error = None
         nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
         kind = " (full)" if report.full else f" (drift check: {report.swept})" if report.swept else ""
-        if report.duration >= SLOW_SYNC_S:  # where a slow sync's time went
+        slow = report.duration >= SLOW_SYNC_S
+        if slow:  # where its time went
             kind += (f"; translate and plan {report.compute_s:.3f}s, IPVS {report.apply_s:.3f}s,"
                      f" nftables {report.firewall_s:.3f}s, its drift check {report.check_s:.3f}s")
-        if report.ops or report.firewall_changes or report.duration >= SLOW_SYNC_S:
+        if report.ops or report.firewall_changes or slow:
             log.info("sync: %d services translated, %d operations%s in %.3fs%s",
                      report.services_translated, len(report.ops), nft, report.duration, kind)
         else:  # the periodic full resync, every --sync-period: said only at debug level
