@@ -198,6 +198,12 @@ class VirtualServer:
     def settings(self) -> Settings:
         return Settings(self.scheduler, self.kernel_flags, self.timeout)
 
+    def as_programmed(self) -> ObservedVS:
+        """The kernel's copy of this virtual server once programmed whole: what an incremental
+        sync plans against instead of reading the kernel (reconcile.Reconciler._remembered)."""
+        return ObservedVS(self.key, self.scheduler, self.kernel_flags, self.timeout,
+                          {(r.address, r.port): ObservedReal(r.address, r.port, r.weight) for r in self.reals})
+
 
 @dataclass(slots=True)
 class ObservedReal:

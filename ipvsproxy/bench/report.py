@@ -217,6 +217,9 @@ def text_summary(doc: dict[str, Any]) -> str:
             lines.append(f"        churn at {cr['rate_per_s']}/s ({cr.get('resync', 'full')} resync): {cr['syncs']}"
                          f" syncs, {cr.get('full_syncs', 0)} full, latency median"
                          f" {cr['latency_ms']['median']} ms p99 {cr['latency_ms']['p99']} ms")
+            if "read_keys" in cr:
+                lines.append(f"          {cr['changes']} changes: {cr['read_keys']} virtual servers read back"
+                             f" from the kernel key by key, in {cr['read_keys_s']} s")
             if cr.get("slowest_syncs"):
                 w = cr["slowest_syncs"][0]
                 lines.append(f"          slowest sync {w['ms']} ms: compute {w['compute_ms']}, IPVS {w['apply_ms']},"

@@ -362,6 +362,7 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
                 pauses.append(time.perf_counter() - started.pop())
 
     gc.callbacks.append(on_gc)
+    read0, read_s0 = agent.dp.read_keys, agent.dp.seconds["observe_keys"]
     cpu0, t0 = time.process_time(), time.monotonic()
     ctx.progress.start(f"churn at {rate:g}/s", n)
     for i in range(n):
@@ -395,6 +396,10 @@ def churn_rate(ctx: Context, agent: Agentlet, rate: float, duration: float, min_
         "drift_rounds": agent.core.reconciler.sweeps, "keys_compared": sum(r.swept for _, r in reports),
         "errors": len(errors),
         "write_ops": sum(len(r.ops) for _, r in reports),
+        # virtual servers read back from the kernel key by key (changed ones that could not be
+        # planned from what was programmed, and the drift check's), and the time those reads took
+        "read_keys": agent.dp.read_keys - read0,
+        "read_keys_s": round(agent.dp.seconds["observe_keys"] - read_s0, 3),
         "sync_ms": summary([r.duration for _, r in reports], 1000, 4),
         "latency_ms": summary(lat, 1000, 4),
         "cpu_fraction": round((time.process_time() - cpu0) / elapsed, 4) if elapsed else None,

@@ -285,7 +285,7 @@ def test_incremental_sync_leaves_unrelated_addresses_full_sync_repairs_them() ->
 def test_no_mirror_of_the_kernel_table_is_kept_between_syncs() -> None:
     tracker, dp, rec = setup(5)
     rec.sync()
-    assert rec.cache.services == {}  # an incremental sync reads its scope fresh from the kernel
+    assert rec.cache.services == {}  # an incremental sync reads (or remembers) just its scope
     assert rec.cache.addresses == dp.state.addresses  # binds are mirrored: the address diff needs them
     dp.state.services[key(3)].reals[("198.18.1.4", 8080)].weight = 5  # drift outside the next scope
     tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2"]))
@@ -353,3 +353,108 @@ def test_a_firewall_failure_is_retried_by_the_firewall_not_by_a_full_sync() -> N
     assert calls[1:] == [(1, False), (0, False)]
     rec.sync()
     assert len(calls) == 3  # in step again: not called when nothing changed
+
+
+class ReadCounting(MemoryDataplane):
+    """The in-memory kernel, counting the virtual servers a sync reads key by key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[VSKey] = []
+
+    def observe_keys(self, keys: Any) -> dict[VSKey, ObservedVS | None]:
+        keys = list(keys)
+        self.read += keys
+        return super().observe_keys(keys)
+
+
+def test_an_added_endpoint_is_planned_from_what_was_programmed_without_a_kernel_read() -> None:
+    dp = ReadCounting()
+    tracker, _, rec = setup(3, dp=dp)
+    rec.sync()
+    tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2", "198.18.2.2", "198.18.3.2"]))
+    r = rec.sync()
+    assert [(op.kind, op.real.address if op.real else None) for op in r.ops] == [(OpKind.ADD_RS, "198.18.3.2")]
+    assert dp.read == []
+    tracker.upsert("Service", svc("s7", "198.19.0.8"))  # a new key: a foreign server may sit there
+    rec.sync()
+    assert dp.read == [key(7)]
+
+
+def test_a_removed_tcp_endpoint_is_read_its_connections_decide() -> None:
+    dp = ReadCounting()
+    tracker, _, rec = setup(2, dp=dp, grace=60)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 2
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2"]))
+    r = rec.sync()
+    assert sorted(dp.read) == [key(0), key(1)]
+    assert sorted((op.kind, op.key, op.note) for op in r.ops if op.key is not None) == [
+        (OpKind.DEL_RS, key(1), ""), (OpKind.EDIT_RS, key(0), "drain")]
+    dp.read.clear()
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.4.1"]))  # draining: read again
+    rec.sync()
+    assert dp.read == [key(0)]
+
+
+def test_a_removed_udp_endpoint_needs_no_read() -> None:
+    dp = ReadCounting()
+    tracker = Tracker(NODE)
+    rec = Reconciler(tracker, dp, Config(NODE), Registry())
+    tracker.replace("Service", [svc("u", "198.19.0.1", 53, "UDP")])
+    tracker.replace("EndpointSlice", [eps("u", ["198.18.1.1", "198.18.2.1"], 53, "UDP")])
+    rec.sync()
+    tracker.upsert("EndpointSlice", eps("u", ["198.18.1.1"], 53, "UDP"))
+    r = rec.sync()
+    assert [(op.kind, op.note) for op in r.ops] == [(OpKind.DEL_RS, "flush")] and dp.read == []
+    assert list(dp.state.services[key(0, 53, 17)].reals) == [("198.18.1.1", 53)]
+
+
+def test_a_virtual_server_changed_behind_the_agents_back_is_read_and_repaired_in_the_same_sync() -> None:
+    dp = ReadCounting()
+    tracker, _, rec = setup(3, dp=dp)
+    rec.sync()
+    del dp.state.services[key(1)]  # deleted behind our back (ipvsadm -D)
+    dp.state.services[key(2)].reals.pop(("198.18.1.3", 8080))  # a real server too
+    tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2", "198.18.2.2", "198.18.3.2"]))
+    tracker.upsert("EndpointSlice", eps("s2", ["198.18.2.3"]))  # drops the real server already gone
+    r = rec.sync()
+    assert r.failures == [] and r.service_failures == {} and rec.failing == 0
+    assert sorted(dp.read) == [key(1), key(2)]  # s1 read once refused; s2 read as it loses a real
+    assert sorted(dp.state.services[key(1)].reals) == [(f"198.18.{i}.2", 8080) for i in (1, 2, 3)]
+    assert list(dp.state.services[key(2)].reals) == [("198.18.2.3", 8080)]
+    assert (OpKind.ADD_VS, key(1)) in [(op.kind, op.key) for op in r.ops]
+    assert rec.sync(full=True).ops == []
+
+
+def test_a_refused_key_is_read_until_it_goes_through() -> None:
+    refuse = {"on": True}
+    dp = ReadCounting()
+    dp.fail = lambda op: ("injected" if refuse["on"] and op.real is not None and op.real.address == "198.18.3.1"
+                          else None)
+    clock = FakeClock()
+    tracker, _, rec = setup(2, dp=dp, clock=clock)
+    rec.sync()
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1", "198.18.3.1"]))
+    r = rec.sync()
+    assert r.service_failures and dp.read == [key(0)]  # planned from memory, refused, read: still refused
+    dp.read.clear()
+    refuse["on"] = False
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1", "198.18.3.1", "198.18.4.1"]))
+    r = rec.sync()
+    assert dp.read == [key(0)] and r.recovered == ["ns/s0"] and rec.failing == 0
+    dp.read.clear()
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1", "198.18.3.1", "198.18.4.1", "198.18.5.1"]))
+    rec.sync()
+    assert dp.read == []  # programmed whole again: remembered
+
+
+def test_a_dry_run_reads_what_it_plans() -> None:
+    dp = ReadCounting()
+    tracker, _, rec = setup(2, dp=dp)
+    rec.sync()
+    rec.dry_run = True
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1", "198.18.3.1"]))
+    rec.sync()
+    assert dp.read == [key(0)]
