@@ -24,7 +24,7 @@ from collections.abc import Callable
 from . import gcpause
 from .config import AgentConfig
 from .dataplane.base import Dataplane
-from .reconcile import EventPoster, Firewall, Reconciler, SyncReport
+from .reconcile import DRAIN_CHECK_S, EventPoster, Firewall, Reconciler, SyncReport
 from .runner import Runner
 from .schedulers import Registry, default_registry
 from .tracker import ProblemHook, Tracker
@@ -126,7 +126,7 @@ class NodeCore:
         reconciler = Reconciler(
             tracker, dataplane, translation_config(cfg), registry or default_registry(),
             excluded=cfg.excluded, grace=cfg.drain_grace_period, on_problem=on_service_problem,
-            dry_run=dry_run, firewall=None if dry_run else firewall, clock=clock,
+            dry_run=dry_run, firewall=None if dry_run else firewall, clock=clock, drain_check=DRAIN_CHECK_S,
         )
         return cls(tracker, reconciler, sync_period=cfg.sync_period, min_period=cfg.min_sync_period,
                    clock=clock, rng=rng, ready=tracker.ready, on_report=on_report,
@@ -139,7 +139,7 @@ class NodeCore:
         *,
         sync_period: float = 30.0,
         min_period: float = 1.0,
-        drain_check: float = 5.0,
+        drain_check: float = DRAIN_CHECK_S,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         ready: Callable[[], bool] | None = None,

@@ -16,6 +16,7 @@ thread that waits is runner.py's.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,11 @@ KEYS_READ_PER_COMPARED = 8
 # check ends in well under half a round, ~1,500 elements (a few netlink pages) a step at 10,000
 # Services, instead of the whole table (~190,000 elements) in the round's last step.
 FIREWALL_READ_PER_KEY = 32
+# Virtual servers with a draining real server are read back for its connection count at most this
+# often (and whenever they change), not at every sync: under churn with long-lived connections a
+# node drains hundreds at once, and a read costs ~2 ms each under emulation. kube-proxy's graceful
+# termination manager looks once a minute; core.py schedules a sync this often while any drain.
+DRAIN_CHECK_S = 5.0
 
 # Who hears about a Service's problem (reason, message): the agent turns it into a
 # Warning Event on the Service (and a metric). The one name for this callback.
@@ -224,7 +230,10 @@ class Reconciler:
         firewall: Firewall | None = None,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        drain_check: float = 0.0,
     ) -> None:
+        """`drain_check`: seconds between reads of the draining virtual servers (0: every sync;
+        the agent's is DRAIN_CHECK_S)."""
         self.firewall = firewall
         self.clock = clock
         # The change delta not yet handed to the firewall (the planner gets it at once;
@@ -251,6 +260,8 @@ class Reconciler:
         self.retries = RetrySchedule(backoff)
         self._attempted: list[Failing] = []  # retries released into the current sync
         self.drain_started: dict[DrainKey, float] = {}
+        self.drain_check = drain_check
+        self._drain_read: dict[VSKey, float] = {}  # a draining virtual server -> when it was last read
         self.sched_problems: dict[str, str] = {}
         self.pending_seen: dict[str, float] = {}
         self.invalid_schedulers = 0
@@ -402,7 +413,7 @@ class Reconciler:
                 scope.update(swept)
             if round_end:  # the bound addresses are compared whole, as a full sync does
                 self.cache.addresses = self.dp.bound_addresses()
-            scope |= {dk.key for dk in self.drain_started}
+            scope |= self._drains_due(now)
             remembered = self._remembered(changes, scope.difference(swept))
             self.cache.services = {k: o for k, o in self.dp.observe_keys(scope.difference(remembered)).items()
                                    if o is not None}
@@ -419,6 +430,16 @@ class Reconciler:
         if round_end:
             self.sweeps += 1
         return Computed(ops, full, dict(self.pending_seen), len(dirty), len(swept), frozenset(remembered))
+
+    def _drains_due(self, now: float) -> set[VSKey]:
+        """The draining virtual servers to read in this sync: those not read for `drain_check`
+        seconds (one that changes is read anyway: _remembered)."""
+        draining = {dk.key for dk in self.drain_started}
+        read = self._drain_read = {k: t for k, t in self._drain_read.items() if k in draining}
+        due = {k for k in draining if now - read.get(k, -math.inf) >= self.drain_check}
+        for k in due:
+            read[k] = now
+        return due
 
     def _remembered(self, changes: Delta, scope: set[VSKey]) -> dict[VSKey, ObservedVS]:
         """The changed virtual servers an incremental sync plans against what this agent
@@ -616,6 +637,7 @@ class Reconciler:
         dk = DrainKey(op.key, op.real.address, op.real.port)
         if op.kind is OpKind.EDIT_RS and op.note == OpNote.DRAIN:
             self.drain_started.setdefault(dk, now)
+            self._drain_read[op.key] = now  # this sync read it: the next look is drain_check away
         elif op.kind in (OpKind.DEL_RS, OpKind.EDIT_RS, OpKind.ADD_RS):
             self.drain_started.pop(dk, None)
 

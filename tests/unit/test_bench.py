@@ -150,6 +150,7 @@ def test_churn_at_a_rate_coalesces_through_the_runner() -> None:
     assert res["errors"] == 0 and res["table_matches_desired"]
     assert 1 <= res["syncs"] <= res["changes"] == 40
     assert res["latency_ms"]["count"] >= 1
+    assert res["read_keys"] > 0 and res["read_keys_s"] >= 0  # removed TCP endpoints are read back (drain or not)
     slow = res["slowest_syncs"]  # where the slowest syncs' time went
     ms = [s["ms"] for s in slow]
     assert 1 <= len(slow) <= scenarios.SLOWEST and ms == sorted(ms, reverse=True)

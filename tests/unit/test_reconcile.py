@@ -458,3 +458,23 @@ def test_a_dry_run_reads_what_it_plans() -> None:
     tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1", "198.18.2.1", "198.18.3.1"]))
     rec.sync()
     assert dp.read == [key(0)]
+
+
+def test_draining_virtual_servers_are_read_every_drain_check_not_every_sync() -> None:
+    dp = ReadCounting()
+    clock = FakeClock()
+    tracker, _, rec = setup(3, dp=dp, grace=60, clock=clock, drain_check=5.0)
+    rec.sync()
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 3
+    tracker.upsert("EndpointSlice", eps("s0", ["198.18.1.1"]))
+    assert [op.note for op in rec.sync().ops] == ["drain"] and rec.draining == 1
+    dp.state.services[key(0)].reals[("198.18.2.1", 8080)].active = 0  # its last connection closed
+    dp.read.clear()
+    clock.advance(1)
+    tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2", "198.18.2.2", "198.18.3.2"]))  # another Service
+    assert [op.kind for op in rec.sync().ops] == [OpKind.ADD_RS]
+    assert dp.read == [] and rec.draining == 1  # the draining one is not read at this sync...
+    clock.advance(4)
+    r = rec.sync()  # ... but at the drain check (core.py schedules one while any drain)
+    assert dp.read == [key(0)] and [(op.kind, op.note) for op in r.ops] == [(OpKind.DEL_RS, "drained")]
+    assert rec.draining == 0
