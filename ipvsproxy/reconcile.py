@@ -413,10 +413,10 @@ class Reconciler:
                 scope.update(swept)
             if round_end:  # the bound addresses are compared whole, as a full sync does
                 self.cache.addresses = self.dp.bound_addresses()
-            scope |= self._drains_due(now)
-            remembered = self._remembered(changes, scope.difference(swept))
-            self.cache.services = {k: o for k, o in self.dp.observe_keys(scope.difference(remembered)).items()
-                                   if o is not None}
+            draining = {dk.key for dk in self.drain_started}
+            scope |= self._drains_due(now, draining)
+            remembered = self._remembered(changes, scope.difference(swept), draining)
+            self.cache.services = self._read(scope.difference(remembered))
             self.cache.services.update(remembered)
             if swept:  # drains the kernel holds that this agent has not timed (a restart)
                 for dk in pending_drains(self.index.state, self.cache):
@@ -431,17 +431,20 @@ class Reconciler:
             self.sweeps += 1
         return Computed(ops, full, dict(self.pending_seen), len(dirty), len(swept), frozenset(remembered))
 
-    def _drains_due(self, now: float) -> set[VSKey]:
-        """The draining virtual servers to read in this sync: those not read for `drain_check`
-        seconds (one that changes is read anyway: _remembered)."""
-        draining = {dk.key for dk in self.drain_started}
+    def _read(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS]:
+        """The kernel's copy of these virtual servers, read one by one (those it lacks left out)."""
+        return {k: o for k, o in self.dp.observe_keys(keys).items() if o is not None}
+
+    def _drains_due(self, now: float, draining: set[VSKey]) -> set[VSKey]:
+        """Of the `draining` virtual servers, those to read in this sync: not read for
+        `drain_check` seconds (one that changes is read anyway: _remembered)."""
         read = self._drain_read = {k: t for k, t in self._drain_read.items() if k in draining}
         due = {k for k in draining if now - read.get(k, -math.inf) >= self.drain_check}
         for k in due:
             read[k] = now
         return due
 
-    def _remembered(self, changes: Delta, scope: set[VSKey]) -> dict[VSKey, ObservedVS]:
+    def _remembered(self, changes: Delta, scope: set[VSKey], draining: set[VSKey]) -> dict[VSKey, ObservedVS]:
         """The changed virtual servers an incremental sync plans against what this agent
         programmed (their previous desired state, which the last sync applied whole) instead of
         reading them from the kernel: a read costs a dump per virtual server (~2 ms in the test
@@ -453,7 +456,7 @@ class Reconciler:
         kernel refuses was changed behind the agent's back: sync() reads it and plans again."""
         if self.dry_run or not changes:
             return {}
-        unsure = {dk.key for dk in self.drain_started}
+        unsure = set(draining)
         for f in self.retries.failing.values():
             unsure |= f.keys
         out: dict[VSKey, ObservedVS] = {}
@@ -477,7 +480,7 @@ class Reconciler:
             return ops, failures
         log.info("%d virtual server(s) differ from what was programmed; read and planned again", len(again))
         refused = {id(f.op) for f in failures if f.op.key in again}
-        self.cache.services = {k: o for k, o in self.dp.observe_keys(again).items() if o is not None}
+        self.cache.services = self._read(again)
         more = plan(self.index.state, self.cache, scope=again, excluded=self.excluded,
                     drain=DrainPolicy(self.grace, self.clock(), self.drain_started))
         self.cache.services = {}
