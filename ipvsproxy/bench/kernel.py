@@ -101,6 +101,9 @@ def run_kernel(ctx: Context, selected: set[str], *, reference: bool, churn_steps
                 sc["restart"] = scenarios.restart(ctx, dp2, agent_firewall(nftables))
             finally:
                 dp2.close()
+        if "steady" in selected or "restart" in selected:  # their yardstick, on the same table
+            note("kernel: `ipvsadm -Sn` of the programmed table (the kernel's dump, target 3)")
+            out["kernel_dump"] = references.ipvsadm_save()
         if "churn" in selected and churn_steps:
             note(f"kernel: churn, {churn_steps} changes")
             _take(acc)

@@ -88,6 +88,18 @@ def ipvsadm_restore(desired: DesiredState) -> dict[str, Any]:
     return {"wall_s": seconds, "lines": rules.count("\n"), "bytes": len(rules)}
 
 
+def ipvsadm_save() -> dict[str, Any]:
+    """`ipvsadm -Sn` of the table as it stands: the kernel's whole table dumped (one netlink dump
+    per virtual server, decoded in C) and printed; the yardstick of restart adoption and the
+    periodic full resync (issue 18's target 3)."""
+    t = time.perf_counter()
+    proc = subprocess.run(["ipvsadm", "-S", "-n"], capture_output=True, check=False)
+    elapsed = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"ipvsadm -Sn failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[:500]}")
+    return {"wall_s": elapsed, "lines": proc.stdout.count(b"\n")}
+
+
 def ipvsadm_clear() -> float:
     return run_timed(["ipvsadm", "-C"], "")
 

@@ -143,17 +143,23 @@ def end_to_end_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"id": "e2e-python-share", "target": f"Python share <= {PYTHON_SHARE_MAX:.0%} of the process start at "
                 "10,000 (JSON)", "measured": share, "met": None if share is None else share <= PYTHON_SHARE_MAX})
 
-    dumps: dict[int, dict[str, float | None]] = {}
+    dumps: dict[int, dict[str, float | str | None]] = {}
     for r in ker:
         full, rs = _get(r, "scenarios", "steady", "full_resync"), _get(r, "scenarios", "restart")
-        row = {"full_resync": _ratio(_get(full, "sync_s"), _get(full, "dataplane_split_s", "observe")),
-               "restart": _ratio(_get(rs, "wall_s"), _get(rs, "dataplane_split_s", "observe")),
+        # The kernel's dump: `ipvsadm -Sn` of the same table in the same run; results from before
+        # it was timed fall back to the agent's own whole-table read (which is partly Python).
+        dump = _get(r, "kernel_dump", "wall_s")
+        row = {"full_resync": _ratio(_get(full, "sync_s"), dump or _get(full, "dataplane_split_s", "observe")),
+               "restart": _ratio(_get(rs, "wall_s"), dump or _get(rs, "dataplane_split_s", "observe")),
+               "against": "ipvsadm -Sn" if dump else "the agent's own dump",
                "resync_cpu_share": _ratio(_get(full, "cpu_s"), DEFAULT_SYNC_PERIOD)}
         if row["full_resync"] is not None or row["restart"] is not None:
             dumps[r["services"]] = row
-    judged = [v for row in dumps.values() for k, v in row.items() if k != "resync_cpu_share" and v is not None]
+    judged = [v for row in dumps.values() for k, v in row.items()
+              if k in ("full_resync", "restart") and isinstance(v, float)]
     out.append({"id": "e2e-resync-restart", "target": f"restart adoption and the periodic full resync <= "
-                f"{DUMP_RATIO_MAX:g}x the kernel dump", "measured": dict(sorted(dumps.items())) or None,
+                f"{DUMP_RATIO_MAX:g}x the kernel dump (`ipvsadm -Sn` of the same table)",
+                "measured": dict(sorted(dumps.items())) or None,
                 "met": all(v <= DUMP_RATIO_MAX for v in judged) if judged else None})
 
     big = _at(mem, 20_000)
@@ -187,11 +193,14 @@ def text_summary(doc: dict[str, Any]) -> str:
                      f" cold {cold['wall_s']:.2f}s (list {cold['ingest_s']:.2f}s, sync {cold['sync_s']:.2f}s,"
                      f" {cold['write_ops']} ops)")
         lines.append(head)
+        save = (r.get("kernel_dump") or {}).get("wall_s")
+        against = f" = {{:.2f}}x `ipvsadm -Sn` ({save:.3f}s)" if save else ""
         st = sc.get("steady")
         if st:
             full = st["full_resync"]
             dump = full.get("dataplane_split_s", {}).get("observe") or 0.0
-            ratio = f" = {full['sync_s'] / dump:.2f}x the table dump ({dump:.3f}s)" if dump else ""
+            ratio = f" = {full['sync_s'] / dump:.2f}x the agent's table read ({dump:.3f}s)" if dump else ""
+            ratio += against.format(full["sync_s"] / save) if save else ""
             cpu = (f"; CPU {full['cpu_s']:.3f}s, {full['cpu_s'] / DEFAULT_SYNC_PERIOD:.1%} of one core at the"
                    f" default --sync-period {DEFAULT_SYNC_PERIOD:g}s") if "cpu_s" in full else ""
             lines.append(f"        steady: {st['write_ops']} write ops; full resync "
@@ -199,7 +208,8 @@ def text_summary(doc: dict[str, Any]) -> str:
         rs = sc.get("restart")
         if rs:
             dump = rs.get("dataplane_split_s", {}).get("observe") or 0.0
-            ratio = f" = {rs['wall_s'] / dump:.2f}x the table dump ({dump:.3f}s)" if dump else ""
+            ratio = f" = {rs['wall_s'] / dump:.2f}x the agent's table read ({dump:.3f}s)" if dump else ""
+            ratio += against.format(rs["wall_s"] / save) if save else ""
             lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s"
                          f" (list {rs['ingest_s']:.2f}s, sync {rs['sync_s']:.2f}s){ratio}")
         ch = sc.get("churn")

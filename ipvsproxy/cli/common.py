@@ -36,15 +36,17 @@ def make_config(**flags: Any) -> AgentConfig:
     return cfg
 
 
-def open_dataplane(kind: str, cfg: AgentConfig, *, for_reading: bool = False) -> Dataplane:
-    """The kernel dataplane, or the in-memory one (dry runs on hosts without IPVS)."""
+def open_dataplane(kind: str, cfg: AgentConfig, *, for_reading: bool = False,
+                   real_counters: bool = False) -> Dataplane:
+    """The kernel dataplane, or the in-memory one (dry runs on hosts without IPVS);
+    `real_counters`: its whole-table reads carry every real server's traffic counters."""
     if kind == "memory":
         from ..dataplane.memory import MemoryDataplane
 
         return MemoryDataplane()
     from ..dataplane.netlink import NetlinkDataplane
 
-    return NetlinkDataplane(cfg, read_only=for_reading)
+    return NetlinkDataplane(cfg, read_only=for_reading, real_counters=real_counters)
 
 
 def open_firewall(kind: str, cfg: AgentConfig) -> NftFirewall | None:

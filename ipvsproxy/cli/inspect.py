@@ -35,7 +35,7 @@ def list_cmd(service: str | None, namespace: str | None, fmt: str, stats: bool, 
              no_foreign: bool, state_dir: str, interface: str, dataplane: str) -> None:
     """Virtual servers on this node, with the Service and pods behind each."""
     cfg = make_config(state_dir=state_dir, interface=interface)
-    dp = common.open_dataplane(dataplane, cfg, for_reading=True)
+    dp = common.open_dataplane(dataplane, cfg, for_reading=True, real_counters=stats or rate)
     try:
         observed = dp.observe()
     finally:

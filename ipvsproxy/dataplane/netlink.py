@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import subprocess
+import types
 import typing
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..model import (
 )
 from ..plan import Op, OpKind
 from ..schedulers import default_registry
+from . import ipvs_proc
 from .addr_wire import IFA_F_NODAD, AddrRequest, AddrWire
 from .base import (
     INTERFACE_MARK,
@@ -49,6 +51,7 @@ from .base import (
     harmless,
 )
 from .conntrack import ConntrackCleaner, Removal
+from .ipvs_proc import ProcKey, ProcReal
 from .ipvs_wire import (
     Cmd,
     Dest,
@@ -228,6 +231,9 @@ class StatsView(Mapping[str, int]):
         return repr(dict(self))
 
 
+NO_COUNTERS: Mapping[str, int] = types.MappingProxyType({})  # a real server read from /proc/net/ip_vs
+
+
 def _stats(s: Stats) -> Mapping[str, int]:
     return StatsView(s)
 
@@ -280,9 +286,15 @@ class NetlinkDataplane:
     def __init__(self, cfg: AgentConfig, *, read_only: bool = False, batch_size: int = 256,
                  modules: KernelModules | None = None, sysctls: Sysctls | None = None, links: Links | None = None,
                  wire: IPVSWire | None = None, addr: AddrWire | None = None,
-                 conntrack: ConntrackCleaner | None = None) -> None:
+                 conntrack: ConntrackCleaner | None = None, real_counters: bool = False,
+                 proc_table: Callable[[], dict[ProcKey, list[ProcReal]]] = ipvs_proc.read) -> None:
         self.cfg = cfg
         self.read_only = read_only
+        # False: observe() reads real servers from /proc/net/ip_vs in one file read, without
+        # their traffic counters, which only `list --stats` shows and asks for (ipvs_proc.py)
+        self.real_counters = real_counters
+        self.proc_table = proc_table
+        self._proc_warned = False
         self.modules = modules or HOST_MODULES
         self.sysctls: Sysctls = sysctls or HOST_SYSCTLS
         self.counters = Counters()
@@ -397,10 +409,33 @@ class NetlinkDataplane:
     def observe(self) -> ObservedState:
         self.counters.dumps += 1
         state = ObservedState(addresses=self.bound_addresses())
-        for entry, dests in self.wire.table():
-            obs = observed_vs(entry, dests)
+        table = None if self.real_counters else self._proc_reals()
+        if table is None:
+            for entry, dests in self.wire.table():
+                obs = observed_vs(entry, dests)
+                state.services[obs.key] = obs
+            return state
+        for entry in self.wire.services():  # the settings and counters of every virtual server
+            rows = table.get(VSKey(entry.svc.family, entry.svc.protocol, entry.svc.address, entry.svc.port))
+            if rows is None:  # added after the file was read, or its lines did not read: netlink
+                obs = observed_vs(entry, self.wire.dests(entry.svc))
+            else:
+                obs = observed_vs(entry, ())
+                obs.reals = {(a, p): ObservedReal(a, p, w, act, inact, NO_COUNTERS) for a, p, w, act, inact in rows}
             state.services[obs.key] = obs
         return state
+
+    def _proc_reals(self) -> dict[ProcKey, list[ProcReal]] | None:
+        """Every virtual server's real servers from /proc/net/ip_vs (None: unreadable here, so
+        observe dumps them over netlink; said once)."""
+        try:
+            return self.proc_table()
+        except (OSError, UnicodeDecodeError) as exc:
+            if not self._proc_warned:
+                log.info("cannot read %s (%s); reading real servers over netlink, one dump per virtual "
+                         "server", ipvs_proc.PROC_PATH, exc)
+                self._proc_warned = True
+            return None
 
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         keys = list(keys)

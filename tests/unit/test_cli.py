@@ -49,7 +49,7 @@ def programmed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MemoryDatapla
     dp.state.services[FOREIGN] = ObservedVS(FOREIGN, "wlc", 0, 0, {("198.18.99.2", 80): ObservedReal(
         "198.18.99.2", 80, 1, 1, 0)})
     records.write(str(tmp_path), records.from_desired(desired, "demo-node", tracker.endpoints_of))
-    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, **kw: dp)
     monkeypatch.setenv("IPVSPROXY_STATE_DIR", str(tmp_path))
     return dp
 
@@ -94,6 +94,20 @@ def test_list_json_yaml_stats_and_rates_are_exact(programmed: MemoryDataplane) -
     assert "117.7Mi" in out  # human-readable bytes in table mode
 
 
+def test_list_reads_real_server_counters_only_to_show_them(programmed: MemoryDataplane,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[bool] = []
+
+    def opened(kind: str, cfg: object, for_reading: bool = False, real_counters: bool = False) -> MemoryDataplane:
+        asked.append(real_counters)
+        return programmed
+
+    monkeypatch.setattr(common, "open_dataplane", opened)
+    for flags in ([], ["--stats"], ["--rate"], ["-o", "json"]):
+        assert run("list", *flags)[0] == 0
+    assert asked == [False, True, True, False]  # the kernel's real servers from /proc/net/ip_vs otherwise
+
+
 def test_list_without_record_says_it_cannot_name(programmed: MemoryDataplane, tmp_path: Path) -> None:
     code, out, err = run("list", "--state-dir", str(tmp_path / "none"))
     assert code == 0 and "(unknown)" in out and "cannot be named" in err
@@ -119,7 +133,7 @@ def test_view_orders_by_numeric_address() -> None:
 
 def test_diff_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dp = MemoryDataplane()
-    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, **kw: dp)
     code, out, _ = run("diff", "--from-file", EXAMPLES, "--node-name", "demo-node")
     assert code == 1 and "demo/web:http" in out and "+ add virtual server TCP 198.19.0.10:80" in out
     code, out, _ = run("diff", "--from-file", EXAMPLES, "--node-name", "demo-node", "-o", "json")
@@ -134,7 +148,7 @@ def test_diff_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_dry_run_prints_plan_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     dp = MemoryDataplane()
-    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, **kw: dp)
     code, out, err = run("run", "--from-file", EXAMPLES, "--node-name", "demo-node", "--once", "--dry-run")
     assert code == 0 and "add-vs TCP 198.19.0.10:80 rr (demo/web:http)" in out
     assert "bind 198.19.0.10" in out and "dry run" in err
@@ -219,7 +233,7 @@ class RecordingFirewall:
 
 def test_run_once_keeps_the_firewall_in_step(monkeypatch: pytest.MonkeyPatch) -> None:
     dp, fw = MemoryDataplane(), RecordingFirewall()
-    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, **kw: dp)
     monkeypatch.setattr(common, "open_firewall", lambda kind, cfg: fw)
     code, _, err = run("run", "--from-file", EXAMPLES, "--node-name", "demo-node", "--once")
     assert code == 0 and "7 nftables changes" in err
@@ -243,7 +257,7 @@ def test_open_firewall_honours_flags_and_a_missing_nft(monkeypatch: pytest.Monke
 
 def test_run_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[object] = []
-    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: MemoryDataplane())
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, **kw: MemoryDataplane())
     monkeypatch.setattr(common, "open_firewall", lambda kind, cfg: seen.append(cfg))
     code, _, err = run("run", "--from-file", EXAMPLES, "--node-name", "demo-node", "--once",
                        "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56", "--masquerade-all", "--no-nftables")

@@ -79,7 +79,7 @@ class RefusingDataplane:
 def test_the_cli_turns_a_refusal_into_exit_2(args: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
     dp = RefusingDataplane()
-    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, for_reading=False: dp)
+    monkeypatch.setattr(common, "open_dataplane", lambda kind, cfg, **kw: dp)
     monkeypatch.setattr(common, "open_firewall", lambda kind, cfg: None)
     f = tmp_path / "c.yaml"
     f.write_text("apiVersion: v1\nkind: List\nitems: []\n")
