@@ -48,7 +48,7 @@ def table(netlab: Netlab) -> Iterator[list[Any]]:
              f"-A -t [{V6}]:80 -s wlc", f"-a -t [{V6}]:80 -r [{a.ipv6}]:8080 -m -w 3",
              f"-A -t {PERSIST}:443 -s rr -p 600 -M 255.255.255.0", f"-a -t {PERSIST}:443 -r {a.ipv4}:443 -m",
              f"-A -u {OPS}:53 -s rr -o", f"-a -u {OPS}:53 -r {a.ipv4}:5353 -m -w 2",
-             f"-A -t {SH}:80 -s sh -b sh-port,sh-fallback", f"-a -t {SH}:80 -r {b.ipv4}:8080 -g -w 4",
+             f"-A -t {SH}:80 -s sh -b sh-port,sh-fallback", f"-a -t {SH}:80 -r {b.ipv4}:80 -g -w 4",
              "-A -f 61 -s rr", f"-a -f 61 -r {a.ipv4}:0 -m"]
     for i in range(BULK):
         vip = bulk_vip(i)
@@ -94,7 +94,7 @@ def test_the_proc_file_and_the_dests_dumps_read_the_same_table(table: list[Any])
     assert web[(a.ipv4, 8080)].active == 1 and web[(a.ipv4, 8080)].inactive >= 1
     assert web[(b.ipv4, 8080)].weight == 0
     assert by_addr[(V6, 80)].reals[(a.ipv6, 8080)].weight == 3  # canonical IPv6 spelling, both ways
-    assert by_addr[(SH, 80)].reals[(b.ipv4, 8080)].weight == 4
+    assert by_addr[(SH, 80)].reals[(b.ipv4, 80)].weight == 4  # direct routing: the service port
     assert by_addr[(bulk_vip(BULK - 1), 80)].reals[(f"10.62.{(BULK - 1) % 250}.10", 8080)].weight == 9 % 3
     assert all(k.port != 0 for k in fast.services)  # the firewall-mark service: in neither
     assert dict(web[(a.ipv4, 8080)].stats) == {} and full.services[next(
