@@ -23,25 +23,19 @@ the result, and the caller dumps it over netlink instead (NetlinkDataplane.obser
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Mapping
+
+from ..model import ObservedReal, VSKey
 
 PROC_PATH = "/proc/net/ip_vs"
+READ_SIZE = 1 << 20  # bytes per read(): the kernel re-walks its service table at each read's start
 
-ProcKey = tuple[int, int, str, int]  # family, protocol number, address, port: VSKey's fields
-ProcReal = tuple[str, int, int, int, int]  # address, port, weight, active, inactive connections
+Reals = dict[tuple[str, int], ObservedReal]
+NO_COUNTERS: Mapping[str, int] = types.MappingProxyType({})  # a real server's traffic counters: not here
 
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 _PROTOCOLS = {"TCP": int(socket.IPPROTO_TCP), "UDP": int(socket.IPPROTO_UDP), "SCTP": int(socket.IPPROTO_SCTP)}
-
-
-def read_text(path: str = PROC_PATH) -> str:
-    """The whole file in large reads (the kernel re-walks its service table at every read's
-    start, so small reads of a big table cost more). Raises OSError when it cannot be read."""
-    with open(path, "rb", buffering=0) as f:
-        chunks = []
-        while chunk := f.read(1 << 20):
-            chunks.append(chunk)
-    return b"".join(chunks).decode("ascii")
 
 
 def _endpoint(text: str) -> tuple[int, str, int]:
@@ -56,15 +50,15 @@ def _endpoint(text: str) -> tuple[int, str, int]:
     return AF_INET, socket.inet_ntop(AF_INET, bytes.fromhex(addr)), int(port, 16)
 
 
-def parse(lines: Iterable[str]) -> dict[ProcKey, list[ProcReal]]:
-    """The real servers of every (non firewall-mark) virtual server in the file's lines, each
-    list in the kernel's order. A virtual server with a line that does not read as expected
-    is left out (the caller reads it another way); so are firewall-mark services and any
-    protocol this module does not know."""
-    out: dict[ProcKey, list[ProcReal]] = {}
-    reals: list[ProcReal] | None = None  # the current virtual server's (None: skipping its lines)
-    key: ProcKey | None = None
-    ntop4, fromhex = socket.inet_ntop, bytes.fromhex
+def parse(lines: Iterable[str]) -> dict[VSKey, Reals]:
+    """The real servers of every (non firewall-mark) virtual server in the file's lines, as
+    ObservedReal records without traffic counters. A virtual server with a line that does not
+    read as expected is left out (the caller reads it another way); so are firewall-mark
+    services and any protocol this module does not know."""
+    out: dict[VSKey, Reals] = {}
+    reals: Reals | None = None  # the current virtual server's (None: skipping its lines)
+    key: VSKey | None = None
+    ntop, fromhex = socket.inet_ntop, bytes.fromhex
     for line in lines:
         if line.startswith("  -> "):
             if reals is None:
@@ -73,10 +67,11 @@ def parse(lines: Iterable[str]) -> dict[ProcKey, list[ProcReal]]:
             try:
                 ep = parts[1]
                 if ep[0] != "[" and len(ep) == 13 and ep[8] == ":":  # IPv4, the common case inline
-                    addr, port = ntop4(AF_INET, fromhex(ep[:8])), int(ep[9:], 16)
+                    addr, port = ntop(AF_INET, fromhex(ep[:8])), int(ep[9:], 16)
                 else:
                     _, addr, port = _endpoint(ep)
-                reals.append((addr, port, int(parts[3]), int(parts[4]), int(parts[5])))
+                reals[(addr, port)] = ObservedReal(addr, port, int(parts[3]), int(parts[4]), int(parts[5]),
+                                                   NO_COUNTERS)
             except (IndexError, ValueError, OSError):
                 if key is not None:
                     out.pop(key, None)
@@ -91,11 +86,13 @@ def parse(lines: Iterable[str]) -> dict[ProcKey, list[ProcReal]]:
             family, addr, port = _endpoint(parts[1])
         except (ValueError, OSError):
             continue
-        key = (family, proto, addr, port)
-        reals = out[key] = []
+        key = VSKey(family, proto, addr, port)
+        reals = out[key] = {}
     return out
 
 
-def read(path: str = PROC_PATH) -> dict[ProcKey, list[ProcReal]]:
-    """`parse` of the file at `path`; OSError when it cannot be read (no IPVS, no procfs)."""
-    return parse(read_text(path).splitlines())
+def read(path: str = PROC_PATH) -> dict[VSKey, Reals]:
+    """`parse` of the file at `path`, streamed (the text of a large table is never held whole);
+    OSError when it cannot be read (no IPVS, no procfs), UnicodeDecodeError on a non-ASCII file."""
+    with open(path, encoding="ascii", buffering=READ_SIZE) as f:
+        return parse(f)

@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import subprocess
-import types
 import typing
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +50,6 @@ from .base import (
     harmless,
 )
 from .conntrack import ConntrackCleaner, Removal
-from .ipvs_proc import ProcKey, ProcReal
 from .ipvs_wire import (
     Cmd,
     Dest,
@@ -231,9 +229,6 @@ class StatsView(Mapping[str, int]):
         return repr(dict(self))
 
 
-NO_COUNTERS: Mapping[str, int] = types.MappingProxyType({})  # a real server read from /proc/net/ip_vs
-
-
 def _stats(s: Stats) -> Mapping[str, int]:
     return StatsView(s)
 
@@ -287,7 +282,7 @@ class NetlinkDataplane:
                  modules: KernelModules | None = None, sysctls: Sysctls | None = None, links: Links | None = None,
                  wire: IPVSWire | None = None, addr: AddrWire | None = None,
                  conntrack: ConntrackCleaner | None = None, real_counters: bool = False,
-                 proc_table: Callable[[], dict[ProcKey, list[ProcReal]]] = ipvs_proc.read) -> None:
+                 proc_table: Callable[[], dict[VSKey, ipvs_proc.Reals]] = ipvs_proc.read) -> None:
         self.cfg = cfg
         self.read_only = read_only
         # False: observe() reads real servers from /proc/net/ip_vs in one file read, without
@@ -416,16 +411,16 @@ class NetlinkDataplane:
                 state.services[obs.key] = obs
             return state
         for entry in self.wire.services():  # the settings and counters of every virtual server
-            rows = table.get(VSKey(entry.svc.family, entry.svc.protocol, entry.svc.address, entry.svc.port))
-            if rows is None:  # added after the file was read, or its lines did not read: netlink
+            reals = table.get(VSKey(entry.svc.family, entry.svc.protocol, entry.svc.address, entry.svc.port))
+            if reals is None:  # added after the file was read, or its lines did not read: netlink
                 obs = observed_vs(entry, self.wire.dests(entry.svc))
             else:
                 obs = observed_vs(entry, ())
-                obs.reals = {(a, p): ObservedReal(a, p, w, act, inact, NO_COUNTERS) for a, p, w, act, inact in rows}
+                obs.reals = reals
             state.services[obs.key] = obs
         return state
 
-    def _proc_reals(self) -> dict[ProcKey, list[ProcReal]] | None:
+    def _proc_reals(self) -> dict[VSKey, ipvs_proc.Reals] | None:
         """Every virtual server's real servers from /proc/net/ip_vs (None: unreadable here, so
         observe dumps them over netlink; said once)."""
         try:

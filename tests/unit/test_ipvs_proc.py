@@ -54,9 +54,18 @@ SAMPLE = "\n".join([
 ]) + "\n"
 
 
+def rows(table: dict[VSKey, ipvs_proc.Reals]) -> dict[tuple[int, int, str, int], list[tuple[str, int, int, int, int]]]:
+    """Each virtual server's real servers as (address, port, weight, active, inactive), in order."""
+    assert all(k == (r.address, r.port) for reals in table.values() for k, r in reals.items())
+    return {(k.family, k.protocol, k.address, k.port): [(r.address, r.port, r.weight, r.active, r.inactive)
+                                                        for r in reals.values()]
+            for k, reals in table.items()}
+
+
 def test_parse_reads_every_virtual_servers_real_servers() -> None:
     table = ipvs_proc.parse(SAMPLE.splitlines())
-    assert table == {
+    assert all(dict(r.stats) == {} for reals in table.values() for r in reals.values())  # no counters here
+    assert rows(table) == {
         (AF_INET, TCP, "10.96.0.1", 80): [("10.0.1.2", 8080, 1, 3, 7), ("10.0.1.3", 8080, 0, 0, 12)],
         (AF_INET, UDP, "10.96.0.10", 53): [("10.0.1.4", 53, 1, 0, 0)],
         (AF_INET, TCP, "192.168.1.1", 443): [("10.0.1.5", 443, 5, 1, 0)],
@@ -68,7 +77,7 @@ def test_parse_reads_every_virtual_servers_real_servers() -> None:
 def test_keys_equal_the_dataplanes_keys() -> None:
     table = ipvs_proc.parse(SAMPLE.splitlines())
     assert VSKey(AF_INET6, TCP, "2001:db8::1", 80) in table
-    assert all(type(k[0]) is int and type(k[1]) is int for k in table)  # plain ints, as VSKey holds
+    assert all(type(k) is VSKey and type(k.family) is int and type(k.protocol) is int for k in table)
 
 
 @pytest.mark.parametrize("bad", [
@@ -82,25 +91,25 @@ def test_a_virtual_server_with_a_line_that_does_not_read_is_left_out(bad: str) -
              real("0A000103", 8080, "Masq", 1, 0, 0), svc("TCP", "0A600002", 80, "rr"),
              real("0A000104", 8080, "Masq", 1, 0, 0)]
     table = ipvs_proc.parse(lines)
-    assert table == {(AF_INET, TCP, "10.96.0.2", 80): [("10.0.1.4", 8080, 1, 0, 0)]}
+    assert rows(table) == {(AF_INET, TCP, "10.96.0.2", 80): [("10.0.1.4", 8080, 1, 0, 0)]}
 
 
 def test_unknown_protocols_and_unreadable_service_lines_are_skipped_with_their_reals() -> None:
     lines = [svc("ICMP", "0A600001", 0, "rr"), real("0A000102", 0, "Masq", 1, 0, 0),
              "TCP  nonsense rr ", real("0A000103", 8080, "Masq", 1, 0, 0),
              svc("UDP", "0A600003", 53, "rr"), real("0A000104", 53, "Masq", 1, 0, 0)]
-    assert ipvs_proc.parse(lines) == {(AF_INET, UDP, "10.96.0.3", 53): [("10.0.1.4", 53, 1, 0, 0)]}
+    assert rows(ipvs_proc.parse(lines)) == {(AF_INET, UDP, "10.96.0.3", 53): [("10.0.1.4", 53, 1, 0, 0)]}
 
 
-def test_read_reads_a_file_larger_than_one_read(tmp_path: Path) -> None:
+def test_read_streams_a_file_larger_than_one_read(tmp_path: Path) -> None:
     lines = ["IP Virtual Server version 1.2.1 (size=4096)"]
     for s in range(3000):
         lines.append(svc("TCP", f"{0x0A600000 + s:08X}", 80, "rr"))
         lines += [real(f"{0x0A000000 + s * 10 + d:08X}", 8080, "Masq", 1, 0, 0) for d in range(10)]
     path = tmp_path / "ip_vs"
     path.write_text("\n".join(lines) + "\n")
-    assert path.stat().st_size > 1 << 20  # more than one read of read_text
-    table = ipvs_proc.read(str(path))
+    assert path.stat().st_size > ipvs_proc.READ_SIZE  # more than one read
+    table = rows(ipvs_proc.read(str(path)))
     assert len(table) == 3000 and sum(map(len, table.values())) == 30000
     assert table[(AF_INET, TCP, "10.96.11.183", 80)][-1] == ("10.0.117.47", 8080, 1, 0, 0)  # 2999 * 10 + 9
 
