@@ -114,6 +114,16 @@ class Endpoint:
         put(self, "node", node)
         put(self, "_state", bits if zones is None and nodes is None else (bits, zones, nodes))
 
+    @classmethod
+    def of(cls, address: str, node: str, bits: int) -> Endpoint:
+        """An endpoint without topology hints from its condition bits (the parse's fast path)."""
+        ep = object.__new__(cls)
+        put = object.__setattr__
+        put(ep, "address", address)
+        put(ep, "node", node)
+        put(ep, "_state", bits)
+        return ep
+
     def _bits(self) -> int:
         state = self._state
         return state if type(state) is int else state[0]  # type: ignore[index]
@@ -383,6 +393,38 @@ def _condition(conds: Mapping[str, Any], key: str, default: bool, where: str, pr
     return default
 
 
+def _one_ip(value: Any, family: int) -> str | None:
+    """A lone endpoint address as `_ips` and the family filter would keep it; None: not
+    certainly so (the general path decides, and says what is wrong)."""
+    if type(value) is not str:
+        return None
+    try:
+        ip = canonical_ip(value)
+    except ValueError:
+        return None
+    return ip if "%" not in ip and family_of(ip) == family else None
+
+
+def _bits(conds: dict[str, Any]) -> int | None:
+    """The three conditions as Endpoint's bits when each is a boolean or unset (ready and
+    serving default to true, terminating to false); None: one needs `_condition`."""
+    ready, serving, terminating = conds.get("ready"), conds.get("serving"), conds.get("terminating")
+    bits = 0
+    if ready is None or ready is True:
+        bits = _READY
+    elif ready is not False:
+        return None
+    if serving is None or serving is True:
+        bits |= _SERVING
+    elif serving is not False:
+        return None
+    if terminating is True:
+        bits |= _TERMINATING
+    elif terminating is not None and terminating is not False:
+        return None
+    return bits
+
+
 def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
     """An EndpointSlice record and the problems found."""
     ns, name, meta = _meta(obj)
@@ -412,6 +454,15 @@ def parse_endpointslice(obj: Any) -> tuple[EndpointSlice, list[str]]:
     endpoints = []
     targets: list[str] = []
     for e in map(_mapping, _list(obj.get("endpoints"))):
+        # The common endpoint (one address, boolean conditions, no hints) in a few steps; it is
+        # read as the general path below reads it (anything else, or anything wrong: that path).
+        raw, conds = e.get("addresses"), e.get("conditions")
+        if type(raw) is list and len(raw) == 1 and type(conds) is dict and e.get("hints") is None:
+            addr, bits = _one_ip(raw[0], family), _bits(conds)
+            if addr is not None and bits is not None:
+                endpoints.append(Endpoint.of(addr, _shared(e.get("nodeName")), bits))
+                targets.append(_target(e.get("targetRef")))
+                continue
         addrs = _ips(e.get("addresses"), where, problems)
         addrs = tuple(a for a in addrs if family_of(a) == family)
         if not addrs:

@@ -216,6 +216,29 @@ def test_quoted_boolean_conditions_are_read_as_booleans() -> None:
     ]
 
 
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+def test_the_common_endpoints_fast_path_reads_as_the_general_path(family: str) -> None:
+    """parse_endpointslice reads a one-address endpoint with boolean conditions and no hints in
+    a few steps; `"hints": {}` (no hints to the general path) sends the same endpoint the
+    general way. Both must give the same endpoints, targets and problems, for every shape."""
+    addrs: list[Any] = [["10.1.0.1"], ["2001:db8::1"], ["2001:DB8:0::1"], ["010.1.0.1"], ["10.1.0.1 "],
+                        ["fe80::1%eth0"], ["::ffff:10.1.0.1"], [1], ["nonsense"], [], ["10.1.0.1", "10.1.0.2"],
+                        ["2001:db8::1", "10.1.0.1"], "10.1.0.1", None]
+    conds: list[Any] = [{}, {"ready": True}, {"ready": False, "serving": True, "terminating": True},
+                        {"ready": None, "serving": None, "terminating": None}, {"ready": 1}, {"serving": 0},
+                        {"terminating": "true"}, {"ready": "false"}, {"terminating": 1}, None, []]
+    for a, c in itertools.product(addrs, conds):
+        e: dict[str, Any] = {"addresses": a, "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "p"}}
+        if c is not None:
+            e["conditions"] = c
+        obj = slice_(endpoints=[e], family=family)
+        general = slice_(endpoints=[{**e, "hints": {}}], family=family)
+        fast, slow = parse_endpointslice(obj), parse_endpointslice(general)
+        assert fast == slow, (a, c)
+        assert [(x.address, x.node, x.ready, x.serving, x.terminating, x.zones, x.nodes) for x in fast[0].endpoints] \
+            == [(x.address, x.node, x.ready, x.serving, x.terminating, x.zones, x.nodes) for x in slow[0].endpoints]
+
+
 def test_shared_strings_are_interned() -> None:
     # one string object per distinct namespace, node and port name, however many records repeat it
     a, _ = parse_endpointslice(slice_("a", [endpoint("10.1.0.1", node="node-" + "7")], namespace="ns" + "1"))
