@@ -93,7 +93,9 @@ class Dataplane(Protocol):
         """Make the dataplane usable: modules, sysctls, interface, timeouts."""
 
     def observe(self) -> ObservedState:
-        """A full dump: every virtual server (ours and foreign) and our addresses."""
+        """A full dump: every virtual server (ours and foreign) and our addresses. A real
+        server's traffic counters may be left empty (NetlinkDataplane reads them only when
+        made with real_counters, for `list --stats`); its weight and connections never are."""
 
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         """Fresh data for some virtual servers only (None: not in the kernel)."""
