@@ -29,6 +29,7 @@ from .model import (
     DesiredState,
     ObservedState,
     ObservedVS,
+    Scope,
     ServiceKind,
     VirtualServer,
     VSKey,
@@ -421,15 +422,18 @@ class Reconciler:
             if swept:  # drains the kernel holds that this agent has not timed (a restart)
                 for dk in pending_drains(self.index.state, self.cache):
                     self.drain_started.setdefault(dk, now)
-        drain = DrainPolicy(self.grace, now, self.drain_started)
-        ops = plan(self.index.state, self.cache, scope=FULL if full else scope,
-                   excluded=self.excluded, drain=drain, all_addresses=round_end)
+        ops = self._plan(FULL if full else scope, now, all_addresses=round_end)
         if held_keys or held_addresses:  # Services in backoff wait for their turn, even in a full sync
             ops = [op for op in ops if op.key not in held_keys and op.address not in held_addresses]
         self.cache.services = {}  # planned: only the addresses are kept (see __init__)
         if round_end:
             self.sweeps += 1
         return Computed(ops, full, dict(self.pending_seen), len(dirty), len(swept), frozenset(remembered))
+
+    def _plan(self, scope: Scope, now: float, all_addresses: bool = False) -> list[Op]:
+        """plan() of the desired state against the cache over `scope`, drains timed at `now`."""
+        return plan(self.index.state, self.cache, scope=scope, excluded=self.excluded,
+                    drain=DrainPolicy(self.grace, now, self.drain_started), all_addresses=all_addresses)
 
     def _read(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS]:
         """The kernel's copy of these virtual servers, read one by one (those it lacks left out)."""
@@ -481,8 +485,7 @@ class Reconciler:
         log.info("%d virtual server(s) differ from what was programmed; read and planned again", len(again))
         refused = {id(f.op) for f in failures if f.op.key in again}
         self.cache.services = self._read(again)
-        more = plan(self.index.state, self.cache, scope=again, excluded=self.excluded,
-                    drain=DrainPolicy(self.grace, self.clock(), self.drain_started))
+        more = self._plan(again, self.clock())
         self.cache.services = {}
         more = [op for op in more if op.kind is not OpKind.BIND and op.kind is not OpKind.UNBIND]
         return ([op for op in ops if id(op) not in refused] + more,

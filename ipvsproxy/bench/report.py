@@ -194,13 +194,15 @@ def text_summary(doc: dict[str, Any]) -> str:
                      f" {cold['write_ops']} ops)")
         lines.append(head)
         save = (r.get("kernel_dump") or {}).get("wall_s")
-        against = f" = {{:.2f}}x `ipvsadm -Sn` ({save:.3f}s)" if save else ""
+
+        def against_save(seconds: float, save: float | None = save) -> str:
+            return f" = {seconds / save:.2f}x `ipvsadm -Sn` ({save:.3f}s)" if save else ""
         st = sc.get("steady")
         if st:
             full = st["full_resync"]
             dump = full.get("dataplane_split_s", {}).get("observe") or 0.0
             ratio = f" = {full['sync_s'] / dump:.2f}x the agent's table read ({dump:.3f}s)" if dump else ""
-            ratio += against.format(full["sync_s"] / save) if save else ""
+            ratio += against_save(full["sync_s"])
             cpu = (f"; CPU {full['cpu_s']:.3f}s, {full['cpu_s'] / DEFAULT_SYNC_PERIOD:.1%} of one core at the"
                    f" default --sync-period {DEFAULT_SYNC_PERIOD:g}s") if "cpu_s" in full else ""
             lines.append(f"        steady: {st['write_ops']} write ops; full resync "
@@ -209,7 +211,7 @@ def text_summary(doc: dict[str, Any]) -> str:
         if rs:
             dump = rs.get("dataplane_split_s", {}).get("observe") or 0.0
             ratio = f" = {rs['wall_s'] / dump:.2f}x the agent's table read ({dump:.3f}s)" if dump else ""
-            ratio += against.format(rs["wall_s"] / save) if save else ""
+            ratio += against_save(rs["wall_s"])
             lines.append(f"        restart adoption: {rs['write_ops']} write ops in {rs['wall_s']:.2f}s"
                          f" (list {rs['ingest_s']:.2f}s, sync {rs['sync_s']:.2f}s){ratio}")
         ch = sc.get("churn")

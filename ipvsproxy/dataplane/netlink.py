@@ -245,12 +245,14 @@ def svc_of(key: VSKey, vs: VirtualServer | None = None) -> Svc:
 def observed_vs(entry: SvcEntry, dests: Iterable[DestEntry]) -> ObservedVS:
     s = entry.svc
     key = VSKey(s.family, s.protocol, s.address, s.port)
-    obs = ObservedVS(key, s.scheduler, s.flags, s.timeout if s.flags & F_PERSISTENT else 0,
-                     stats=_stats(entry.stats))
-    for d in dests:
-        obs.reals[(d.dest.address, d.dest.port)] = ObservedReal(
-            d.dest.address, d.dest.port, d.dest.weight, d.active_conns, d.inact_conns, _stats(d.stats))
-    return obs
+    return ObservedVS(key, s.scheduler, s.flags, s.timeout if s.flags & F_PERSISTENT else 0,
+                      observed_reals(dests), stats=_stats(entry.stats))
+
+
+def observed_reals(dests: Iterable[DestEntry]) -> dict[tuple[str, int], ObservedReal]:
+    return {(d.dest.address, d.dest.port): ObservedReal(d.dest.address, d.dest.port, d.dest.weight,
+                                                        d.active_conns, d.inact_conns, _stats(d.stats))
+            for d in dests}
 
 
 class Links(typing.Protocol):
@@ -404,24 +406,18 @@ class NetlinkDataplane:
     def observe(self) -> ObservedState:
         self.counters.dumps += 1
         state = ObservedState(addresses=self.bound_addresses())
-        table = None if self.real_counters else self._proc_reals()
-        if table is None:
-            for entry, dests in self.wire.table():
-                obs = observed_vs(entry, dests)
-                state.services[obs.key] = obs
-            return state
+        # Real servers from the file; a virtual server it lacks (added after it was read, or its
+        # lines did not read; all of them with real_counters or no file) by a dests dump of its own.
+        table = {} if self.real_counters else self._proc_reals()
         for entry in self.wire.services():  # the settings and counters of every virtual server
-            reals = table.get(VSKey(entry.svc.family, entry.svc.protocol, entry.svc.address, entry.svc.port))
-            if reals is None:  # added after the file was read, or its lines did not read: netlink
-                obs = observed_vs(entry, self.wire.dests(entry.svc))
-            else:
-                obs = observed_vs(entry, ())
-                obs.reals = reals
+            obs = observed_vs(entry, ())
+            reals = table.get(obs.key)
+            obs.reals = observed_reals(self.wire.dests(entry.svc)) if reals is None else reals
             state.services[obs.key] = obs
         return state
 
-    def _proc_reals(self) -> dict[VSKey, ipvs_proc.Reals] | None:
-        """Every virtual server's real servers from /proc/net/ip_vs (None: unreadable here, so
+    def _proc_reals(self) -> dict[VSKey, ipvs_proc.Reals]:
+        """Every virtual server's real servers from /proc/net/ip_vs ({}: unreadable here, so
         observe dumps them over netlink; said once)."""
         try:
             return self.proc_table()
@@ -430,7 +426,7 @@ class NetlinkDataplane:
                 log.info("cannot read %s (%s); reading real servers over netlink, one dump per virtual "
                          "server", ipvs_proc.PROC_PATH, exc)
                 self._proc_warned = True
-            return None
+            return {}
 
     def observe_keys(self, keys: Iterable[VSKey]) -> dict[VSKey, ObservedVS | None]:
         keys = list(keys)
