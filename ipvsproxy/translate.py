@@ -187,7 +187,8 @@ def translate_service(
         for family in families:
             cands = _candidates(slices, sp, family)
             cluster = _select(cands, node, False, cfg.node_name)
-            local = _select(cands, node, True, cfg.node_name)
+            # this node's endpoints: asked for only by a Local traffic policy
+            local = _select(cands, node, True, cfg.node_name) if svc.internal_local or svc.external_local else []
             internal = local if svc.internal_local else cluster
             # externalTrafficPolicy Local with no local endpoint: the cluster's
             # endpoints, for traffic from this node only (kube-proxy IPVS
