@@ -174,7 +174,7 @@ class VirtualServer:
     scheduler: str = "rr"
     flags: int = 0  # scheduler flags only (SCHED1/SCHED2); persistence is `timeout`
     timeout: int = 0  # persistence timeout in seconds; 0 = not persistent
-    reals: tuple[Real, ...] = ()
+    reals: tuple[Real, ...] = ()  # one per (address, port), in order (translate makes them so)
     service: ServiceRef | None = None
     # For the packet filter (dataplane/nft.py), not for IPVS: traffic policy
     # Local means "keep the client's address" (no masquerade); source ranges

@@ -122,6 +122,9 @@ def _plan_reals(vs: VirtualServer, obs: ObservedVS | None, drain: DrainPolicy,
     """Append the real-server operations of one virtual server to `out` (by kind), each kind's
     in address order (what plan() promises, without sorting every operation at the end)."""
     have: Mapping[tuple[str, int], ObservedReal] = obs.reals if obs else {}
+    if len(have) == len(vs.reals) and all(  # the common case of a full sync: nothing differs (reals
+            (o := have.get((r.address, r.port))) is not None and o.weight == r.weight for r in vs.reals):  # unique)
+        return
     key = vs.key
     add, edit = out[OpKind.ADD_RS], out[OpKind.EDIT_RS]
     edits = len(edit)

@@ -94,6 +94,19 @@ def test_weight_change_is_edit_rs() -> None:
     assert kinds(ops) == [OpKind.EDIT_RS] and ops[0].real == Real("10.1.0.1", 8080, 5) and ops[0].note == ""
 
 
+def test_as_many_real_servers_as_wanted_is_not_the_same_real_servers() -> None:
+    """A virtual server whose real servers all match is skipped without a diff; one with as
+    many real servers as wanted but another one in place of a wanted one, or one weight
+    different, is still diffed in full."""
+    obs = observed_of(desired(vs(K1, "10.1.0.1", "10.1.0.2"), vs(K2, "10.1.0.1", "10.1.0.2")))
+    ops = plan(desired(vs(K1, "10.1.0.1", "10.1.0.3"), vs(K2, "10.1.0.1", "10.1.0.2")), obs)
+    assert [(op.kind, op.key, op.real.address if op.real else None) for op in ops] == [
+        (OpKind.ADD_RS, K1, "10.1.0.3"), (OpKind.DEL_RS, K1, "10.1.0.2")]
+    obs.services[K2].reals[("10.1.0.2", 8080)] = ObservedReal("10.1.0.2", 8080, 3)
+    ops = plan(desired(vs(K1, "10.1.0.1", "10.1.0.2"), vs(K2, "10.1.0.1", "10.1.0.2")), obs)
+    assert [(op.kind, op.key, op.real) for op in ops] == [(OpKind.EDIT_RS, K2, Real("10.1.0.2", 8080, 1))]
+
+
 # ---- drains -----------------------------------------------------------------------
 
 
