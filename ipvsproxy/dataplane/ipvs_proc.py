@@ -22,7 +22,6 @@ the result, and the caller dumps it over netlink instead (NetlinkDataplane.obser
 
 from __future__ import annotations
 
-import io
 import socket
 import types
 from collections.abc import Iterable, Mapping
@@ -97,20 +96,3 @@ def read(path: str = PROC_PATH) -> dict[VSKey, Reals]:
     OSError when it cannot be read (no IPVS, no procfs), UnicodeDecodeError on a non-ASCII file."""
     with open(path, encoding="ascii", buffering=READ_SIZE) as f:
         return parse(f)
-
-
-def read_raw(path: str = PROC_PATH) -> bytes:
-    """The file's bytes, unparsed: what a start-up prefetch reads on its thread (prefetch.py),
-    where the kernel's printing of the table (most of a read's system time) runs without the
-    interpreter's lock; `parse_raw` is the Python part, left to the sync. OSError as `read`."""
-    chunks = []
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(READ_SIZE):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_raw(raw: bytes) -> dict[VSKey, Reals]:
-    """`parse` of bytes `read_raw` returned, decoded a piece at a time (no second copy of the
-    whole text); UnicodeDecodeError on a non-ASCII file."""
-    return parse(io.TextIOWrapper(io.BytesIO(raw), encoding="ascii"))

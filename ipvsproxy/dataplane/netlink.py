@@ -285,16 +285,15 @@ class NetlinkDataplane:
                  modules: KernelModules | None = None, sysctls: Sysctls | None = None, links: Links | None = None,
                  wire: IPVSWire | None = None, addr: AddrWire | None = None,
                  conntrack: ConntrackCleaner | None = None, real_counters: bool = False,
-                 proc_table: Callable[[], dict[VSKey, ipvs_proc.Reals]] = ipvs_proc.read,
-                 proc_raw: Callable[[], bytes] = ipvs_proc.read_raw) -> None:
+                 proc_table: Callable[[], dict[VSKey, ipvs_proc.Reals]] = ipvs_proc.read) -> None:
         self.cfg = cfg
         self.read_only = read_only
         # False: observe() reads real servers from /proc/net/ip_vs in one file read, without
         # their traffic counters, which only `list --stats` shows and asks for (ipvs_proc.py)
         self.real_counters = real_counters
-        self.proc_table, self.proc_raw = proc_table, proc_raw  # the file parsed as read; its bytes
+        self.proc_table = proc_table
         self._proc_warned = False
-        self._prefetch: Prefetch[bytes] | None = None
+        self._prefetch: Prefetch[tuple[dict[VSKey, ipvs_proc.Reals], Iterable[SvcEntry]]] | None = None
         self.modules = modules or HOST_MODULES
         self.sysctls: Sysctls = sysctls or HOST_SYSCTLS
         self.counters = Counters()
@@ -412,29 +411,39 @@ class NetlinkDataplane:
         # Real servers from the file; a virtual server it lacks (added after it was read, or its
         # lines did not read; all of them with real_counters or no file) by a dests dump of its own.
         pre, self._prefetch = self._prefetch, None
-        raw = pre.take() if pre is not None else None  # the file as read at start-up, if it was
-        table = {} if self.real_counters else self._proc_reals(
-            self.proc_table if raw is None else lambda: ipvs_proc.parse_raw(raw))
-        for entry in self.wire.services():  # the settings and counters of every virtual server
+        got = pre.take() if pre is not None else None
+        table, entries = got if got is not None else self._read_table(self.wire)
+        for entry in entries:  # the settings and counters of every virtual server
             obs = observed_vs(entry, ())
             reals = table.get(obs.key)
             obs.reals = observed_reals(self.wire.dests(entry.svc)) if reals is None else reals
             state.services[obs.key] = obs
         return state
 
-    def prefetch(self) -> None:
-        """Start reading /proc/net/ip_vs for the next observe() in the background (prefetch.py):
-        the kernel prints the table (most of the read's system time) while the agent lists;
-        that observe() parses what it printed. Only the bytes: parsing is Python, and on a
-        thread it would take turns with the listing for the interpreter instead of overlapping."""
-        if self._prefetch is None and not self.real_counters:
-            self._prefetch = Prefetch(self.proc_raw, name="ipvs-prefetch")
+    def _read_table(self, wire: IPVSWire) -> tuple[dict[VSKey, ipvs_proc.Reals], Iterable[SvcEntry]]:
+        """The proc file's real servers and, over `wire`, the services dump (a lazy one on the
+        dataplane's own socket; read whole on a socket of the prefetch's own)."""
+        table = {} if self.real_counters else self._proc_reals()
+        return table, wire.services()
 
-    def _proc_reals(self, read: Callable[[], dict[VSKey, ipvs_proc.Reals]]) -> dict[VSKey, ipvs_proc.Reals]:
-        """Every virtual server's real servers from /proc/net/ip_vs, by `read` ({}: unreadable
-        here, so observe dumps them over netlink; said once)."""
+    def prefetch(self) -> None:
+        """Start the next observe()'s whole-table read in the background (prefetch.py): the
+        proc file and, on a socket of its own, the services dump, while the agent lists."""
+        if self._prefetch is not None:
+            return
+
+        def read() -> tuple[dict[VSKey, ipvs_proc.Reals], Iterable[SvcEntry]]:
+            with self.wire.twin() as wire:
+                table, entries = self._read_table(wire)
+                return table, list(entries)
+
+        self._prefetch = Prefetch(read, name="ipvs-prefetch")
+
+    def _proc_reals(self) -> dict[VSKey, ipvs_proc.Reals]:
+        """Every virtual server's real servers from /proc/net/ip_vs ({}: unreadable here, so
+        observe dumps them over netlink; said once)."""
         try:
-            return read()
+            return self.proc_table()
         except (OSError, UnicodeDecodeError) as exc:
             if not self._proc_warned:
                 log.info("cannot read %s (%s); reading real servers over netlink, one dump per virtual "
@@ -564,7 +573,7 @@ class NetlinkDataplane:
         return True
 
     def close(self) -> None:
-        if self._prefetch is not None:  # a read of the file under way ends first
+        if self._prefetch is not None:  # its socket is its own, but its proc read is ours
             self._prefetch.wait()
             self._prefetch = None
         self.conntrack.close()

@@ -607,7 +607,7 @@ class NftFirewall:
         self._repair = False  # nft refused a transaction: read the table at the next sync
         self._check: _Check | None = None  # the rolling drift check under way (check_step)
         self.checks = 0  # rolling drift checks completed
-        self._prefetch: Prefetch[tuple[Listing | None]] | None = None  # the start-up structure listing
+        self._prefetch: Prefetch[tuple[list[dict[str, Any]], int, dict[str, set[Elem]]]] | None = None
 
     @property
     def behind(self) -> bool:
@@ -806,14 +806,12 @@ class NftFirewall:
             self._reader = read
         return self._reader
 
-    def _read(self, prefetched: tuple[Listing | None] | None = None
-              ) -> tuple[list[dict[str, Any]], int, dict[str, set[Elem]]]:
+    def _read(self) -> tuple[list[dict[str, Any]], int, dict[str, set[Elem]]]:
         """Read the kernel's table: the structure commands still needed (none
         when it is this version's), how many rules they add, and every set's
-        elements as the kernel holds them, spelled as the counts are (hairpin by Real).
-        `prefetched`: the structure listing as `prefetch` read it."""
+        elements as the kernel holds them, spelled as the counts are (hairpin by Real)."""
         reader = self._element_reader()
-        listing = prefetched[0] if prefetched is not None else self._structure_listing()
+        listing = self._structure_listing()
         cmds, nrules, fresh = self._structure(listing)
         if len(cmds) == 1:  # just the harmless "add table": the structure is ours already
             cmds, nrules = [], 0
@@ -995,12 +993,12 @@ class NftFirewall:
         adds: list[tuple[str, Collection[Elem]]] = []
         read = full or not self._verified or self._repair
         pre, self._prefetch = self._prefetch, None
-        got = pre.take() if pre is not None else None  # the start-up listing, begun before the agent's
+        got = pre.take() if pre is not None else None  # the start-up read, begun before the listing
         if read:
             self._end_check()  # the whole table is read now: a rolling check under way has nothing left
             self._repair = False  # one attempt: a read that fails is not retried on the change path
             try:
-                structure, changes, known = self._read(got)
+                structure, changes, known = got if got is not None else self._read()
                 cmds = [*structure]
             except NftError as exc:
                 if not self._verified:
@@ -1096,15 +1094,14 @@ class NftFirewall:
             runner(raw)
 
     def prefetch(self) -> None:
-        """Start the first sync's structure listing in the background (prefetch.py): `nft`
-        runs as a process of its own while the agent lists. The elements are read by the sync:
-        decoding them is Python, which on a thread would take turns with the listing."""
+        """Start the first sync's whole-table read in the background (prefetch.py): `nft`'s
+        structure listing and every set's elements, while the agent lists."""
         if self._prefetch is None and not self._verified:
-            self._prefetch = Prefetch(lambda: (self._structure_listing(),), name="nft-prefetch")
+            self._prefetch = Prefetch(self._read, name="nft-prefetch")
 
     def close(self) -> None:
         """Close the netlink socket (reopened when a read needs it) and a drift check's."""
-        if self._prefetch is not None:  # a listing under way ends first
+        if self._prefetch is not None:  # it reads on that socket
             self._prefetch.wait()
             self._prefetch = None
         self._end_check()

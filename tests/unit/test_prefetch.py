@@ -1,6 +1,6 @@
 """A whole-table read started early (dataplane/prefetch.py) and taken by the first sync: the
-IPVS dataplane's (the bytes of /proc/net/ip_vs, parsed by the sync) and the nftables
-companion's (the structure listing, a process of its own). What is taken must equal what the sync would have read
+IPVS dataplane's (the proc file and a services dump on a socket of its own) and the nftables
+companion's (structure and elements). What is taken must equal what the sync would have read
 itself; a failed or too old read is read again, on the caller's thread, and said in one line.
 tests/kernel/test_ipvs_proc.py holds the IPVS one to the real kernel."""
 
@@ -63,67 +63,81 @@ def test_a_read_that_failed_on_its_thread_is_said_not_raised(caplog: pytest.LogC
 
 
 # ---- NetlinkDataplane ------------------------------------------------------------------------
-def prefetching(raw: Any) -> tuple[Any, TableWire, list[str]]:
-    """A dataplane over TableWire whose start-up read of the file is `raw` (its bytes) and whose
-    own reads of it are recorded by thread."""
-    parsed_on: list[str] = []
+class TwinTableWire(TableWire):
+    """TableWire with `twin()`: a wire of its own over the same table (as IPVSWire.twin opens a
+    socket of its own), which records the threads that dumped the services on it."""
 
-    def table() -> dict[Any, Any]:
-        parsed_on.append(threading.current_thread().name)
+    def __init__(self, table: Any, dumped_on: list[str]) -> None:
+        super().__init__(table)
+        self.dumped_on = dumped_on
+
+    def services(self) -> Any:
+        self.dumped_on.append(threading.current_thread().name)
+        return super().services()
+
+    def twin(self) -> TwinTableWire:
+        return TwinTableWire(self.table_, self.dumped_on)
+
+    def __enter__(self) -> TwinTableWire:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prefetching(proc: Any) -> tuple[Any, TwinTableWire, list[str]]:
+    dp, plain = observing(proc)
+    dumped_on: list[str] = []
+    dp.wire = wire = TwinTableWire(plain.table_, dumped_on)
+    return dp, wire, dumped_on
+
+
+def test_observe_takes_the_prefetched_read_once() -> None:
+    proc_on: list[str] = []
+
+    def proc() -> dict[Any, Any]:
+        proc_on.append(threading.current_thread().name)
         return ipvs_proc.parse(SAMPLE.splitlines())
 
-    dp, wire = observing(table)
-    dp.proc_raw = raw
-    return dp, wire, parsed_on
-
-
-def test_observe_parses_the_file_the_prefetch_read_once() -> None:
-    read_on: list[str] = []
-
-    def raw() -> bytes:
-        read_on.append(threading.current_thread().name)
-        return SAMPLE.encode()
-
-    dp, wire, parsed_on = prefetching(raw)
+    dp, wire, dumped_on = prefetching(proc)
     expected = observing(lambda: ipvs_proc.parse(SAMPLE.splitlines()))[0].observe()
     dp.prefetch()
     first = dp.observe()
-    assert read_on == ["ipvs-prefetch"] and parsed_on == []  # the file read on its thread only
+    assert proc_on == ["ipvs-prefetch"] and dumped_on == ["ipvs-prefetch"]  # read on its thread
     assert first == expected and wire.dests_dumped == []
-    second = dp.observe()  # taken once: the next observe reads the file itself
-    assert read_on == ["ipvs-prefetch"] and parsed_on == [threading.current_thread().name]
+    second = dp.observe()  # taken once: the next observe reads the kernel again, here
+    assert proc_on == ["ipvs-prefetch", threading.current_thread().name] and len(dumped_on) == 2
     assert second == expected
 
 
 def test_a_prefetch_that_failed_is_read_again_by_observe(caplog: pytest.LogCaptureFixture) -> None:
-    def raw() -> bytes:
-        raise OSError(24, "Too many open files")
+    calls: list[str] = []
 
-    dp, wire, parsed_on = prefetching(raw)
+    def proc() -> dict[Any, Any]:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise UnicodeDecodeError("ascii", b"\xff", 0, 1, "ordinal not in range(128)")
+        return ipvs_proc.parse(SAMPLE.splitlines())
+
+    dp, wire, _ = prefetching(proc)
+    dp.wire.twin = lambda: (_ for _ in ()).throw(OSError(24, "Too many open files"))  # no socket for it
     dp.prefetch()
     with caplog.at_level(logging.INFO):
         state = dp.observe()
     assert any("Too many open files" in r.getMessage() for r in caplog.records)
-    assert parsed_on == [threading.current_thread().name] and wire.dests_dumped == []
+    assert calls == [threading.current_thread().name]  # the thread never got as far as the file
     assert reals(state, SVC_A) == {("10.0.1.2", 8080): (1, 3, 7), ("10.0.1.3", 8080): (0, 0, 12)}
     assert reals(state, SVC_B) == {("10.0.1.4", 53): (1, 0, 0)}
-
-
-def test_no_prefetch_where_real_servers_are_read_over_netlink() -> None:
-    dp, _ = observing(lambda: {}, real_counters=True)
-    dp.proc_raw = lambda: pytest.fail("list --stats reads real servers over netlink: no file to read")
-    dp.prefetch()
-    assert dp._prefetch is None
 
 
 def test_close_waits_for_a_prefetch_under_way() -> None:
     gate = threading.Event()
 
-    def raw() -> bytes:
+    def proc() -> dict[Any, Any]:
         gate.wait(5)
-        return b""
+        return {}
 
-    dp, _, _ = prefetching(raw)
+    dp, _, _ = prefetching(proc)
     dp.conntrack = dp.addr = dp.links = types.SimpleNamespace(close=lambda: None)
     dp.prefetch()
     pre = dp._prefetch
@@ -132,30 +146,13 @@ def test_close_waits_for_a_prefetch_under_way() -> None:
     assert dp._prefetch is None and not pre._thread.is_alive()
 
 
-def test_parse_raw_is_parse_of_the_text() -> None:
-    assert ipvs_proc.parse_raw(SAMPLE.encode()) == ipvs_proc.parse(SAMPLE.splitlines())
-    with pytest.raises(UnicodeDecodeError):
-        ipvs_proc.parse_raw(SAMPLE.encode() + b"\xff\n")
-
-
 # ---- NftFirewall -----------------------------------------------------------------------------
 def test_the_companion_adopts_from_its_prefetched_read_as_from_its_own() -> None:
     desired = state(*BASE[1:])  # one Service gone while the agent was away
     plain_kernel, pre_kernel = _kernel_after(state(*BASE)), _kernel_after(state(*BASE))
-    listed_on: list[tuple[str, str]] = []
-
-    def runner(doc: Any) -> Any:
-        for c in doc["nftables"] if isinstance(doc, dict) else []:
-            if "list" in c:
-                listed_on.append((threading.current_thread().name, next(iter(c["list"]))))
-        return pre_kernel(doc)
-
-    plain, pre = Firewall(cfg(), nft=plain_kernel), Firewall(cfg(), nft=runner)
+    plain, pre = Firewall(cfg(), nft=plain_kernel), Firewall(cfg(), nft=pre_kernel)
     pre.prefetch()
     assert pre.sync_state(desired) == plain.sync_state(desired) == 3
-    assert pre._prefetch is None  # taken by the first sync
-    assert listed_on[0] == ("nft-prefetch", "ruleset")  # the structure, listed on its thread
-    assert [w for _, w in listed_on] == ["ruleset", "table"]  # then (a custom runner) the elements
     assert pre_kernel.transactions[-1] == plain_kernel.transactions[-1]
     assert pre.reads == plain.reads == 1 and pre.listings == plain.listings  # one read, not two
     assert pre_kernel.tables == plain_kernel.tables
