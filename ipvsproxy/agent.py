@@ -208,7 +208,6 @@ class Agent:
     def _once(self) -> SyncReport:
         clock, phases = self.clock, self.phases
         t = clock()
-        self.core.prefetch()  # the sync's read of the kernel's table, meanwhile (dataplane/prefetch.py)
         if self.cfg.from_files:
             self.load_files()
         else:
@@ -280,7 +279,6 @@ class Agent:
         self.serve_http()
         self.start_service_health()
         self.startup_gc.start()  # the initial list and the cold sync: bulk work (gcpause.py)
-        self.core.prefetch()  # the first sync's read of the kernel's table, while the source lists
         self.start_source()
         thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
         thread.start()

@@ -174,13 +174,6 @@ class NodeCore:
         every change the tracker records, at most once per `min_period`."""
         return Runner(self.tick, min_interval=self.min_period, clock=self.clock, wake=self.tracker.changed)
 
-    def prefetch(self) -> None:
-        """Start the first sync's reads of the kernel's tables (IPVS, and nftables with the
-        companion) in the background, to overlap the listing that comes before that sync."""
-        self.reconciler.dp.prefetch()
-        if self.reconciler.firewall is not None:
-            self.reconciler.firewall.prefetch()
-
     def request_full(self) -> None:
         """Make the next sync a full one (SIGHUP); the caller pokes its runner."""
         self.full_requested = True

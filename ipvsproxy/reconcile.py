@@ -75,17 +75,13 @@ class Firewall(Protocol):
     returns the number of changes it made; `full` asks it to also check the
     kernel for drift (the periodic full sync). `check_step` is one step of its
     own rolling drift check (a step of the reconciler's drift-check round: read
-    about `budget` more of the kernel's elements, repair what differs). `prefetch`
-    starts the first sync's read of the kernel's table in the background (the agent
-    calls it before its first listing: dataplane/prefetch.py). `behind`:
+    about `budget` more of the kernel's elements, repair what differs). `behind`:
     an earlier sync of it failed and it has changes still to send (the
     reconciler calls it then even when nothing else changed)."""
 
     def sync(self, delta: Delta, full: bool = False) -> int: ...
 
     def check_step(self, budget: int) -> int: ...
-
-    def prefetch(self) -> None: ...
 
     @property
     def behind(self) -> bool: ...

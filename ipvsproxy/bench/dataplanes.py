@@ -48,9 +48,6 @@ class Timed:
     def setup(self) -> None:
         self.inner.setup()
 
-    def prefetch(self) -> None:  # not timed: its wait is part of the observe() it serves
-        self.inner.prefetch()
-
     def observe(self) -> ObservedState:
         t = time.perf_counter()
         try:
@@ -118,9 +115,6 @@ class TimedFirewall:
     def behind(self) -> bool:
         return self.inner.behind
 
-    def prefetch(self) -> None:  # not timed: its wait is part of the sync it serves
-        self.inner.prefetch()
-
     def __getattr__(self, name: str) -> Any:  # reads, transactions ... of the inner firewall
         return getattr(self.inner, name)
 
@@ -132,9 +126,6 @@ class Sink:
         self.counters = Counters()
 
     def setup(self) -> None:
-        pass
-
-    def prefetch(self) -> None:
         pass
 
     def observe(self) -> ObservedState:

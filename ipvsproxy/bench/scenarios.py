@@ -227,11 +227,9 @@ def _as_observed(desired: DesiredState) -> ObservedState:
 def first_sync(ctx: Context, agent: Agentlet) -> tuple[float, SyncReport, dict[str, Any]]:
     """List everything, then one full sync, with the garbage collector paused as the daemon
     pauses it from its start to the end of its first sync, and what it built frozen after it
-    as the daemon freezes it (gcpause.StartupPause; later full syncs freeze again), the
-    kernel's tables read in the background meanwhile as the daemon reads them (NodeCore.prefetch);
+    as the daemon freezes it (gcpause.StartupPause; later full syncs freeze again);
     (ingest seconds, report, costs)."""
     with gcpause.paused():
-        agent.core.prefetch()
         ingest_s = ingest(ctx, agent.tracker)
         report, m = timed_sync(agent, full=True)
         gc.freeze()

@@ -92,11 +92,6 @@ class Dataplane(Protocol):
     def setup(self) -> None:
         """Make the dataplane usable: modules, sysctls, interface, timeouts."""
 
-    def prefetch(self) -> None:
-        """Start the next observe()'s read in the background, if this dataplane can (the agent
-        calls it before its first listing: prefetch.py); that observe() may return what was
-        read then. A no-op where a read costs nothing."""
-
     def observe(self) -> ObservedState:
         """A full dump: every virtual server (ours and foreign) and our addresses. A real
         server's traffic counters may be left empty (NetlinkDataplane reads them only when

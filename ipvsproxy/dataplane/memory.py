@@ -47,9 +47,6 @@ class MemoryDataplane:
     def setup(self) -> None:
         self.interface = True
 
-    def prefetch(self) -> None:
-        """Nothing to read ahead: observe() is a copy."""
-
     def observe(self) -> ObservedState:
         self.counters.dumps += 1
         return copy.deepcopy(self.state)

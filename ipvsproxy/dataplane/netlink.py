@@ -62,7 +62,6 @@ from .ipvs_wire import (
     SvcEntry,
 )
 from .link_wire import AddrInfo, LinkInfo, LinkWire
-from .prefetch import Prefetch
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +292,6 @@ class NetlinkDataplane:
         self.real_counters = real_counters
         self.proc_table = proc_table
         self._proc_warned = False
-        self._prefetch: Prefetch[tuple[dict[VSKey, ipvs_proc.Reals], Iterable[SvcEntry]]] | None = None
         self.modules = modules or HOST_MODULES
         self.sysctls: Sysctls = sysctls or HOST_SYSCTLS
         self.counters = Counters()
@@ -410,34 +408,13 @@ class NetlinkDataplane:
         state = ObservedState(addresses=self.bound_addresses())
         # Real servers from the file; a virtual server it lacks (added after it was read, or its
         # lines did not read; all of them with real_counters or no file) by a dests dump of its own.
-        pre, self._prefetch = self._prefetch, None
-        got = pre.take() if pre is not None else None
-        table, entries = got if got is not None else self._read_table(self.wire)
-        for entry in entries:  # the settings and counters of every virtual server
+        table = {} if self.real_counters else self._proc_reals()
+        for entry in self.wire.services():  # the settings and counters of every virtual server
             obs = observed_vs(entry, ())
             reals = table.get(obs.key)
             obs.reals = observed_reals(self.wire.dests(entry.svc)) if reals is None else reals
             state.services[obs.key] = obs
         return state
-
-    def _read_table(self, wire: IPVSWire) -> tuple[dict[VSKey, ipvs_proc.Reals], Iterable[SvcEntry]]:
-        """The proc file's real servers and, over `wire`, the services dump (a lazy one on the
-        dataplane's own socket; read whole on a socket of the prefetch's own)."""
-        table = {} if self.real_counters else self._proc_reals()
-        return table, wire.services()
-
-    def prefetch(self) -> None:
-        """Start the next observe()'s whole-table read in the background (prefetch.py): the
-        proc file and, on a socket of its own, the services dump, while the agent lists."""
-        if self._prefetch is not None:
-            return
-
-        def read() -> tuple[dict[VSKey, ipvs_proc.Reals], Iterable[SvcEntry]]:
-            with self.wire.twin() as wire:
-                table, entries = self._read_table(wire)
-                return table, list(entries)
-
-        self._prefetch = Prefetch(read, name="ipvs-prefetch")
 
     def _proc_reals(self) -> dict[VSKey, ipvs_proc.Reals]:
         """Every virtual server's real servers from /proc/net/ip_vs ({}: unreadable here, so
@@ -573,9 +550,6 @@ class NetlinkDataplane:
         return True
 
     def close(self) -> None:
-        if self._prefetch is not None:  # its socket is its own, but its proc read is ours
-            self._prefetch.wait()
-            self._prefetch = None
         self.conntrack.close()
         self.wire.close()
         self.addr.close()

@@ -60,7 +60,6 @@ from ..model import (
     family_of,
     ip_version,
 )
-from .prefetch import Prefetch
 
 if TYPE_CHECKING:
     from .nft_wire import ElementChange, NftWire
@@ -607,7 +606,6 @@ class NftFirewall:
         self._repair = False  # nft refused a transaction: read the table at the next sync
         self._check: _Check | None = None  # the rolling drift check under way (check_step)
         self.checks = 0  # rolling drift checks completed
-        self._prefetch: Prefetch[tuple[list[dict[str, Any]], int, dict[str, set[Elem]]]] | None = None
 
     @property
     def behind(self) -> bool:
@@ -992,13 +990,11 @@ class NftFirewall:
         dels: list[tuple[str, Collection[Elem]]] = []
         adds: list[tuple[str, Collection[Elem]]] = []
         read = full or not self._verified or self._repair
-        pre, self._prefetch = self._prefetch, None
-        got = pre.take() if pre is not None else None  # the start-up read, begun before the listing
         if read:
             self._end_check()  # the whole table is read now: a rolling check under way has nothing left
             self._repair = False  # one attempt: a read that fails is not retried on the change path
             try:
-                structure, changes, known = got if got is not None else self._read()
+                structure, changes, known = self._read()
                 cmds = [*structure]
             except NftError as exc:
                 if not self._verified:
@@ -1093,17 +1089,8 @@ class NftFirewall:
             raw.seek(0)
             runner(raw)
 
-    def prefetch(self) -> None:
-        """Start the first sync's whole-table read in the background (prefetch.py): `nft`'s
-        structure listing and every set's elements, while the agent lists."""
-        if self._prefetch is None and not self._verified:
-            self._prefetch = Prefetch(self._read, name="nft-prefetch")
-
     def close(self) -> None:
         """Close the netlink socket (reopened when a read needs it) and a drift check's."""
-        if self._prefetch is not None:  # it reads on that socket
-            self._prefetch.wait()
-            self._prefetch = None
         self._end_check()
         if self._wire is not None:
             self._wire.close()

@@ -7,7 +7,7 @@ same table must agree on everything a sync compares (settings, real servers, wei
 and inactive connections, a held connection counted), for IPv4 and IPv6, persistence, one-
 packet scheduling, scheduler flags, direct routing, weight 0, a firewall-mark service left
 out by both, and a table larger than one read of the file; and the proc read must make no
-dests dump at all; and a read prefetched at start-up must equal the read itself.
+dests dump at all.
 """
 
 from __future__ import annotations
@@ -99,21 +99,3 @@ def test_the_proc_file_and_the_dests_dumps_read_the_same_table(table: list[Any])
     assert all(k.port != 0 for k in fast.services)  # the firewall-mark service: in neither
     assert dict(web[(a.ipv4, 8080)].stats) == {} and full.services[next(
         k for k in full.services if (k.address, k.port) == (WEB, 80))].reals[(a.ipv4, 8080)].stats["conns"] >= 2
-
-
-def test_a_prefetched_read_is_the_read_observe_makes(table: list[Any]) -> None:
-    """NetlinkDataplane.prefetch (the agent's start-up read, begun before its listing): the
-    observe() that takes it returns the table a direct read returns, and the services dump went
-    on the prefetch's own socket, not the dataplane's."""
-    direct, _ = read(real_counters=False)
-    dp = NetlinkDataplane(AgentConfig(node_name="proc-node", interface="ipvsproc0"), read_only=True)
-    try:
-        dp.prefetch()
-        state = dp.observe()
-        main_recvs = dp.wire.counters.recv_calls
-        again = dp.observe()  # taken once: this one reads on the dataplane's socket
-    finally:
-        dp.close()
-    assert compared(state) == compared(direct) == compared(again)
-    assert len(state.services) >= BULK + 5
-    assert main_recvs == 0 and dp.wire.counters.recv_calls > 0

@@ -230,9 +230,6 @@ class RecordingFirewall:
     def check_step(self, budget: int) -> int:
         return 0
 
-    def prefetch(self) -> None:
-        pass
-
 
 def test_run_once_keeps_the_firewall_in_step(monkeypatch: pytest.MonkeyPatch) -> None:
     dp, fw = MemoryDataplane(), RecordingFirewall()

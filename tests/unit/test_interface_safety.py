@@ -69,9 +69,6 @@ class RefusingDataplane:
         self.touched.append("remove_interface")
         return True
 
-    def prefetch(self) -> None:  # a read: touches nothing
-        pass
-
     def close(self) -> None:
         pass
 

@@ -69,9 +69,6 @@ class RecordingFirewall:
         self.steps.append(budget)
         return 0
 
-    def prefetch(self) -> None:
-        pass
-
     @property
     def behind(self) -> bool:
         return False

@@ -211,9 +211,6 @@ class Firewall:
     def check_step(self, budget: int) -> int:
         return 0
 
-    def prefetch(self) -> None:
-        pass
-
     @property
     def behind(self) -> bool:
         return False
