@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -91,6 +91,7 @@ class Service(_Namespaced):
 
 
 _READY, _SERVING, _TERMINATING = 1, 2, 4
+_PLAIN = _READY | _SERVING  # and no hints: the state is the bits alone
 
 
 @dataclass(frozen=True, slots=True, init=False, repr=False)
@@ -123,6 +124,12 @@ class Endpoint:
         put(ep, "node", node)
         put(ep, "_state", bits)
         return ep
+
+    @staticmethod
+    def all_plain(endpoints: Iterable[Endpoint]) -> bool:
+        """Every one ready, serving, not terminating and without topology hints: the common
+        endpoint, for which kube-proxy's selection has nothing to choose (translate's fast path)."""
+        return all(ep._state == _PLAIN for ep in endpoints)
 
     def _bits(self) -> int:
         state = self._state

@@ -564,3 +564,55 @@ def test_external_traffic_policy_applies_to_external_ips_of_a_cluster_ip_type() 
     # without externalIPs a ClusterIP Service has no external policy at all
     plain, _ = parse_service(service(etp="Local"))
     assert not plain.external_local
+
+
+def test_the_plain_endpoint_fast_path_selects_what_kube_proxys_selection_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """translate._plain_reals (every endpoint ready, not terminating, no hints: nothing to
+    choose) against the general path (_candidates, _select) on 400 random Services: ports named
+    or not, two slices with shared endpoints, IPv4 and IPv6, a legacy Endpoints beside the
+    slices, Cluster and Local policies, some endpoints not ready, terminating, or with zone
+    hints. Every Service's virtual servers must be the same either way, and most must have
+    taken the fast path (or the comparison says little)."""
+    import ipvsproxy.translate as tr
+
+    rng = random.Random(7)
+    nd = node(zone="z1")
+    cases = []
+    for i in range(400):
+        named = rng.random() < 0.7
+        sp = port("http" if named else "", 80, target="http" if named else 8080)
+        cases.append(service(f"s{i}", cluster_ips=[f"10.96.{i // 200}.{i % 200 + 1}", f"fd00::{i + 1:x}"],
+                             ports=[sp], etp=rng.choice([None, None, "Local"]), itp=rng.choice([None, None, "Local"]),
+                             type="NodePort"))
+    slices, legacy = [], []
+    for i in range(400):
+        shape = rng.random()
+        for half, family in (("a", "IPv4"), ("b", "IPv4"), ("c", "IPv6")):
+            eps = []
+            for d in range(rng.randint(0, 4)):
+                ip = f"10.1.{i % 250}.{d + 1}" if family == "IPv4" else f"fd01::{i:x}:{d + 1}"
+                if shape < 0.6:  # plain
+                    eps.append(endpoint(ip, node=rng.choice([NODE, "n2"])))
+                else:
+                    eps.append(endpoint(ip, ready=rng.random() < 0.5, serving=rng.choice([None, True, False]),
+                                        terminating=rng.choice([None, False, True]), node=rng.choice([NODE, "n2"]),
+                                        zones=rng.choice([None, None, ["z1"], ["z2"]])))
+            slices.append(slice_(f"s{i}", eps, name=f"s{i}-{half}", family=family, ports=[("http", 8080)]))
+        if rng.random() < 0.1:
+            legacy.append(legacy_endpoints(f"s{i}", ready=[f"10.9.{i % 250}.1"], ports=[("http", 8080)]))
+    taken = []
+    real_plain = tr._plain_reals
+
+    def counted(*args: object) -> object:
+        out = real_plain(*args)  # type: ignore[arg-type]
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tr, "_plain_reals", counted)
+    fast, fast_problems = run(cases, slices, nd, legacy=legacy)
+    monkeypatch.setattr(tr, "_plain_reals", lambda *a: None)
+    general, general_problems = run(cases, slices, nd, legacy=legacy)
+    assert fast == general and fast_problems == general_problems
+    assert sum(taken) > 200 and not all(taken)
+    assert sum(len(vs.reals) for vs in fast.services.values()) > 500
