@@ -213,11 +213,14 @@ def pending_drains(desired: DesiredState, observed: ObservedState) -> list[Drain
     """TCP real servers still draining (weight 0, unwanted, connections left)."""
     out = []
     for key, obs in observed.services.items():
+        zero = [ap for ap, o in obs.reals.items() if o.weight == 0]  # none, in most virtual servers
+        if not zero:
+            continue
         vs = desired.services.get(key)
         if vs is None or not obs.owned:
             continue
         want = {(r.address, r.port) for r in vs.reals}
-        out += [DrainKey(key, a, p) for (a, p), o in obs.reals.items() if (a, p) not in want and o.weight == 0]
+        out += [DrainKey(key, a, p) for a, p in zero if (a, p) not in want]
     return out
 
 
