@@ -416,8 +416,8 @@ def _by_count_set(kernel: dict[str, set[KernelElem]]) -> dict[str, set[Elem]]:
         by_proto = {kernel_set(name)[1]: out[name] for name in names}  # a hairpin count set per protocol
         for elem in kernel.get(base, set()):
             counted = by_proto.get(elem[1]) if len(elem) == 4 and elem[0] == elem[3] else None
-            if counted is not None:
-                counted.add(Real(elem[0], elem[2]))
+            if counted is not None:  # as the Real counted (address, port, weight 1): a tuple equal to it
+                counted.add((elem[0], elem[2], 1))
             else:
                 stray.add(elem)
         out[base] = stray
