@@ -41,6 +41,9 @@ MAX_BACKOFF = 60.0  # seconds between attempts after consecutive failed syncs, a
 # start of a tick, so a change arriving during a step waits no longer than it would anyway.
 SWEEP_SHARE = 0.2
 SWEEP_MIN = 8  # keys per sync at least, however slow the last ones were
+# A tick's changes go to the kernel oldest first, in pieces (NodeCore._changes): the first piece
+# is the changes seen within this many seconds of the oldest, and no piece spans less.
+PIECE_S = 0.02
 SLOW_SYNC_S = 1.0  # a sync this long is logged with where its time went (SyncReport's split)
 
 
@@ -77,20 +80,46 @@ def next_sync_due(
     return due
 
 
-def sync(reconciler: Reconciler, full: bool, *, freeze: bool = False, sweep: int = 0) -> SyncReport:
+def sync(reconciler: Reconciler, full: bool, *, freeze: bool = False, sweep: int = 0,
+         until: float | None = None) -> SyncReport:
     """One reconciler sync; a full one walks the whole state, so the cyclic garbage collector
     is paused through it, and with `freeze` (the daemon, once its start-up state is frozen) the
     state it leaves is frozen after it (gcpause.py says why). `sweep`: keys of the rolling drift
     check compared too (incremental syncs only); the sync that ends a round freezes as a full
-    one does. The daemon and the benchmark both sync here."""
+    one does. `until`: only the changes first seen by then (incremental syncs only). The daemon
+    and the benchmark both sync here."""
     if not full:
         rounds = reconciler.sweeps
-        report = reconciler.sync(False, sweep)
+        report = reconciler.sync(False, sweep, until)
         if freeze and reconciler.sweeps != rounds:  # a drift-check round ended: as after a full sync
             gcpause.refreeze()
         return report
     with gcpause.paused(freeze=freeze):
         return reconciler.sync(True)
+
+
+def _say(reports: list[SyncReport]) -> None:
+    """Log a sync (or the pieces of one tick's changes, as one): what it did, at info level
+    when it changed something or was slow (then with where its time went), else at debug."""
+    last = reports[-1]
+    duration = sum(r.duration for r in reports)
+    ops = sum(len(r.ops) for r in reports)
+    fw = sum(r.firewall_changes for r in reports)
+    translated = sum(r.services_translated for r in reports)
+    nft = f", {fw} nftables changes" if fw else ""
+    kind = " (full)" if last.full else f" (drift check: {last.swept})" if last.swept else ""
+    if len(reports) > 1:
+        kind += f" ({len(reports)} pieces, oldest changes first)"
+    slow = duration >= SLOW_SYNC_S
+    if slow:  # where its time went
+        kind += (f"; translate and plan {sum(r.compute_s for r in reports):.3f}s,"
+                 f" IPVS {sum(r.apply_s for r in reports):.3f}s,"
+                 f" nftables {sum(r.firewall_s for r in reports):.3f}s,"
+                 f" its drift check {sum(r.check_s for r in reports):.3f}s")
+    if ops or fw or slow:
+        log.info("sync: %d services translated, %d operations%s in %.3fs%s", translated, ops, nft, duration, kind)
+    else:  # the periodic full resync, every --sync-period: said only at debug level
+        log.debug("sync: %d services translated, nothing to change in %.3fs%s", translated, duration, kind)
 
 
 def translation_config(cfg: AgentConfig) -> Config:
@@ -178,12 +207,14 @@ class NodeCore:
         """Make the next sync a full one (SIGHUP); the caller pokes its runner."""
         self.full_requested = True
 
-    def sync_now(self, full: bool, sweep: int = 0) -> SyncReport | None:
+    def sync_now(self, full: bool, sweep: int = 0, until: float | None = None,
+                 say: bool = True) -> SyncReport | None:
         """One sync, accounted (failures counted, the report hook called); the
         report, or None when it raised. A full sync walks the whole state: the cyclic
-        garbage collector is paused through it (gcpause.py says why)."""
+        garbage collector is paused through it (gcpause.py says why). `say`: log its line
+        (the pieces of a tick's changes are said together: _changes)."""
         try:
-            report = sync(self.reconciler, full, freeze=self.freeze_full_syncs, sweep=sweep)
+            report = sync(self.reconciler, full, freeze=self.freeze_full_syncs, sweep=sweep, until=until)
         except Exception as exc:  # any failure: keep serving the last good state, retry
             self.failures += 1
             self.last_error = str(exc)
@@ -193,18 +224,8 @@ class NodeCore:
             return None
         self.failures = 0
         self.last_error = None
-        nft = f", {report.firewall_changes} nftables changes" if report.firewall_changes else ""
-        kind = " (full)" if report.full else f" (drift check: {report.swept})" if report.swept else ""
-        slow = report.duration >= SLOW_SYNC_S
-        if slow:  # where its time went
-            kind += (f"; translate and plan {report.compute_s:.3f}s, IPVS {report.apply_s:.3f}s,"
-                     f" nftables {report.firewall_s:.3f}s, its drift check {report.check_s:.3f}s")
-        if report.ops or report.firewall_changes or slow:
-            log.info("sync: %d services translated, %d operations%s in %.3fs%s",
-                     report.services_translated, len(report.ops), nft, report.duration, kind)
-        else:  # the periodic full resync, every --sync-period: said only at debug level
-            log.debug("sync: %d services translated, nothing to change in %.3fs%s", report.services_translated,
-                      report.duration, kind)
+        if say:
+            _say([report])
         if self.on_report:
             self.on_report(report, None)
         return report
@@ -230,13 +251,42 @@ class NodeCore:
                 self.last_full = now
         self.full_requested = False
         self.last_sync = now
-        report = self.sync_now(full)
+        report = self.sync_now(full) if full else self._changes(now)
         if sweep and report is not None:  # the changes went first: they never wait behind a drift-check step
             report = self.sync_now(False, sweep)
             if report is not None and report.swept:
                 self.sweep_cost = max(report.duration / report.swept, 1e-6)
         self.backoff = backoff_delay(self.failures, self.min_period, self.rng)
         return self.next_due()
+
+    def _changes(self, start: float) -> SyncReport | None:
+        """The changes first seen before this tick began (`start`), oldest first, in pieces
+        that keep pace with their arrival: the first piece is the changes seen within
+        PIECE_S of the oldest, each next one those seen in as long a span as the last piece
+        took to sync (at least PIECE_S). A lone change, or a burst seen at once, is one sync
+        as before; under a steady stream the change that waited the whole coalescing window
+        is in the kernel a piece's sync after the tick begins, not after all the changes that
+        came behind it (issue 18, target 5). Changes seen after `start` wait for the next
+        tick (the runner's interval bounds how often there is one). The pieces are logged
+        as one sync. Returns the last piece's report (None: one failed; the rest wait for
+        the retry)."""
+        reports: list[SyncReport] = []
+        span = PIECE_S
+        while True:
+            oldest = self.tracker.oldest_dirty()
+            if oldest is None or oldest > start:
+                break
+            report = self.sync_now(False, until=min(start, oldest + span), say=False)
+            if report is None:  # failed (and said so): what is left waits for the retry
+                if reports:
+                    _say(reports)
+                return None
+            reports.append(report)
+            span = max(PIECE_S, report.duration)
+        if not reports:  # nothing changed: a sync all the same (retries, drains, a full one due)
+            return self.sync_now(False)
+        _say(reports)
+        return reports[-1]
 
     def next_due(self) -> float:
         return next_sync_due(

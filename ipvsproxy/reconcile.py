@@ -373,17 +373,18 @@ class Reconciler:
         self.sweep = []
         self._round_keys = set()
 
-    def compute(self, full: bool = False, sweep: int = 0) -> Computed:
+    def compute(self, full: bool = False, sweep: int = 0, until: float | None = None) -> Computed:
         """Translate pending changes and plan; nothing is applied. `sweep`: also compare the
         next `sweep` keys of the drift-check round (a new round when none is under way); the
-        round's last sync checks the bound addresses too."""
+        round's last sync checks the bound addresses too. `until`: only the changes first
+        seen by then (Tracker.take_dirty; a full sync takes them all)."""
         began = False
         if full or self.need_full:
             self._read_local_addresses()
         elif sweep and not self.sweeping:
             self.start_sweep()
             began = True  # an empty table makes a round of no keys: its end still checks addresses
-        dirty, _ = self.tracker.take_dirty()
+        dirty, _ = self.tracker.take_dirty(None if full or self.need_full else until)
         for sid, t in dirty.items():
             self.pending_seen.setdefault(sid, t)
         changes = self.retranslate(dirty)  # the one change delta: the planner's scope, the firewall's input
@@ -568,7 +569,7 @@ class Reconciler:
         """When the earliest per-Service retry is due (on the reconciler's clock)."""
         return self.retries.next_due()
 
-    def sync(self, full: bool = False, sweep: int = 0) -> SyncReport:
+    def sync(self, full: bool = False, sweep: int = 0, until: float | None = None) -> SyncReport:
         """One sync. Operations the kernel refuses are accounted per Service and
         do not fail it; raises (after applying what it could) when the dataplane
         or the firewall fails as a whole. After a dataplane failure the next sync
@@ -577,7 +578,7 @@ class Reconciler:
         start = self.clock()
         self.syncs += 1
         try:
-            computed = self.compute(full, sweep)
+            computed = self.compute(full, sweep, until)
         except Exception:
             self.need_full = True
             raise

@@ -217,11 +217,35 @@ class Tracker:
         with self._lock:
             return all(k in self.listed for k in kinds)
 
-    def take_dirty(self) -> tuple[dict[str, float], bool]:
-        """Services changed since last call (id -> first seen), and 'everything' flag."""
+    def oldest_dirty(self) -> float | None:
+        """When the longest-waiting change was first seen (None: nothing waits)."""
         with self._lock:
-            dirty, self._dirty = self._dirty, {}
+            if self._all_dirty is not None:
+                return self._all_dirty
+            return next(iter(self._dirty.values()), None)
+
+    def take_dirty(self, until: float | None = None) -> tuple[dict[str, float], bool]:
+        """Services changed since last call (id -> first seen), and 'everything' flag.
+
+        `until`: only the Services first seen at or before it (the oldest changes; a sync
+        carries a tick's changes oldest first, in pieces: core.py); the others stay for the
+        next call. The changes are kept in the order they were first seen (a dict filled by
+        setdefault on a monotonic clock), so the oldest is first and taking stops at the
+        first younger one. Everything marked (mark_all, a relist) is taken whole."""
+        with self._lock:
             everything = self._all_dirty is not None
+            if until is None or everything:
+                dirty, self._dirty = self._dirty, {}
+            else:
+                dirty = {}
+                for sid, seen in self._dirty.items():
+                    if seen > until:
+                        break
+                    dirty[sid] = seen
+                for sid in dirty:
+                    del self._dirty[sid]
+                if self._dirty:  # younger changes wait: the event stays set for them
+                    return dirty, False
             if everything:
                 first = self._all_dirty or self.clock()
                 for sid in self.services:

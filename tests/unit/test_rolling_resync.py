@@ -221,8 +221,8 @@ def test_a_slow_step_makes_the_next_one_smaller() -> None:
     nc.tick()
     real_sync = nc.reconciler.sync
 
-    def slow_sync(full: bool = False, sweep: int = 0) -> Any:
-        report = real_sync(full, sweep)
+    def slow_sync(full: bool = False, sweep: int = 0, until: float | None = None) -> Any:
+        report = real_sync(full, sweep, until)
         report.duration = 0.01 * report.swept  # 10 ms a key, as under emulation
         return report
 

@@ -21,6 +21,7 @@ from ipvsproxy.model import AF_INET, Delta, VSKey
 from ipvsproxy.reconcile import SyncReport
 from ipvsproxy.runner import Runner
 from ipvsproxy.schedulers import Registry
+from ipvsproxy.tracker import Tracker
 from ipvsproxy.translate import Config
 from tests.unit.factories import FakeClock
 from tests.unit.test_reconcile import eps, svc
@@ -275,3 +276,75 @@ def test_a_slow_sync_is_logged_with_where_its_time_went(caplog: pytest.LogCaptur
     [line] = [r.getMessage() for r in caplog.records if r.name == "ipvsproxy.core"]
     assert line.endswith("in 2.500s (drift check: 1); translate and plan 0.000s, IPVS 0.000s, nftables 0.000s,"
                          " its drift check 2.500s"), line
+
+
+@pytest.mark.parametrize("pieces", [True, False])
+def test_a_stream_of_changes_goes_to_the_kernel_oldest_first(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture, pieces: bool) -> None:
+    """100 changes a second from a source that runs alongside the syncs, each change 5 ms of
+    IPVS work: in one sync per tick, the change that waited the whole 1-s window also waits
+    for the ~100 behind it (~0.5 s); carried oldest first in pieces, it is in the kernel a
+    piece after the tick began."""
+    from ipvsproxy import core as core_mod
+    if not pieces:
+        monkeypatch.setattr(core_mod, "PIECE_S", 60.0)  # a piece as long as the tick: one sync
+    lab = Lab(100, min_period=1.0, sync_period=600)
+    run_until(lab.runner, lab.clock, lab.clock() + 1)
+    start = lab.clock()
+    stream = [(start + i / 100, f"s{i % 100}", f"198.18.{2 + i // 100}.{1 + i % 100}") for i in range(400)]
+    final = {name: [ip] for _, name, ip in stream}
+    fed = 0
+
+    def feed(until: float) -> None:
+        """The source: each change upserted at its own instant, even in the middle of a sync."""
+        nonlocal fed
+        now = lab.clock()
+        while fed < len(stream) and stream[fed][0] <= until:
+            at, name, ip = stream[fed]
+            lab.clock.t = max(at, now)
+            lab.tracker.upsert("EndpointSlice", eps(name, [ip]))
+            fed += 1
+        lab.clock.t = max(now, until)
+
+    apply = lab.dp.apply
+
+    def slow_apply(ops: Any) -> Any:  # 2.5 ms an operation (two a change), changes arriving meanwhile
+        feed(lab.clock() + 0.0025 * len(ops))
+        return apply(ops)
+
+    lab.dp.apply = slow_apply  # type: ignore[method-assign]
+    lab.reports.clear()
+    with caplog.at_level("INFO", logger="ipvsproxy.core"):
+        while fed < len(stream):
+            run_until(lab.runner, lab.clock, stream[fed][0])
+            feed(stream[fed][0])
+        run_until(lab.runner, lab.clock, start + 6)
+    said = [r.getMessage() for r in caplog.records if r.name == "ipvsproxy.core"]
+    assert 4 <= len(said) < 10  # a tick's pieces are said as one sync
+    got = {f"s{i}": sorted(a for a, _ in lab.dp.state.services[key(i)].reals) for i in range(100)}
+    assert got == final
+    latencies = [x for r in lab.syncs() for x in r.latencies]
+    assert len(latencies) >= 390 and not any(r.full for r in lab.syncs())  # (a few changed twice in a window)
+    if pieces:
+        assert max(latencies) < 1.0 + 0.03  # the window, and one piece of ~2 changes
+        assert len(lab.syncs()) > 4 * 10  # ticks of many pieces
+        assert any("pieces, oldest changes first)" in m for m in said), said
+    else:
+        assert max(latencies) > 1.0 + 0.4  # the window, and the whole tick's ~100 changes
+        assert len(lab.syncs()) < 10  # one a tick
+
+
+def test_a_tick_takes_the_changes_seen_before_it_oldest_first_and_leaves_the_rest() -> None:
+    t = Tracker(NODE)
+    clock = FakeClock()
+    t.clock = clock
+    for name in ("a", "b", "c"):
+        t.upsert("Service", svc(name, "198.19.0.9"))
+        clock.advance(0.01)
+    assert t.oldest_dirty() == 1000.0
+    first, everything = t.take_dirty(until=1000.015)
+    assert list(first) == ["ns/a", "ns/b"] and not everything
+    assert t.changed.is_set() and t.oldest_dirty() == 1000.02  # c still waits, and says so
+    t.upsert("Service", svc("a", "198.19.0.10"))  # changed again: seen anew, after c
+    assert list(t.take_dirty(until=1000.02)[0]) == ["ns/c"]
+    assert list(t.take_dirty()[0]) == ["ns/a"] and not t.changed.is_set() and t.oldest_dirty() is None
