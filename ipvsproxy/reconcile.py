@@ -100,7 +100,8 @@ class SyncReport:
     ops: list[Op] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     duration: float = 0.0
-    latencies: list[float] = field(default_factory=list)  # event seen -> kernel updated
+    # event seen -> its change in IPVS and nftables (before a drift-check step's firewall check)
+    latencies: list[float] = field(default_factory=list)
     firewall_changes: int = 0
     service_failures: dict[str, str] = field(default_factory=dict)  # Service id (or object) -> why
     recovered: list[str] = field(default_factory=list)  # Services that went through after failing
@@ -606,6 +607,7 @@ class Reconciler:
                 apply_op(self.cache, op)  # the bound addresses stay current between full dumps
             self._track_drain(op, now)
         self._account(report, now)
+        programmed = self.clock()  # the changes are in IPVS; with the firewall's, in nftables too
         if self.firewall is not None:
             # The firewall owns the delta from here: a failure is retried (and
             # repaired) by the firewall itself, so it does not make the next
@@ -615,8 +617,9 @@ class Reconciler:
                 if self.unsent or full or self.firewall.behind:
                     delta, self.unsent = self.unsent, {}
                     report.firewall_changes = self.firewall.sync(delta, full)
-                report.firewall_s = self.clock() - t
-                if sweep and not full:  # a drift-check step: the firewall's too
+                programmed = self.clock()
+                report.firewall_s = programmed - t
+                if sweep and not full:  # a drift-check step: the firewall's too (the changes are done)
                     report.firewall_changes += self.firewall.check_step(max(1, swept) * FIREWALL_READ_PER_KEY)
                     report.check_s = self.clock() - t - report.firewall_s
             except Exception as exc:
@@ -624,7 +627,7 @@ class Reconciler:
         done = self.clock()
         report.duration = done - start
         self.need_full = False
-        report.latencies = [done - t for t in seen.values()]
+        report.latencies = [programmed - t for t in seen.values()]
         self.pending_seen.clear()
         for op in ops:
             if op.note == OpNote.ADOPT:

@@ -267,3 +267,23 @@ def test_a_round_over_an_empty_table_still_checks_the_addresses() -> None:
     report = rec.sync(sweep=8)
     assert [(op.kind, op.address) for op in report.ops] == [(OpKind.UNBIND, "198.19.5.5")]
     assert rec.sweeps == 1 and not rec.sweeping
+
+
+def test_a_change_carried_by_a_drift_check_step_is_timed_before_the_firewalls_check() -> None:
+    """The latency of a change ends when IPVS and nftables hold it, not after the firewall's
+    own drift-check step that the same sync takes afterwards."""
+    clock = FakeClock()
+
+    class SlowCheck(RecordingFirewall):
+        def check_step(self, budget: int) -> int:
+            clock.advance(0.5)
+            return super().check_step(budget)
+
+    fw = SlowCheck()
+    tracker, dp, rec = programmed(10, firewall=fw, clock=clock)
+    tracker.clock = clock
+    tracker.upsert("EndpointSlice", eps("s1", ["198.18.1.2", "198.18.3.2"]))
+    clock.advance(0.25)
+    report = rec.sync(sweep=4)
+    assert report.services_translated == 1 and fw.steps == [4 * FIREWALL_READ_PER_KEY]
+    assert report.latencies == [0.25] and report.duration == 0.5
