@@ -253,7 +253,12 @@ class NodeCore:
         self.last_sync = now
         report = self.sync_now(full) if full else self._changes(now)
         if sweep and report is not None:  # the changes went first: they never wait behind a drift-check step
-            report = self.sync_now(False, sweep)
+            # nor do those seen while they were synced: a pass of their own, then a step that
+            # carries no change (those seen from here on are the next tick's)
+            if not full and self.tracker.oldest_dirty() is not None:
+                report = self._changes(self.clock())
+            if report is not None:
+                report = self.sync_now(False, sweep, until=-math.inf)
             if report is not None and report.swept:
                 self.sweep_cost = max(report.duration / report.swept, 1e-6)
         self.backoff = backoff_delay(self.failures, self.min_period, self.rng)

@@ -278,53 +278,72 @@ def test_a_slow_sync_is_logged_with_where_its_time_went(caplog: pytest.LogCaptur
                          " its drift check 2.500s"), line
 
 
+class Stream:
+    """100 changes a second (400, each to one of the Lab's 100 Services) from a source that runs
+    alongside the syncs: each change upserted at its own instant on the fake clock, even in the
+    middle of a sync, whose IPVS work takes 2.5 ms an operation (two a change) and whose
+    drift-check reads (8 keys or more at once) take `read_s`."""
+
+    def __init__(self, lab: Lab, read_s: float = 0.0) -> None:
+        self.lab, self.fed = lab, 0
+        run_until(lab.runner, lab.clock, lab.clock() + 1)  # the first (full) sync
+        self.start = start = lab.clock()
+        self.changes = [(start + i / 100, f"s{i % 100}", f"198.18.{2 + i // 100}.{1 + i % 100}") for i in range(400)]
+        self.final = {name: [ip] for _, name, ip in self.changes}
+        apply, observe_keys = lab.dp.apply, lab.dp.observe_keys
+
+        def slow_apply(ops: Any) -> Any:
+            self.feed(lab.clock() + 0.0025 * len(ops))
+            return apply(ops)
+
+        def slow_read(keys: Any) -> Any:
+            keys = list(keys)
+            if len(keys) >= 8:
+                self.feed(lab.clock() + read_s)
+            return observe_keys(keys)
+
+        lab.dp.apply = slow_apply  # type: ignore[method-assign]
+        lab.dp.observe_keys = slow_read  # type: ignore[method-assign]
+        lab.reports.clear()
+
+    def feed(self, until: float) -> None:
+        lab, now = self.lab, self.lab.clock()
+        while self.fed < len(self.changes) and self.changes[self.fed][0] <= until:
+            at, name, ip = self.changes[self.fed]
+            lab.clock.t = max(at, now)
+            lab.tracker.upsert("EndpointSlice", eps(name, [ip]))
+            self.fed += 1
+        lab.clock.t = max(now, until)
+
+    def run(self) -> list[float]:
+        """Feed it all through the runner; check the table; the changes' latencies."""
+        lab = self.lab
+        while self.fed < len(self.changes):
+            run_until(lab.runner, lab.clock, self.changes[self.fed][0])
+            self.feed(self.changes[self.fed][0])
+        run_until(lab.runner, lab.clock, self.start + 6)
+        got = {f"s{i}": sorted(a for a, _ in lab.dp.state.services[key(i)].reals) for i in range(100)}
+        assert got == self.final
+        latencies = [x for r in lab.syncs() for x in r.latencies]
+        assert len(latencies) >= 390 and not any(r.full for r in lab.syncs())  # (a few changed twice in a window)
+        return latencies
+
+
 @pytest.mark.parametrize("pieces", [True, False])
 def test_a_stream_of_changes_goes_to_the_kernel_oldest_first(monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture, pieces: bool) -> None:
-    """100 changes a second from a source that runs alongside the syncs, each change 5 ms of
-    IPVS work: in one sync per tick, the change that waited the whole 1-s window also waits
-    for the ~100 behind it (~0.5 s); carried oldest first in pieces, it is in the kernel a
-    piece after the tick began."""
+    """100 changes a second, each 5 ms of IPVS work: in one sync per tick, the change that
+    waited the whole 1-s window also waits for the ~100 behind it (~0.5 s); carried oldest
+    first in pieces, it is in the kernel a piece after the tick began."""
     from ipvsproxy import core as core_mod
     if not pieces:
         monkeypatch.setattr(core_mod, "PIECE_S", 60.0)  # a piece as long as the tick: one sync
     lab = Lab(100, min_period=1.0, sync_period=600)
-    run_until(lab.runner, lab.clock, lab.clock() + 1)
-    start = lab.clock()
-    stream = [(start + i / 100, f"s{i % 100}", f"198.18.{2 + i // 100}.{1 + i % 100}") for i in range(400)]
-    final = {name: [ip] for _, name, ip in stream}
-    fed = 0
-
-    def feed(until: float) -> None:
-        """The source: each change upserted at its own instant, even in the middle of a sync."""
-        nonlocal fed
-        now = lab.clock()
-        while fed < len(stream) and stream[fed][0] <= until:
-            at, name, ip = stream[fed]
-            lab.clock.t = max(at, now)
-            lab.tracker.upsert("EndpointSlice", eps(name, [ip]))
-            fed += 1
-        lab.clock.t = max(now, until)
-
-    apply = lab.dp.apply
-
-    def slow_apply(ops: Any) -> Any:  # 2.5 ms an operation (two a change), changes arriving meanwhile
-        feed(lab.clock() + 0.0025 * len(ops))
-        return apply(ops)
-
-    lab.dp.apply = slow_apply  # type: ignore[method-assign]
-    lab.reports.clear()
+    stream = Stream(lab)
     with caplog.at_level("INFO", logger="ipvsproxy.core"):
-        while fed < len(stream):
-            run_until(lab.runner, lab.clock, stream[fed][0])
-            feed(stream[fed][0])
-        run_until(lab.runner, lab.clock, start + 6)
+        latencies = stream.run()
     said = [r.getMessage() for r in caplog.records if r.name == "ipvsproxy.core"]
     assert 4 <= len(said) < 10  # a tick's pieces are said as one sync
-    got = {f"s{i}": sorted(a for a, _ in lab.dp.state.services[key(i)].reals) for i in range(100)}
-    assert got == final
-    latencies = [x for r in lab.syncs() for x in r.latencies]
-    assert len(latencies) >= 390 and not any(r.full for r in lab.syncs())  # (a few changed twice in a window)
     if pieces:
         assert max(latencies) < 1.0 + 0.03  # the window, and one piece of ~2 changes
         assert len(lab.syncs()) > 4 * 10  # ticks of many pieces
@@ -332,6 +351,17 @@ def test_a_stream_of_changes_goes_to_the_kernel_oldest_first(monkeypatch: pytest
     else:
         assert max(latencies) > 1.0 + 0.4  # the window, and the whole tick's ~100 changes
         assert len(lab.syncs()) < 10  # one a tick
+
+
+def test_changes_seen_during_a_tick_never_wait_for_its_drift_check_step() -> None:
+    """With a drift-check round under way (a 2-s period), each tick ends with a step whose
+    reads take 0.3 s: the changes seen while the tick's pieces ran get a pass of their own
+    before it, and the step carries none (those seen during it are the next tick's)."""
+    lab = Lab(100, min_period=1.0, sync_period=2.0)
+    latencies = Stream(lab, read_s=0.3).run()
+    steps = [r for r in lab.syncs() if r.swept]
+    assert len(steps) >= 3 and all(r.services_translated == 0 and not r.latencies for r in steps)
+    assert max(latencies) < 1.0 + 0.03
 
 
 def test_a_tick_takes_the_changes_seen_before_it_oldest_first_and_leaves_the_rest() -> None:
