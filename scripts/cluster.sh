@@ -23,7 +23,8 @@
 # containerd's sandbox image. Binaries: scripts/install-kubernetes.sh's cache (KUBERNETES_BIN).
 # Env: STATE (default /run/ipvsproxy-cluster), IPVSPROXY_CACHE, IMAGES, KUBERNETES_BIN, NODE_NAME (ipvsproxy-node),
 #      READY_TIMEOUT (seconds for each wait, default 600), SANDBOX_IMAGE (k8s.gcr.io/pause:3.2),
-#      KCM_CONTROLLERS (the controller-manager's --controllers), PYTHON (python3; runs clusterdns.py).
+#      KCM_CONTROLLERS (the controller-manager's --controllers), PYTHON (python3; runs clusterdns.py),
+#      GODEBUG (default asyncpreemptoff=1 for the node's Go programs; GODEBUG="" turns it off).
 # Access is deliberately simple (a throwaway cluster in a VM): static tokens for the admin and the
 # node, the kubelet's API open to the API server (anonymous, AlwaysAllow).
 set -euo pipefail
@@ -47,6 +48,14 @@ PYTHON=${PYTHON:-python3}
 CLUSTERDNS=$ROOT/scripts/clusterdns.py
 # only the controllers a one-node cluster uses (each costs CPU under emulation); KCM_CONTROLLERS='*' for all
 KCM_CONTROLLERS=${KCM_CONTROLLERS:-serviceaccount,serviceaccount-token,namespace,garbagecollector,deployment,replicaset,replicationcontroller,daemonset,statefulset,job,endpoint,endpointslice,endpointslicemirroring,podgc}
+
+# The emulated guest's kernel has livelocked delivering signals to Go programs (both vCPUs in
+# get_signal for minutes, the whole VM frozen: docs/conformance.md, the fifth freeze; once in a CI
+# run of the cluster stage, during the e2e subset). Go preempts a busy goroutine with SIGURG every
+# 10 ms; without asynchronous preemption the node's Go programs (etcd, the control plane, kubelet,
+# containerd, and what runs with `env`'s settings: kubectl, helm, e2e.test) take far fewer signals.
+# Pods do not inherit it, nor does ipvsproxy (Python).
+export GODEBUG=${GODEBUG-asyncpreemptoff=1}
 
 log() { printf 'cluster: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -423,6 +432,7 @@ case ${1:-} in
         # kubectl's and helm's caches: the guest's $HOME is read-only, and a kubectl without its
         # discovery cache sends dozens of requests per command
         printf 'export KUBECONFIG=%s\nexport PATH=%s:$PATH\n' "$STATE/admin.kubeconfig" "$ROOT/.cache/bin"
+        printf 'export GODEBUG=%s\n' "$GODEBUG"
         printf 'export KUBECACHEDIR=%s HELM_CACHE_HOME=%s HELM_CONFIG_HOME=%s HELM_DATA_HOME=%s\n' \
             "$STATE/kube-cache" "$STATE/helm/cache" "$STATE/helm/config" "$STATE/helm/data" ;;
     *) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;

@@ -15,7 +15,9 @@
 # VM_DEADLINE (Unix time: the run ends by then; when the lock frees later, it gives up, exit 124),
 # VM_CONSOLE=1 (the guest kernel's messages on stderr too: vng --verbose; for a run that may hang),
 # VM_CPUS (guest vCPUs, vng --cpus; default vng's own: the host's cores),
-# VM_MONITOR=PATH (a QEMU human monitor on this unix socket: `info registers -a` of a frozen guest).
+# VM_MONITOR=PATH (a QEMU human monitor on this unix socket: `info registers -a` of a frozen guest),
+# VM_IDLE_TIMEOUT (seconds: a guest that prints nothing for that long is taken to be frozen, stopped,
+# and the exit status is 75; for a command that prints a heartbeat, as the cluster stage does).
 # See docs/troubleshooting.md ("The test VM") for why the VM exists and why --disable-kvm.
 set -euo pipefail
 
@@ -168,18 +170,53 @@ fi
 # when they are regular files (`test.sh > log` lost everything before the VM's output). So vng
 # writes into pipes, and cat copies to our stdout/stderr. vng's status goes through a file.
 rcfile="$cmdfile.rc"
-trap 'rm -f "$cmdfile" "$rcfile"' EXIT
+pidfile="$cmdfile.pid"    # the `timeout` that runs vng (the watchdog stops it)
+stamp="$cmdfile.out"      # the guest's output, for its time of last change (VM_IDLE_TIMEOUT)
+frozen="$cmdfile.frozen"
+trap 'rm -f "$cmdfile" "$rcfile" "$pidfile" "$stamp" "$frozen"' EXIT
+copy() {  # the guest's output to ours; with VM_IDLE_TIMEOUT, also to $stamp as it comes
+    if [[ -n ${VM_IDLE_TIMEOUT:-} ]]; then tee -a "$stamp"; else cat; fi
+}
+watchdog=
+if [[ -n ${VM_IDLE_TIMEOUT:-} ]]; then
+    : >"$stamp"
+    # The emulated guest has frozen whole (both vCPUs livelocked in the kernel: docs/troubleshooting.md,
+    # "The test VM"); nothing inside can fail the command then, and VM_TIMEOUT would be spent waiting.
+    (
+        while sleep 15; do
+            pid=$(cat "$pidfile" 2>/dev/null) || continue
+            kill -0 "$pid" 2>/dev/null || exit 0
+            idle=$(( $(date +%s) - $(stat -c %Y "$stamp") ))
+            if (( idle > VM_IDLE_TIMEOUT )); then
+                echo "vm-run: no output from the guest for $idle s (VM_IDLE_TIMEOUT=$VM_IDLE_TIMEOUT): the VM looks frozen; stopping it" >&2
+                : >"$frozen"
+                kill -TERM "$pid" 2>/dev/null  # timeout passes it on to vng and QEMU
+                exit 0
+            fi
+        done
+    ) &
+    watchdog=$!
+fi
+exec 4<&0  # vng's stdin, as when it ran in the foreground (a background job's would be /dev/null)
 {
     {
         rc=0
         timeout -k 30 "$timeout_s" "$vng" "${vng_args[@]}" \
-            --exec "bash $ROOT/scripts/vm-run.sh --in-guest $cmdfile" 2>&1 1>&3 3>&- || rc=$?
+            --exec "bash $ROOT/scripts/vm-run.sh --in-guest $cmdfile" 2>&1 1>&3 3>&- <&4 4<&- &
+        echo $! >"$pidfile"
+        wait $! || rc=$?
         echo "$rc" >"$rcfile"
-    } | cat >&2
-} 3>&1 | cat
+    } | copy >&2
+} 3>&1 | copy
+if [[ -n $watchdog ]]; then kill "$watchdog" 2>/dev/null || true; fi
 rc=$(cat "$rcfile" 2>/dev/null || echo 1)
 end=$(date +%s)
 exec 9>&-
-[[ $rc == 124 ]] && echo "vm-run: the VM run timed out after $timeout_s s" >&2
+if [[ -e $frozen ]]; then
+    rc=75
+    echo "vm-run: stopped a frozen VM (no output for more than $VM_IDLE_TIMEOUT s)" >&2
+elif [[ $rc == 124 ]]; then
+    echo "vm-run: the VM run timed out after $timeout_s s" >&2
+fi
 echo "vm-run: guest exit status $rc; vng wall time $((end - start)) s ($(basename "$kernel"))" >&2
 exit "$rc"
