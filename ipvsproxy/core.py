@@ -255,7 +255,7 @@ class NodeCore:
         if sweep and report is not None:  # the changes went first: they never wait behind a drift-check step
             # nor do those seen while they were synced: a pass of their own, then a step that
             # carries no change (those seen from here on are the next tick's)
-            if not full and self.tracker.oldest_dirty() is not None:
+            if self.tracker.oldest_dirty() is not None:  # (a tick with a drift-check step is never full)
                 report = self._changes(self.clock())
             if report is not None:
                 report = self.sync_now(False, sweep, until=-math.inf)
