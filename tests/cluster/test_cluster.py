@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import time
 import urllib.request
@@ -467,7 +468,7 @@ def test_upstream_service_e2e_subset() -> None:
         try:
             rc: int | str = proc.wait(timeout=E2E_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = f"stopped after {E2E_TIMEOUT_S} s"
     text = log_path.read_text(errors="replace")
