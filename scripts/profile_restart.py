@@ -37,7 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Frames that mark a phase of the timed restart (the first match from the leaf up names it).
+# Frames that mark a phase of the timed restart, in order of precedence: a sample belongs to the
+# first phase whose frame is anywhere in its stack (so the companion's read and count come before
+# its whole sync).
 PHASES = (
     ("kernel table: /proc/net/ip_vs", "NetlinkDataplane._proc_reals"),
     ("kernel table: services dump", "IPVSWire.services"),
@@ -52,6 +54,7 @@ PHASES = (
 
 
 def phase_of(frames: list[str]) -> str:
+    """The phase of one sampled stack (PHASES' precedence), "other" when none matches."""
     names = [f.split(" (", 1)[0] for f in frames]
     for label, marker in PHASES:
         if marker in names:
